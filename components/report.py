@@ -1,0 +1,39 @@
+from typing import List  # noqa: UP035 - KFP reads typing.List annotations
+
+from kfp import dsl
+from kfp.dsl import HTML, Output
+
+from synthvlm.images import image_for
+
+
+@dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
+def write_report(
+    config_json: str,
+    captions_manifest: str,
+    generated_manifests: List[str],
+    scored_manifests: List[str],
+    selected_manifest: str,
+    exported: str,
+    data_root: str,
+    report: Output[HTML],
+) -> str:
+    """HTML report: sample grid with captions and scores, score histogram, counts per stage."""
+    import shutil
+
+    from synthvlm import storage
+    from synthvlm.kfp_support import setup_logging
+    from synthvlm.stages.report import ReportConfig, write_report
+
+    setup_logging()
+    stage_outputs = [captions_manifest, *sorted(generated_manifests), *sorted(scored_manifests)]
+    stage_outputs += [selected_manifest, exported]
+    out = write_report(
+        ReportConfig.model_validate_json(config_json),
+        selected_manifest,
+        stage_outputs,
+        storage.join(data_root, "report.html"),
+        all_scores_manifests=sorted(scored_manifests),
+    )
+    with storage.local_copy(out) as local:
+        shutil.copyfile(local, report.path)
+    return out

@@ -1,0 +1,101 @@
+"""SynthVLM (paper Fig. 3): captions -> SDXL images (sharded over GPU pods) -> CLIPScore -> global
+top-k -> LLaVA pretraining data, with a report a person can look at."""
+
+from kfp import dsl
+
+from components.captions import load_captions
+from components.clip_score import clip_score
+from components.export import export_llava
+from components.generate import generate_images
+from components.report import write_report
+from components.select import select_pairs
+from components.validate import validate_synthvlm_config
+from synthvlm.run_config import SynthVLMRunConfig, to_pipeline_arguments
+
+# KFP needs ParallelFor's parallelism at compile time: the most GPU pods generating at once.
+MAX_PARALLEL_GPU_PODS = 8  # SynthVLM §3.1: 8 A100
+GPU_RETRIES = 2  # preemptible GPU nodes: a retried shard resumes from its finished batches
+
+_DEFAULTS = to_pipeline_arguments(SynthVLMRunConfig())
+
+
+@dsl.pipeline(name="synthvlm", description=__doc__)
+def pipeline(
+    captions: str = _DEFAULTS["captions"],
+    max_captions: int = _DEFAULTS["max_captions"],
+    data_root: str = _DEFAULTS["data_root"],
+    num_shards: int = _DEFAULTS["num_shards"],
+    generate_config: str = _DEFAULTS["generate_config"],
+    score_config: str = _DEFAULTS["score_config"],
+    select_config: str = _DEFAULTS["select_config"],
+    export_config: str = _DEFAULTS["export_config"],
+    report_config: str = _DEFAULTS["report_config"],
+):
+    """SynthVLM synthetic pretraining data.
+
+    Args:
+        captions: Captions file or URI (.jsonl/.csv/.parquet with id and caption). Default: bundled demo captions.
+        max_captions: Use only the first N captions; 0 = all.
+        data_root: Where images, manifests, the dataset and the report go (gs://bucket/prefix). Required.
+        num_shards: Number of generation shards, one GPU pod each.
+        generate_config: JSON of GenerateConfig (SDXL base 1.0, 60 steps, 1024x1024: SynthVLM §3.1).
+        score_config: JSON of ScoreConfig (open_clip model + pretrained tag; CLIPScore, SynthVLM §3.2).
+        select_config: JSON of SelectConfig (top_k k=100000 of 1M: SynthVLM §3.2; or top_fraction / threshold).
+        export_config: JSON of ExportConfig (LLaVA pretraining JSON).
+        report_config: JSON of ReportConfig (HTML report).
+    """
+    cfg = validate_synthvlm_config(
+        captions=captions,
+        max_captions=max_captions,
+        data_root=data_root,
+        num_shards=num_shards,
+        generate_config=generate_config,
+        score_config=score_config,
+        select_config=select_config,
+        export_config=export_config,
+        report_config=report_config,
+    ).set_caching_options(False)
+    cfg.set_display_name("validate parameters")
+
+    caps = load_captions(captions=captions, max_captions=max_captions, data_root=data_root).after(cfg)
+    caps.set_display_name("load captions")
+
+    with dsl.ParallelFor(cfg.outputs["shards"], parallelism=MAX_PARALLEL_GPU_PODS) as shard:
+        gen = generate_images(
+            config_json=cfg.outputs["generate_config"],
+            captions_manifest=caps.outputs["Output"],
+            data_root=data_root,
+            shard=shard,
+            num_shards=num_shards,
+        )
+        gen.set_display_name("SDXL generate shard")
+        gen.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        gen.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+        scored = clip_score(
+            config_json=cfg.outputs["score_config"], input_manifest=gen.outputs["Output"], data_root=data_root
+        )
+        scored.set_display_name("CLIP score shard")
+        scored.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        scored.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+
+    selected = select_pairs(
+        config_json=cfg.outputs["select_config"],
+        scored_manifests=dsl.Collected(scored.outputs["Output"]),
+        data_root=data_root,
+    )
+    selected.set_display_name("select (global)")
+    exported = export_llava(
+        config_json=cfg.outputs["export_config"], selected_manifest=selected.outputs["Output"], data_root=data_root
+    )
+    exported.set_display_name("export LLaVA pretrain JSON")
+    report = write_report(
+        config_json=cfg.outputs["report_config"],
+        captions_manifest=caps.outputs["Output"],
+        generated_manifests=dsl.Collected(gen.outputs["Output"]),
+        scored_manifests=dsl.Collected(scored.outputs["Output"]),
+        selected_manifest=selected.outputs["Output"],
+        exported=exported.outputs["Output"],
+        data_root=data_root,
+    )
+    report.set_display_name("report")
+
