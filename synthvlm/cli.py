@@ -1,0 +1,212 @@
+"""`synthvlm` command line: one subcommand per stage, plus `compile` and `run`.
+
+Every stage subcommand takes `--config FILE` (YAML of the stage's config) and `--set key=value`
+(repeatable); `--preset demo|paper` starts from that preset's section for the stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from synthvlm.errors import SynthVLMError
+
+log = logging.getLogger("synthvlm")
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=["demo", "paper"], help="start from a preset (default: paper defaults)")
+    parser.add_argument("--config", metavar="FILE", help="YAML file with config fields")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="set a config field (repeatable)"
+    )
+
+
+def _stage_config(args: argparse.Namespace, cls: type, section: str, extra: dict[str, Any] | None = None):
+    from synthvlm.config import build_config
+    from synthvlm.run_config import preset
+
+    base = dict(preset(args.preset).get(section, {}))
+    base.update(extra or {})
+    return build_config(cls, preset=base, config_file=args.config, sets=args.sets)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        rank, world = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard expects I/N (e.g. 0/8), got {text!r}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N")
+    return rank, world
+
+
+# ---------------------------------------------------------------- stage commands
+
+
+def cmd_captions(args: argparse.Namespace) -> None:
+    from synthvlm.stages.captions import CaptionsConfig, load_captions
+
+    extra = {"captions": args.input} if args.input else {}
+    config = _stage_config(args, CaptionsConfig, "captions", extra)
+    print(load_captions(config, args.output))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from synthvlm.stages.generate import GenerateConfig, generate
+
+    rank, world = args.shard
+    print(generate(_stage_config(args, GenerateConfig, "generate"), args.input, args.output, rank, world))
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from synthvlm.stages.clip_score import ScoreConfig, score
+
+    print(score(_stage_config(args, ScoreConfig, "score"), args.input, args.output))
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from synthvlm.stages.select import SelectConfig, select
+
+    print(select(_stage_config(args, SelectConfig, "select"), args.input, args.output))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from synthvlm.stages.export_llava import ExportConfig, export_llava
+
+    print(export_llava(_stage_config(args, ExportConfig, "export"), args.input, args.data_root, args.output))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from synthvlm.stages.report import ReportConfig, write_report
+
+    config = _stage_config(args, ReportConfig, "report")
+    print(write_report(config, args.input, args.stage_outputs, args.output, all_scores_manifests=args.all_scores))
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    if args.image_registry or args.image_tag:
+        from synthvlm.images import set_image_overrides
+
+        set_image_overrides(args.image_registry, args.image_tag)
+    from synthvlm.kfp_support import compile_all
+
+    for path in compile_all(args.output_dir, args.pipelines or None):
+        print(path)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from synthvlm import storage
+    from synthvlm.config import build_config
+    from synthvlm.kfp_support import run_local
+    from synthvlm.run_config import SynthVLMRunConfig, preset, to_pipeline_arguments
+
+    if args.pipeline != "synthvlm":
+        raise SynthVLMError(f"unknown pipeline {args.pipeline!r}; available: synthvlm")
+    if not args.local:
+        raise SynthVLMError(
+            "only --local runs are started by `synthvlm run`; on a cluster, compile and upload the pipeline "
+            "(README: cluster workflow) and start it from the Kubeflow UI"
+        )
+    output = os.path.abspath(args.output)
+    base = preset(args.preset)
+    base["data_root"] = output
+    config = build_config(SynthVLMRunConfig, preset=base, config_file=args.config, sets=args.sets)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    if args.preset == "demo":
+        print("NOTE: the demo preset uses tiny RANDOM-WEIGHT SDXL and CLIP models built from configs (nothing is")
+        print("      downloaded): it runs every stage end to end, but its images are noise and its scores meaningless.")
+        print("      Use --preset paper for SDXL base 1.0 and CLIP ViT-L-14.", flush=True)
+    run_local(args.pipeline, to_pipeline_arguments(config), pipeline_root=os.path.join(output, "kfp-local"))
+    root = config.data_root
+    print("\nDone.")
+    print(f"  LLaVA pretraining JSON: {storage.join(root, 'export', 'llava_pretrain.json')}")
+    print(f"  dataset manifest:       {storage.join(root, 'export', 'manifest.jsonl')}")
+    print(f"  images (--image_folder): {root}")
+    print(f"  report:                 {storage.join(root, 'report.html')}")
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synthvlm", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], None], help_: str, config: bool = True):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        if config:
+            _config_args(p)
+        return p
+
+    p = add("captions", cmd_captions, "validate a captions file (.jsonl/.csv/.parquet) into a caption manifest")
+    p.add_argument("--input", help="captions file or URI (default: the config's `captions`)")
+    p.add_argument("--output", required=True, help="caption manifest to write (.jsonl or .parquet)")
+
+    p = add("generate", cmd_generate, "generate images for one shard of a manifest with SDXL")
+    p.add_argument("--input", required=True, help="caption manifest")
+    p.add_argument("--output", required=True, help="data root (folder or gs:// prefix) for images and shard manifests")
+    p.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="I/N", help="this shard of N (default 0/1)")
+
+    p = add("score", cmd_score, "CLIP-score image/caption pairs of a manifest")
+    p.add_argument("--input", required=True, help="manifest with image_uri")
+    p.add_argument("--output", required=True, help="scored manifest to write")
+
+    p = add("select", cmd_select, "select pairs by top-k, top fraction or threshold over one or more manifests")
+    p.add_argument("--input", required=True, nargs="+", help="scored manifest(s), e.g. one per shard")
+    p.add_argument("--output", required=True, help="selected manifest to write")
+
+    p = add("export", cmd_export, "export selected pairs as LLaVA pretraining JSON + dataset manifest")
+    p.add_argument("--input", required=True, help="selected manifest")
+    p.add_argument("--data-root", required=True, help="image root; LLaVA `image` paths are relative to it")
+    p.add_argument("--output", required=True, help="output folder or gs:// prefix")
+
+    p = add("report", cmd_report, "write the HTML report (sample grid, score histogram, counts per stage)")
+    p.add_argument("--input", required=True, help="selected manifest")
+    p.add_argument("--stage-outputs", nargs="*", default=[], help="finished stage outputs, for counts per stage")
+    p.add_argument("--all-scores", nargs="*", default=[], help="scored manifests before selection (histogram)")
+    p.add_argument("--output", required=True, help="HTML file to write")
+
+    p = add("compile", cmd_compile, "compile pipelines to KFP YAML", config=False)
+    p.add_argument("--output-dir", required=True, help="folder for <pipeline>.yaml")
+    p.add_argument("--pipeline", dest="pipelines", action="append", help="compile only this pipeline (repeatable)")
+    p.add_argument("--image-registry", help="override the component image registry")
+    p.add_argument("--image-tag", help="override the component image tag")
+
+    p = add("run", cmd_run, "run a pipeline (locally with --local, through kfp.local)")
+    p.add_argument("pipeline", choices=["synthvlm"], help="pipeline name")
+    p.add_argument("--local", action="store_true", help="run on this machine with kfp.local.SubprocessRunner")
+    p.add_argument("--output", required=True, help="local output folder (the data root)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except SynthVLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        # kfp.local raises RuntimeError when a task fails; the task's own error is in the log above.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Export a selected manifest as LLaVA pretraining data (the format of LLaVA's blip_laion_cc_sbu_558k.json).
+
+Each record becomes one single-turn conversation: the human asks for a brief description of the image
+(one of the instructions of LLaVA's Table 8, "brief image description", chosen deterministically per
+record id) and the answer is the caption. `image` is the path relative to the data root, which is
+what LLaVA's `--image_folder` is set to. The dataset manifest (ids, seeds, scores, provenance) is
+written next to the JSON so every exported sample stays regenerable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from synthvlm import storage
+from synthvlm.config import StageConfig
+from synthvlm.errors import InputError
+from synthvlm.records import Record, read_manifest, write_manifest
+from synthvlm.stage import StageStats, is_done, mark_done
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"  # LLaVA's DEFAULT_IMAGE_TOKEN
+LLAVA_JSON_NAME = "llava_pretrain.json"
+MANIFEST_NAME = "manifest.jsonl"
+_MAX_IDS_IN_ERROR = 5
+
+
+class ExportConfig(StageConfig):
+    """Settings of the LLaVA pretraining export."""
+
+    # our choice: any fixed seed; changing it reshuffles which instruction each record gets.
+    instruction_seed: int = 0
+    # The released 558K JSON mixes both placements (its first record is "<instruction>\n<image>").
+    # LLaVA's train.py does not care: preprocess_multimodal moves the token to the front
+    # ("<image>\n<instruction>"), and the "plain" pretraining template replaces the whole human turn
+    # by "<image>". "before" is that normalised form.
+    image_placement: Literal["before", "after"] = "before"
+
+
+@lru_cache(maxsize=1)
+def brief_instructions() -> tuple[str, ...]:
+    """LLaVA paper (Liu et al. 2023, Visual Instruction Tuning), Table 8: brief image description."""
+    text = resources.files("synthvlm").joinpath("data/llava_brief_instructions.json").read_text("utf-8")
+    return tuple(json.loads(text))
+
+
+def brief_instruction(record_id: str, seed: int) -> str:
+    """A brief-description instruction for `record_id`, the same on every machine and Python run."""
+    # sha256 rather than hash(): Python salts str hashes per process (PYTHONHASHSEED).
+    digest = hashlib.sha256(f"{seed}\x00{record_id}".encode()).digest()
+    options = brief_instructions()
+    return options[int.from_bytes(digest[:8], "big") % len(options)]
+
+
+def human_turn(instruction: str, placement: Literal["before", "after"]) -> str:
+    if placement == "before":
+        return f"{IMAGE_TOKEN}\n{instruction}"
+    return f"{instruction}\n{IMAGE_TOKEN}"
+
+
+def relative_image_path(image_uri: str, data_root: str) -> str | None:
+    """`image_uri` relative to `data_root` as a POSIX path, or None when it is not inside it."""
+    if storage.is_gcs(image_uri) != storage.is_gcs(data_root):
+        return None
+    if storage.is_gcs(data_root):
+        root = data_root.rstrip("/") + "/"
+        if not image_uri.startswith(root):
+            return None
+        rel = PurePosixPath(image_uri[len(root) :])
+        # gs:// names are not normalised: "a/../b" is a literal object name, never a path into root.
+        if not rel.parts or any(part in ("..", ".") for part in rel.parts):
+            return None
+        return rel.as_posix()
+    try:
+        rel_local = Path(image_uri).resolve().relative_to(Path(data_root).resolve())
+    except ValueError:
+        return None
+    return rel_local.as_posix() if rel_local.parts else None
+
+
+def llava_sample(record: Record, image_path: str, config: ExportConfig) -> dict[str, Any]:
+    instruction = brief_instruction(record.id, config.instruction_seed)
+    return {
+        "id": record.id,
+        "image": image_path,
+        "conversations": [
+            {"from": "human", "value": human_turn(instruction, config.image_placement)},
+            {"from": "gpt", "value": record.caption},
+        ],
+    }
+
+
+def _image_paths(records: list[Record], data_root: str, manifest_uri: str) -> list[str]:
+    """Relative image path per record; one error listing every record whose image is not under data_root."""
+    paths: list[str] = []
+    bad: list[str] = []
+    for rec in records:
+        rel = relative_image_path(rec.image_uri, data_root) if rec.image_uri else None
+        if rel is None:
+            bad.append(rec.id)
+        else:
+            paths.append(rel)
+    if bad:
+        shown = ", ".join(repr(i) for i in bad[:_MAX_IDS_IN_ERROR])
+        more = f" and {len(bad) - _MAX_IDS_IN_ERROR} more" if len(bad) > _MAX_IDS_IN_ERROR else ""
+        raise InputError(
+            manifest_uri,
+            f"{len(bad)} record(s) have no image_uri under data_root {data_root!r} "
+            f"(LLaVA's --image_folder): {shown}{more}",
+            field="image_uri",
+        )
+    return paths
+
+
+def export_llava(config: ExportConfig, input_manifest: str, data_root: str, output_dir: str) -> str:
+    """Write `{output_dir}/llava_pretrain.json` and `{output_dir}/manifest.jsonl`; return the JSON URI."""
+    json_uri = storage.join(output_dir, LLAVA_JSON_NAME)
+    if is_done(json_uri):
+        log.info("%s is already complete; skipping", json_uri)
+        return json_uri
+    stats = StageStats(stage="export_llava")
+    records = read_manifest(input_manifest)
+    stats.count_in = len(records)
+    image_paths = _image_paths(records, data_root, input_manifest)
+    samples = [llava_sample(rec, path, config) for rec, path in zip(records, image_paths, strict=True)]
+
+    write_manifest(storage.join(output_dir, MANIFEST_NAME), records)
+    storage.write_text(json_uri, json.dumps(samples, ensure_ascii=False), content_type="application/json")
+    stats.count_out = len(samples)
+    stats.extra.update(data_root=data_root, image_placement=config.image_placement)
+    mark_done(json_uri, stats)
+    log.info("exported %d LLaVA samples to %s", len(samples), json_uri)
+    return json_uri

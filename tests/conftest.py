@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests never touch a model hub or the network (only loopback servers they start)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """An in-process GCS emulator on loopback with bucket 'test-bucket'; yields 'gs://test-bucket'."""
+    from gcp_storage_emulator.server import create_server
+
+    from synthvlm import storage
+
+    server = create_server("127.0.0.1", 0, in_memory=True, default_bucket="test-bucket")
+    server.start()
+    port = server._api._httpd.server_port  # the emulator has no public accessor for an ephemeral port
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    storage.reset_client()
+    try:
+        yield "gs://test-bucket"
+    finally:
+        server.stop()
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+        storage.reset_client()

@@ -1,0 +1,226 @@
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from synthvlm import storage
+from synthvlm.config import validate
+from synthvlm.errors import ConfigError
+from synthvlm.models.clip import TINY_CLIP, load_clip
+from synthvlm.records import Record, read_manifest, write_manifest
+from synthvlm.stage import is_done, read_stats
+from synthvlm.stages import clip_score
+from synthvlm.stages.clip_score import ScoreConfig, apply_form, clip_scores, score
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return load_clip(TINY_CLIP, None, "cpu", torch.float32)
+
+
+def red_square() -> Image.Image:
+    img = Image.new("RGB", (64, 64), (240, 240, 240))
+    img.paste((220, 20, 20), (16, 16, 48, 48))
+    return img
+
+
+def noise_image(seed: int, size: tuple[int, int] = (48, 80)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def direct_cosine(model, preprocess, tokenizer, image: Image.Image, text: str) -> float:
+    """The reference: open_clip's encoders, normalised embeddings, dot product."""
+    with torch.no_grad():
+        image_features = model.encode_image(preprocess(image)[None])
+        text_features = model.encode_text(tokenizer([text]))
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+    return float((image_features @ text_features.T).item())
+
+
+def tiny_config(**overrides) -> ScoreConfig:
+    return ScoreConfig(model=TINY_CLIP, pretrained=None, device="cpu", batch_size=2, **overrides)
+
+
+def test_clip_scores_equal_direct_open_clip_computation(tiny_clip) -> None:
+    model, preprocess, tokenizer = tiny_clip
+    images = [red_square(), red_square(), noise_image(1)]
+    texts = ["a red square on a white background", "a dog running on a beach", "colourful noise"]
+
+    ours = clip_scores(model, preprocess, tokenizer, images, texts, batch_size=2)
+
+    expected = [
+        direct_cosine(model, preprocess, tokenizer, img, txt) for img, txt in zip(images, texts, strict=True)
+    ]
+    assert ours == pytest.approx(expected, abs=1e-5)
+    # The matching and the non-matching caption of the same image score differently.
+    assert abs(ours[0] - ours[1]) > 1e-4
+    assert all(-1.0 <= value <= 1.0 for value in ours)
+
+
+def test_clip_scores_do_not_depend_on_batch_size(tiny_clip) -> None:
+    model, preprocess, tokenizer = tiny_clip
+    images = [noise_image(seed) for seed in range(5)]
+    texts = [f"picture number {i}" for i in range(5)]
+    one_by_one = clip_scores(model, preprocess, tokenizer, images, texts, batch_size=1)
+    all_at_once = clip_scores(model, preprocess, tokenizer, images, texts, batch_size=5)
+    assert one_by_one == pytest.approx(all_at_once, abs=1e-5)
+
+
+def test_clipscore_form_is_hessel_rescaling(tiny_clip) -> None:
+    model, preprocess, tokenizer = tiny_clip
+    images, texts = [red_square(), noise_image(2)], ["a red square", "static"]
+    cosines = clip_scores(model, preprocess, tokenizer, images, texts)
+    scaled = clip_scores(model, preprocess, tokenizer, images, texts, form="clipscore")
+    assert scaled == pytest.approx([2.5 * max(c, 0.0) for c in cosines], abs=1e-6)
+    assert apply_form(-0.3, "clipscore") == 0.0
+    assert apply_form(0.3, "clipscore") == pytest.approx(0.75)
+    assert apply_form(-0.3, "cosine") == -0.3
+
+
+def test_clip_scores_need_one_text_per_image(tiny_clip) -> None:
+    model, preprocess, tokenizer = tiny_clip
+    with pytest.raises(ValueError, match="2 images but 1 texts"):
+        clip_scores(model, preprocess, tokenizer, [red_square(), red_square()], ["a red square"])
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        validate(ScoreConfig, {"batch_size": 0})
+    with pytest.raises(ConfigError, match="form"):
+        validate(ScoreConfig, {"form": "cosine-ish"})
+    with pytest.raises(ConfigError, match="score_key"):
+        validate(ScoreConfig, {"score_key": " "})
+
+
+def write_images(root: Path) -> tuple[list[Record], dict[str, Image.Image]]:
+    """Three good records, then one per reject reason."""
+    images = {"a": red_square(), "b": noise_image(3), "c": noise_image(4, size=(30, 30))}
+    records = []
+    for rec_id, img in images.items():
+        path = root / "images" / f"{rec_id}.png"
+        storage.write_bytes(str(path), png_bytes(img))
+        records.append(Record(id=rec_id, caption=f"caption of {rec_id}", image_uri=str(path), seed=1))
+    truncated = root / "images" / "truncated.png"
+    storage.write_bytes(str(truncated), png_bytes(noise_image(5))[:200])
+    records += [
+        Record(id="missing", caption="gone", image_uri=str(root / "images" / "missing.png")),
+        Record(id="truncated", caption="cut short", image_uri=str(truncated)),
+        Record(id="garbage", caption="not an image", image_uri=str(root / "manifest.jsonl")),
+        Record(id="no_uri", caption="never generated"),
+    ]
+    return records, images
+
+
+def test_score_writes_scores_and_reports_rejects(
+    tmp_path: Path, tiny_clip, caplog: pytest.LogCaptureFixture
+) -> None:
+    records, images = write_images(tmp_path)
+    records[0] = records[0].model_copy(update={"scores": {"llm": 0.9}, "provenance": {"steps": 60}})
+    manifest = str(tmp_path / "manifest.jsonl")
+    write_manifest(manifest, records)
+    output = str(tmp_path / "scored.parquet")
+
+    with caplog.at_level(logging.WARNING, logger="synthvlm.stages.clip_score"):
+        assert score(tiny_config(), manifest, output) == output
+
+    scored = read_manifest(output)
+    assert [rec.id for rec in scored] == ["a", "b", "c"]
+    model, preprocess, tokenizer = tiny_clip
+    for rec in scored:
+        expected = direct_cosine(model, preprocess, tokenizer, images[rec.id], rec.caption)
+        assert rec.scores["clip"] == pytest.approx(expected, abs=1e-5)
+        assert rec.provenance["clip_scorer"] == {"model": TINY_CLIP, "pretrained": None, "form": "cosine"}
+    assert scored[0].scores["llm"] == 0.9  # earlier scores and provenance are kept
+    assert scored[0].provenance["steps"] == 60
+
+    stats = read_stats(output)
+    assert stats["count_in"] == 7
+    assert stats["count_out"] == 3
+    assert stats["rejects"] == {"image missing": 1, "image not decodable": 2, "no image_uri": 1}
+    assert stats["reject_examples"]["image not decodable"] == ["truncated", "garbage"]
+    assert stats["mean_score"] == pytest.approx(sum(rec.scores["clip"] for rec in scored) / 3)
+    for rec_id in ("missing", "truncated", "garbage", "no_uri"):
+        assert rec_id in caplog.text
+
+
+def test_score_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records, _ = write_images(tmp_path)
+    manifest = str(tmp_path / "manifest.jsonl")
+    write_manifest(manifest, records[:2])
+    output = str(tmp_path / "scored.jsonl")
+    score(tiny_config(), manifest, output)
+    assert is_done(output)
+    first = Path(output).read_bytes()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished output must not be recomputed")
+
+    monkeypatch.setattr(clip_score, "load_clip", fail)
+    assert score(tiny_config(form="clipscore"), manifest, output) == output
+    assert Path(output).read_bytes() == first
+
+
+def test_score_key_and_form_are_configurable(tmp_path: Path) -> None:
+    records, _ = write_images(tmp_path)
+    manifest = str(tmp_path / "manifest.jsonl")
+    write_manifest(manifest, records[:3])
+    cosine_out, scaled_out = str(tmp_path / "cos.jsonl"), str(tmp_path / "scaled.jsonl")
+    score(tiny_config(), manifest, cosine_out)
+    score(tiny_config(score_key="clip_raw", form="clipscore"), manifest, scaled_out)
+
+    cosines = {rec.id: rec.scores["clip"] for rec in read_manifest(cosine_out)}
+    for rec in read_manifest(scaled_out):
+        assert "clip" not in rec.scores
+        assert rec.scores["clip_raw"] == pytest.approx(2.5 * max(cosines[rec.id], 0.0), abs=1e-6)
+
+
+def test_score_reads_images_from_gcs(gcs_emulator: str, tiny_clip) -> None:
+    root = storage.join(gcs_emulator, "clip-score-test")
+    image = red_square()
+    image_uri = storage.join(root, "images", "g0.png")
+    storage.write_bytes(image_uri, png_bytes(image))
+    records = [
+        Record(id="g0", caption="a red square", image_uri=image_uri),
+        Record(id="g1", caption="lost", image_uri=storage.join(root, "images", "g1.png")),
+    ]
+    manifest = storage.join(root, "generated.jsonl")
+    write_manifest(manifest, records)
+    output = storage.join(root, "scored.jsonl")
+
+    score(tiny_config(), manifest, output)
+
+    (scored,) = read_manifest(output)
+    assert scored.id == "g0"
+    assert scored.scores["clip"] == pytest.approx(direct_cosine(*tiny_clip, image, "a red square"), abs=1e-5)
+    assert read_stats(output)["rejects"] == {"image missing": 1}
+
+
+def test_low_precision_scores_are_float32_and_close_to_full_precision(tiny_clip) -> None:
+    model, preprocess, tokenizer = load_clip(TINY_CLIP, None, "cpu", torch.bfloat16)
+    images, texts = [red_square(), noise_image(6)], ["a red square", "static"]
+    pixels = torch.stack([preprocess(img) for img in images])
+
+    cosines = clip_score.cosine_batch(model, tokenizer, pixels, texts)
+
+    assert cosines.dtype == torch.float32
+    full = clip_scores(*tiny_clip, images, texts)
+    assert cosines.tolist() == pytest.approx(full, abs=0.05)

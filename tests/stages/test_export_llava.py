@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from synthvlm import storage
+from synthvlm.errors import InputError
+from synthvlm.records import Record, read_manifest, write_manifest
+from synthvlm.stage import is_done, read_stats
+from synthvlm.stages.export_llava import (
+    ExportConfig,
+    brief_instruction,
+    brief_instructions,
+    export_llava,
+    relative_image_path,
+)
+
+
+def _write_image(path: Path, color: tuple[int, int, int]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), color).save(path, format="JPEG")
+    return str(path)
+
+
+def _records(data_root: Path, n: int) -> list[Record]:
+    return [
+        Record(
+            id=f"rec{i:03d}",
+            caption=f"a photo of thing {i}",
+            seed=i,
+            image_uri=_write_image(data_root / "images" / f"{i % 3:02d}" / f"rec{i:03d}.jpg", (i * 20, 0, 0)),
+            scores={"clip": 0.2 + i / 100},
+            provenance={"model": "tiny"},
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def selected(tmp_path: Path) -> tuple[str, Path, list[Record]]:
+    data_root = tmp_path / "data"
+    records = _records(data_root, 7)
+    manifest = str(tmp_path / "selected.jsonl")
+    write_manifest(manifest, records)
+    return manifest, data_root, records
+
+
+def test_brief_instructions_are_llava_table_8() -> None:
+    options = brief_instructions()
+    assert len(options) == 11
+    assert options[0] == "Describe the image concisely."
+    assert "Create a compact narrative representing the image presented." in options
+
+
+def test_brief_instruction_is_deterministic_and_depends_on_seed() -> None:
+    ids = [f"id{i}" for i in range(200)]
+    first = [brief_instruction(i, seed=0) for i in ids]
+    assert first == [brief_instruction(i, seed=0) for i in ids]
+    assert set(first) <= set(brief_instructions())
+    assert len(set(first)) == len(brief_instructions())  # 200 ids reach all 11 instructions
+    assert first != [brief_instruction(i, seed=1) for i in ids]
+
+
+def test_export_writes_llava_json_and_manifest(selected, tmp_path: Path) -> None:
+    manifest, data_root, records = selected
+    out_dir = str(tmp_path / "export")
+    json_uri = export_llava(ExportConfig(), manifest, str(data_root), out_dir)
+
+    assert json_uri == os.path.join(out_dir, "llava_pretrain.json")
+    samples = json.loads(Path(json_uri).read_text())
+    assert [s["id"] for s in samples] == [r.id for r in records]
+    for sample, rec in zip(samples, records, strict=True):
+        assert set(sample) == {"id", "image", "conversations"}
+        assert not os.path.isabs(sample["image"])
+        assert (data_root / sample["image"]).is_file()
+        assert Path(data_root / sample["image"]).resolve() == Path(rec.image_uri).resolve()
+        human, gpt = sample["conversations"]
+        assert human["from"] == "human" and gpt == {"from": "gpt", "value": rec.caption}
+        assert human["value"].startswith("<image>\n")
+        assert human["value"].removeprefix("<image>\n") == brief_instruction(rec.id, 0)
+
+    assert read_manifest(os.path.join(out_dir, "manifest.jsonl")) == records
+    assert is_done(json_uri)
+    stats = read_stats(json_uri)
+    assert stats["count_in"] == stats["count_out"] == len(records)
+
+
+def test_image_placement_after_and_seed(selected, tmp_path: Path) -> None:
+    manifest, data_root, records = selected
+    config = ExportConfig(image_placement="after", instruction_seed=5)
+    samples = json.loads(
+        Path(export_llava(config, manifest, str(data_root), str(tmp_path / "o"))).read_text()
+    )
+    for sample, rec in zip(samples, records, strict=True):
+        assert sample["conversations"][0]["value"] == brief_instruction(rec.id, 5) + "\n<image>"
+
+
+def test_export_is_idempotent(selected, tmp_path: Path) -> None:
+    manifest, data_root, _ = selected
+    out_dir = str(tmp_path / "export")
+    json_uri = export_llava(ExportConfig(), manifest, str(data_root), out_dir)
+    Path(json_uri).write_text("[]")  # a rerun after completion must not touch the output
+    assert export_llava(ExportConfig(), manifest, str(data_root), out_dir) == json_uri
+    assert Path(json_uri).read_text() == "[]"
+
+
+def test_image_outside_data_root_is_an_error_naming_the_id(selected, tmp_path: Path) -> None:
+    manifest, data_root, records = selected
+    outside = _write_image(tmp_path / "elsewhere" / "x.jpg", (0, 0, 255))
+    bad = records[:2] + [records[2].model_copy(update={"image_uri": outside})]
+    write_manifest(manifest, bad)
+    out_dir = tmp_path / "export"
+    with pytest.raises(InputError, match="rec002") as err:
+        export_llava(ExportConfig(), manifest, str(data_root), str(out_dir))
+    assert err.value.field == "image_uri"
+    assert not (out_dir / "llava_pretrain.json").exists()
+    assert not (out_dir / "llava_pretrain.json.done").exists()
+
+
+def test_missing_image_uri_is_an_error(selected, tmp_path: Path) -> None:
+    manifest, data_root, records = selected
+    write_manifest(manifest, [records[0].model_copy(update={"image_uri": None})])
+    with pytest.raises(InputError, match="rec000"):
+        export_llava(ExportConfig(), manifest, str(data_root), str(tmp_path / "export"))
+
+
+@pytest.mark.parametrize(
+    ("image_uri", "data_root", "expected"),
+    [
+        ("gs://b/run/images/a.jpg", "gs://b/run", "images/a.jpg"),
+        ("gs://b/run/images/a.jpg", "gs://b/run/", "images/a.jpg"),
+        ("gs://b/run2/a.jpg", "gs://b/run", None),  # prefix of a sibling folder is not "under"
+        ("gs://other/run/a.jpg", "gs://b/run", None),
+        ("gs://b/run/../x.jpg", "gs://b/run", None),
+        ("gs://b/run", "gs://b/run", None),
+        ("/data/run/a.jpg", "gs://b/run", None),
+        ("/data/run/sub/a.jpg", "/data/run", "sub/a.jpg"),
+        ("/data/run/../a.jpg", "/data/run", None),
+        ("/data/runx/a.jpg", "/data/run", None),
+    ],
+)
+def test_relative_image_path(image_uri: str, data_root: str, expected: str | None) -> None:
+    assert relative_image_path(image_uri, data_root) == expected
+
+
+@pytest.fixture
+def gcs_emulator(monkeypatch: pytest.MonkeyPatch):
+    from gcp_storage_emulator.server import create_server
+
+    server = create_server("localhost", 0, in_memory=True, default_bucket="bkt")
+    server.start()
+    host, port = server._api._httpd.server_address[:2]  # the port picked by the OS
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://{host}:{port}")
+    storage.reset_client()
+    yield "gs://bkt"
+    server.stop()
+    storage.reset_client()
+
+
+def test_export_on_gcs(gcs_emulator: str) -> None:
+    root = storage.join(gcs_emulator, "run")
+    records = [
+        Record(id=f"g{i}", caption=f"caption {i}", image_uri=storage.join(root, "images", f"g{i}.jpg"))
+        for i in range(3)
+    ]
+    manifest = storage.join(root, "selected.jsonl")
+    write_manifest(manifest, records)
+    out_dir = storage.join(root, "export")
+
+    json_uri = export_llava(ExportConfig(), manifest, root, out_dir)
+
+    assert json_uri == "gs://bkt/run/export/llava_pretrain.json"
+    samples = json.loads(storage.read_text(json_uri))
+    assert [s["image"] for s in samples] == ["images/g0.jpg", "images/g1.jpg", "images/g2.jpg"]
+    assert read_manifest(storage.join(out_dir, "manifest.jsonl")) == records
+    assert is_done(json_uri)

@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import base64
+import io
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from synthvlm.records import Record, write_manifest
+from synthvlm.stage import StageStats, is_done, mark_done, read_stats
+from synthvlm.stages.report import (
+    ReportConfig,
+    compute_histogram,
+    grid_records,
+    report_markdown,
+    write_report,
+)
+
+XSS_CAPTION = 'a cat <script>alert("x")</script> & a "dog"'
+
+
+class _Collector(HTMLParser):
+    """Collects <img> srcs, histogram bars and script tags of a document."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.img_srcs: list[str] = []
+        self.bars: dict[str, list[int]] = {"all": [], "kept": []}
+        self.scripts = 0
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attr = dict(attrs)
+        if tag == "img":
+            self.img_srcs.append(attr["src"] or "")
+        if tag == "rect" and "bar" in (attr.get("class") or ""):
+            kind = "kept" if "kept" in (attr["class"] or "") else "all"
+            self.bars[kind].append(int(attr["data-count"] or 0))
+        if tag == "script":
+            self.scripts += 1
+        for name in ("src", "href"):
+            value = attr.get(name) or ""
+            if value and not value.startswith("data:"):
+                self.external.append(value)
+
+
+def _parse(doc: str) -> _Collector:
+    parser = _Collector()
+    parser.feed(doc)
+    return parser
+
+
+def _records(tmp_path: Path, n: int, score_key: str = "clip") -> list[Record]:
+    out = []
+    for i in range(n):
+        path = tmp_path / "images" / f"r{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 20), (i * 7 % 256, 100, 50)).save(path)
+        caption = XSS_CAPTION if i == 0 else f"caption number {i}"
+        out.append(
+            Record(id=f"r{i:03d}", caption=caption, image_uri=str(path), scores={score_key: 0.2 + i / 200})
+        )
+    return out
+
+
+def _stage_output(tmp_path: Path, name: str, count_in: int, count_out: int, rejects: dict[str, int]) -> str:
+    uri = str(tmp_path / f"{name}.jsonl")
+    Path(uri).write_text("")
+    stats = StageStats(stage=name, count_in=count_in, count_out=count_out)
+    stats.rejects.update(rejects)
+    stats.extra["gpu_seconds"] = 12.5
+    mark_done(uri, stats)
+    return uri
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> tuple[str, list[Record], list[str]]:
+    records = _records(tmp_path, 10)
+    selected = str(tmp_path / "selected.jsonl")
+    write_manifest(selected, records)
+    outputs = [
+        _stage_output(tmp_path, "curate", 1000, 400, {"too_short": 350, "llm_judge": 250}),
+        _stage_output(tmp_path, "select", 400, 10, {"below_top_k": 390}),
+    ]
+    return selected, records, outputs
+
+
+def test_report_has_one_img_per_record_and_is_self_contained(run, tmp_path: Path) -> None:
+    selected, records, outputs = run
+    out = str(tmp_path / "report.html")
+    assert write_report(ReportConfig(thumbnail_size=16), selected, outputs, out) == out
+    parsed = _parse(Path(out).read_text())
+    assert len(parsed.img_srcs) == len(records)
+    assert parsed.external == []
+    assert "<link" not in Path(out).read_text()
+    src = parsed.img_srcs[0]
+    assert src.startswith("data:image/jpeg;base64,")
+    thumb = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert thumb.format == "JPEG" and max(thumb.size) == 16
+    assert is_done(out) and read_stats(out)["count_out"] == len(records)
+
+
+def test_report_caps_images_at_max_images(run, tmp_path: Path) -> None:
+    selected, _, outputs = run
+    out = str(tmp_path / "report.html")
+    write_report(ReportConfig(max_images=4, thumbnail_size=16), selected, outputs, out)
+    assert len(_parse(Path(out).read_text()).img_srcs) == 4
+
+
+def test_caption_is_escaped(run, tmp_path: Path) -> None:
+    selected, _, outputs = run
+    out = str(tmp_path / "report.html")
+    write_report(ReportConfig(thumbnail_size=16), selected, outputs, out)
+    doc = Path(out).read_text()
+    assert "<script>" not in doc
+    assert _parse(doc).scripts == 0
+    assert "a cat &lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; a &quot;dog&quot;" in doc
+
+
+def test_report_shows_stage_counts_from_markers(run, tmp_path: Path) -> None:
+    selected, _, outputs = run
+    out = str(tmp_path / "report.html")
+    write_report(ReportConfig(thumbnail_size=16), selected, outputs, out)
+    doc = Path(out).read_text()
+    rows = re.findall(
+        r"<tr><td>(\w+)</td><td class='count-in'>(\d+)</td><td class='count-out'>(\d+)</td>", doc
+    )
+    assert rows == [("curate", "1000", "400"), ("select", "400", "10")]
+    assert "too_short: 350" in doc and "llm_judge: 250" in doc and "below_top_k: 390" in doc
+    assert "gpu_seconds: 12.5" in doc
+
+
+def test_histogram_counts_add_up(run, tmp_path: Path) -> None:
+    selected, records, outputs = run
+    all_records = _records(tmp_path / "all", 30)
+    all_manifest = str(tmp_path / "all.jsonl")
+    write_manifest(all_manifest, all_records)
+    out = str(tmp_path / "report.html")
+    config = ReportConfig(thumbnail_size=16, histogram_bins=7)
+    write_report(config, selected, outputs, out, all_scores_manifests=[all_manifest])
+    bars = _parse(Path(out).read_text()).bars
+    assert len(bars["kept"]) == len(bars["all"]) == 7
+    assert sum(bars["kept"]) == len(records)
+    assert sum(bars["all"]) == len(all_records)
+
+
+def test_histogram_without_all_scores_has_only_kept_bars(run, tmp_path: Path) -> None:
+    selected, records, outputs = run
+    out = str(tmp_path / "report.html")
+    write_report(ReportConfig(thumbnail_size=16), selected, outputs, out)
+    bars = _parse(Path(out).read_text()).bars
+    assert bars["all"] == [] and len(bars["kept"]) == 20
+    assert sum(bars["kept"]) == len(records)
+
+
+def test_compute_histogram_shares_bins_over_both_ranges() -> None:
+    hist = compute_histogram([0.5, 0.6], [0.0, 0.1, 0.5, 1.0], bins=4)
+    assert hist.edges == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert hist.kept_counts == [0, 0, 2, 0]
+    assert hist.all_counts == [2, 0, 1, 1]
+
+
+def test_compute_histogram_empty_and_constant() -> None:
+    assert sum(compute_histogram([], None, bins=5).kept_counts) == 0
+    assert sum(compute_histogram([0.3, 0.3, 0.3], None, bins=5).kept_counts) == 3
+
+
+def test_grid_spreads_from_best_to_worst(tmp_path: Path) -> None:
+    records = [Record(id=f"r{i}", caption="c", scores={"clip": i / 10}) for i in range(10)]
+    records.append(Record(id="unscored", caption="c"))
+    picked = grid_records(records, 3, "clip")
+    assert [r.id for r in picked] == ["r9", "r4", "unscored"]
+    assert [r.id for r in grid_records(records[:3], 5, "clip")] == ["r2", "r1", "r0"]
+
+
+def test_unreadable_image_is_reported_not_fatal(run, tmp_path: Path) -> None:
+    selected, records, outputs = run
+    Path(records[1].image_uri).write_bytes(b"not an image")
+    out = str(tmp_path / "report.html")
+    write_report(ReportConfig(thumbnail_size=16), selected, outputs, out)
+    doc = Path(out).read_text()
+    assert len(_parse(doc).img_srcs) == len(records) - 1
+    assert "image unreadable" in doc
+
+
+def test_unfinished_stage_output_is_an_error(run, tmp_path: Path) -> None:
+    selected, _, outputs = run
+    with pytest.raises(FileNotFoundError, match="not marked complete"):
+        write_report(
+            ReportConfig(), selected, [*outputs, str(tmp_path / "nope.jsonl")], str(tmp_path / "r.html")
+        )
+
+
+def test_report_is_idempotent(run, tmp_path: Path) -> None:
+    selected, _, outputs = run
+    out = tmp_path / "report.html"
+    write_report(ReportConfig(thumbnail_size=16), selected, outputs, str(out))
+    out.write_text("kept")
+    write_report(ReportConfig(thumbnail_size=16), selected, outputs, str(out))
+    assert out.read_text() == "kept"
+
+
+def test_report_markdown(run) -> None:
+    selected, records, outputs = run
+    md = report_markdown(ReportConfig(), selected, outputs)
+    assert f"{len(records)} records selected" in md
+    assert "| curate | 1000 | 400 | llm_judge: 250, too_short: 350 |" in md
+    assert "| select | 400 | 10 | below_top_k: 390 |" in md

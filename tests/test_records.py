@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from synthvlm.errors import InputError
+from synthvlm.records import Record, check_id, read_manifest, write_manifest
+
+
+def _recs() -> list[Record]:
+    return [
+        Record(id="a1", caption="a cat", seed=3, image_uri="/x/a1.jpg", scores={"clip": 0.3}, provenance={"m": "sdxl"}),
+        Record(id="b2", caption="a dog"),
+    ]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_manifest_round_trip(tmp_path: Path, suffix: str):
+    uri = str(tmp_path / f"m.{suffix}")
+    assert write_manifest(uri, _recs()) == 2
+    assert read_manifest(uri) == _recs()
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ("", "empty"),
+        ("../etc", "path separator"),
+        ("a/b", "path separator"),
+        ("a\\b", "path separator"),
+        ("a..b", "'..'"),
+        ("tab\there", "control character"),
+        (".hidden", "starts with '.'"),
+        ("x" * 201, "longer than"),
+    ],
+)
+def test_bad_ids_rejected(bad: str, reason: str):
+    with pytest.raises(ValueError, match=reason):
+        check_id(bad)
+
+
+def test_duplicate_ids_rejected_on_write_and_read(tmp_path: Path):
+    uri = str(tmp_path / "m.jsonl")
+    with pytest.raises(InputError, match="duplicate id 'a1'"):
+        write_manifest(uri, [_recs()[0], _recs()[0]])
+    assert not Path(uri).exists()
+    line = _recs()[0].model_dump_json()
+    Path(uri).write_text(line + "\n\n" + line + "\n")
+    with pytest.raises(InputError) as exc:
+        read_manifest(uri)
+    assert (exc.value.line, exc.value.field) == (3, "id")
+    assert "first at line 1" in str(exc.value)
+
+
+def test_read_manifest_names_line_and_field(tmp_path: Path):
+    uri = tmp_path / "m.jsonl"
+    uri.write_text('{"id": "ok", "caption": "fine"}\n{"id": "x/y", "caption": "bad id"}\n')
+    with pytest.raises(InputError) as exc:
+        read_manifest(str(uri))
+    assert (exc.value.line, exc.value.field) == (2, "id")
+    assert str(uri) in str(exc.value)
