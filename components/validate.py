@@ -1,5 +1,3 @@
-from typing import NamedTuple
-
 from kfp import dsl
 
 from synthvlm.images import image_for
@@ -16,24 +14,13 @@ def validate_synthvlm_config(
     select_config: str,
     export_config: str,
     report_config: str,
-) -> NamedTuple(
-    "Validated",
-    generate_config=str,
-    score_config=str,
-    select_config=str,
-    export_config=str,
-    report_config=str,
-    shards=list,
 ):
     """Validate every parameter with the pydantic configs before any GPU pod is requested."""
     parameters = dict(locals())  # first statement: exactly the pipeline parameters
 
     from synthvlm.kfp_support import setup_logging
-    from synthvlm.run_config import from_pipeline_arguments, to_pipeline_arguments
+    from synthvlm.run_config import from_pipeline_arguments
 
     setup_logging()
     config = from_pipeline_arguments(parameters)
     config.require_data_root()
-    flat = to_pipeline_arguments(config)
-    shards = list(range(config.num_shards))
-    return (*(flat[f"{s}_config"] for s in ("generate", "score", "select", "export", "report")), shards)

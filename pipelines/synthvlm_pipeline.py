@@ -7,6 +7,7 @@ from components.captions import load_captions
 from components.clip_score import clip_score
 from components.export import export_llava
 from components.generate import generate_images
+from components.plan_shards import plan_shards
 from components.report import write_report
 from components.select import select_pairs
 from components.validate import validate_synthvlm_config
@@ -60,36 +61,39 @@ def pipeline(
     caps = load_captions(captions=captions, max_captions=max_captions, data_root=data_root).after(cfg)
     caps.set_display_name("load captions")
 
-    with dsl.ParallelFor(cfg.outputs["shards"], parallelism=MAX_PARALLEL_GPU_PODS) as shard:
+    plan = plan_shards(captions_manifest=caps.outputs["Output"], num_shards=num_shards)
+    plan.set_display_name("plan shards")
+
+    with dsl.ParallelFor(plan.output, parallelism=MAX_PARALLEL_GPU_PODS) as shard:
         gen = generate_images(
-            config_json=cfg.outputs["generate_config"],
-            captions_manifest=caps.outputs["Output"],
+            config_json=generate_config,
+            captions_manifest=shard.manifest,
             data_root=data_root,
-            shard=shard,
-            num_shards=num_shards,
+            shard=shard.shard,
+            num_shards=shard.num_shards,
         )
         gen.set_display_name("SDXL generate shard")
         gen.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
         gen.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
         scored = clip_score(
-            config_json=cfg.outputs["score_config"], input_manifest=gen.outputs["Output"], data_root=data_root
+            config_json=score_config, input_manifest=gen.outputs["Output"], data_root=data_root
         )
         scored.set_display_name("CLIP score shard")
         scored.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
         scored.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
 
     selected = select_pairs(
-        config_json=cfg.outputs["select_config"],
+        config_json=select_config,
         scored_manifests=dsl.Collected(scored.outputs["Output"]),
         data_root=data_root,
     )
     selected.set_display_name("select (global)")
     exported = export_llava(
-        config_json=cfg.outputs["export_config"], selected_manifest=selected.outputs["Output"], data_root=data_root
+        config_json=export_config, selected_manifest=selected.outputs["Output"], data_root=data_root
     )
     exported.set_display_name("export LLaVA pretrain JSON")
     report = write_report(
-        config_json=cfg.outputs["report_config"],
+        config_json=report_config,
         captions_manifest=caps.outputs["Output"],
         generated_manifests=dsl.Collected(gen.outputs["Output"]),
         scored_manifests=dsl.Collected(scored.outputs["Output"]),

@@ -1,0 +1,146 @@
+"""Stable Diffusion XL pipelines: the real one from the hub or a local folder, and a tiny offline one.
+
+The tiny pipeline has SDXL's structure (two CLIP text encoders whose hidden states are concatenated,
+a pooled text embedding plus size/crop "time ids" as added conditioning, a KL autoencoder, Euler
+sampling with SDXL's noise schedule) at ~3.5M parameters, mostly the 49408-token embeddings, with
+random weights fixed by a seed. It lets every stage and test run the exact diffusers code path on a
+CPU with no download.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from synthvlm.models.tokenizer import CONTEXT_LENGTH, offline_clip_tokenizer_dir
+
+TINY_SDXL = "synthvlm/tiny-sdxl"
+SchedulerName = Literal["euler", "dpmpp_2m"]
+SCHEDULERS = {"euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
+
+_TEXT_HIDDEN = 32  # per text encoder; the UNet cross-attends to both, concatenated
+_TIME_EMBED = 8  # per SDXL time id (original size, crop offset, target size: 6 ids)
+
+
+def _tiny_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=CONTEXT_LENGTH,
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=_TEXT_HIDDEN,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # pooled output is taken at the first end-of-text token
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _tiny_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        use_linear_projection=True,
+        cross_attention_dim=2 * _TEXT_HIDDEN,
+        # SDXL's added conditioning: pooled text embedding of encoder 2 + embedded time ids.
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * _TIME_EMBED + _TEXT_HIDDEN,
+    )
+
+
+def _tiny_vae() -> AutoencoderKL:
+    # Three blocks: latents are 4x smaller than the image (SDXL: 8x with four blocks).
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def _sdxl_euler_scheduler() -> EulerDiscreteScheduler:
+    # The noise schedule of stabilityai/stable-diffusion-xl-base-1.0 (scheduler/scheduler_config.json).
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A tiny random-weight SDXL pipeline; the same seed gives the same weights."""
+    tokenizer_dir = offline_clip_tokenizer_dir()
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    # SDXL's second tokenizer pads with "!" (id 0) rather than end-of-text, as in the released model.
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")
+    # Our own RNG stream: building the model neither depends on nor disturbs the caller's global seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_unet()
+        vae = _tiny_vae()
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer_2))
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_sdxl_euler_scheduler(),
+        add_watermarker=False,
+    )
+
+
+def load_sdxl(
+    model: str,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    scheduler: SchedulerName = "euler",
+) -> StableDiffusionXLPipeline:
+    """SDXL pipeline from a hub id or a local folder (`TINY_SDXL`: the tiny offline one), on `device`.
+
+    `scheduler` swaps the sampler while keeping the model's noise schedule (its scheduler config).
+    """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+    if model == TINY_SDXL:
+        pipe = build_tiny_sdxl()
+        if dtype != torch.float32:  # built in float32
+            pipe.to(dtype=dtype)
+    else:
+        # dtype at load time, not via .to(): diffusers then keeps modules that need float32 in float32.
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, revision=revision, dtype=dtype)
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)  # callers log their own progress per batch
+    return pipe.to(device)
