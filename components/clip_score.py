@@ -13,6 +13,8 @@ def clip_score(config_json: str, input_manifest: str, data_root: str, metrics: O
 
     setup_logging()
     name = input_manifest.rsplit("/", 1)[-1]
-    out = score(ScoreConfig.model_validate_json(config_json), input_manifest, storage.join(data_root, "scores", name))
+    out = score(
+        ScoreConfig.model_validate_json(config_json), input_manifest, storage.join(data_root, "scores", name)
+    )
     log_stage_metrics(metrics, out)
     return out

@@ -6,7 +6,12 @@ from synthvlm.images import image_for
 
 @dsl.component(base_image=image_for("diffusion"), install_kfp_package=False)
 def generate_images(
-    config_json: str, captions_manifest: str, data_root: str, shard: int, num_shards: int, metrics: Output[Metrics]
+    config_json: str,
+    captions_manifest: str,
+    data_root: str,
+    shard: int,
+    num_shards: int,
+    metrics: Output[Metrics],
 ) -> str:
     """Generate this shard's images with SDXL; returns the shard manifest URI."""
     from synthvlm.kfp_support import log_stage_metrics, setup_logging

@@ -1,13 +1,13 @@
-from typing import List  # noqa: UP035 - KFP reads typing.List annotations
-
 from kfp import dsl
 
 from synthvlm.images import image_for
 
 
 @dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
-def plan_shards(captions_manifest: str, num_shards: int) -> List[dict]:
+def plan_shards(captions_manifest: str, num_shards: int) -> list[dict]:
     """One ParallelFor item per shard, carrying everything the shard's pods need."""
     # Items carry the manifest URI because a loop body must not read upstream outputs directly
     # (kfp.local 2.17 replaces them with the loop item).
-    return [{"manifest": captions_manifest, "shard": i, "num_shards": num_shards} for i in range(int(num_shards))]
+    return [
+        {"manifest": captions_manifest, "shard": i, "num_shards": num_shards} for i in range(int(num_shards))
+    ]

@@ -1,5 +1,3 @@
-from typing import List  # noqa: UP035 - KFP reads typing.List annotations
-
 from kfp import dsl
 from kfp.dsl import HTML, Output
 
@@ -10,8 +8,8 @@ from synthvlm.images import image_for
 def write_report(
     config_json: str,
     captions_manifest: str,
-    generated_manifests: List[str],
-    scored_manifests: List[str],
+    generated_manifests: list[str],
+    scored_manifests: list[str],
     selected_manifest: str,
     exported: str,
     data_root: str,

@@ -1,5 +1,3 @@
-from typing import List  # noqa: UP035 - KFP reads typing.List annotations
-
 from kfp import dsl
 from kfp.dsl import Metrics, Output
 
@@ -7,7 +5,9 @@ from synthvlm.images import image_for
 
 
 @dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
-def select_pairs(config_json: str, scored_manifests: List[str], data_root: str, metrics: Output[Metrics]) -> str:
+def select_pairs(
+    config_json: str, scored_manifests: list[str], data_root: str, metrics: Output[Metrics]
+) -> str:
     """Global selection (top-k / top fraction / threshold) over all shards' scores."""
     from synthvlm import storage
     from synthvlm.kfp_support import log_stage_metrics, setup_logging

@@ -35,13 +35,13 @@ def pipeline(
     """SynthVLM synthetic pretraining data.
 
     Args:
-        captions: Captions file or URI (.jsonl/.csv/.parquet with id and caption). Default: bundled demo captions.
+        captions: Captions file/URI (.jsonl/.csv/.parquet with id, caption). Default: bundled demo.
         max_captions: Use only the first N captions; 0 = all.
         data_root: Where images, manifests, the dataset and the report go (gs://bucket/prefix). Required.
         num_shards: Number of generation shards, one GPU pod each.
         generate_config: JSON of GenerateConfig (SDXL base 1.0, 60 steps, 1024x1024: SynthVLM §3.1).
         score_config: JSON of ScoreConfig (open_clip model + pretrained tag; CLIPScore, SynthVLM §3.2).
-        select_config: JSON of SelectConfig (top_k k=100000 of 1M: SynthVLM §3.2; or top_fraction / threshold).
+        select_config: JSON of SelectConfig (top_k k=100000 of 1M: SynthVLM §3.2; top_fraction; threshold).
         export_config: JSON of ExportConfig (LLaVA pretraining JSON).
         report_config: JSON of ReportConfig (HTML report).
     """
@@ -102,4 +102,3 @@ def pipeline(
         data_root=data_root,
     )
     report.set_display_name("report")
-

@@ -20,10 +20,17 @@ log = logging.getLogger("synthvlm")
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=["demo", "paper"], help="start from a preset (default: paper defaults)")
+    parser.add_argument(
+        "--preset", choices=["demo", "paper"], help="start from a preset (default: paper defaults)"
+    )
     parser.add_argument("--config", metavar="FILE", help="YAML file with config fields")
     parser.add_argument(
-        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="set a config field (repeatable)"
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a config field (repeatable)",
     )
 
 
@@ -86,7 +93,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     from synthvlm.stages.report import ReportConfig, write_report
 
     config = _stage_config(args, ReportConfig, "report")
-    print(write_report(config, args.input, args.stage_outputs, args.output, all_scores_manifests=args.all_scores))
+    print(
+        write_report(
+            config, args.input, args.stage_outputs, args.output, all_scores_manifests=args.all_scores
+        )
+    )
 
 
 # ---------------------------------------------------------------- pipelines
@@ -122,8 +133,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = build_config(SynthVLMRunConfig, preset=base, config_file=args.config, sets=args.sets)
     Path(output).mkdir(parents=True, exist_ok=True)
     if args.preset == "demo":
-        print("NOTE: the demo preset uses tiny RANDOM-WEIGHT SDXL and CLIP models built from configs (nothing is")
-        print("      downloaded): it runs every stage end to end, but its images are noise and its scores meaningless.")
+        print(
+            "NOTE: the demo preset uses tiny RANDOM-WEIGHT SDXL and CLIP models built from configs (nothing\n"
+            "      is downloaded): it runs every stage end to end, but its images are noise and its scores\n"
+            "      meaningless."
+        )
         print("      Use --preset paper for SDXL base 1.0 and CLIP ViT-L-14.", flush=True)
     run_local(args.pipeline, to_pipeline_arguments(config), pipeline_root=os.path.join(output, "kfp-local"))
     root = config.data_root
@@ -149,20 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
             _config_args(p)
         return p
 
-    p = add("captions", cmd_captions, "validate a captions file (.jsonl/.csv/.parquet) into a caption manifest")
+    p = add(
+        "captions", cmd_captions, "validate a captions file (.jsonl/.csv/.parquet) into a caption manifest"
+    )
     p.add_argument("--input", help="captions file or URI (default: the config's `captions`)")
     p.add_argument("--output", required=True, help="caption manifest to write (.jsonl or .parquet)")
 
     p = add("generate", cmd_generate, "generate images for one shard of a manifest with SDXL")
     p.add_argument("--input", required=True, help="caption manifest")
-    p.add_argument("--output", required=True, help="data root (folder or gs:// prefix) for images and shard manifests")
-    p.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="I/N", help="this shard of N (default 0/1)")
+    p.add_argument(
+        "--output", required=True, help="data root (folder or gs:// prefix) for images and shard manifests"
+    )
+    p.add_argument(
+        "--shard", type=_parse_shard, default=(0, 1), metavar="I/N", help="this shard of N (default 0/1)"
+    )
 
     p = add("score", cmd_score, "CLIP-score image/caption pairs of a manifest")
     p.add_argument("--input", required=True, help="manifest with image_uri")
     p.add_argument("--output", required=True, help="scored manifest to write")
 
-    p = add("select", cmd_select, "select pairs by top-k, top fraction or threshold over one or more manifests")
+    p = add(
+        "select", cmd_select, "select pairs by top-k, top fraction or threshold over one or more manifests"
+    )
     p.add_argument("--input", required=True, nargs="+", help="scored manifest(s), e.g. one per shard")
     p.add_argument("--output", required=True, help="selected manifest to write")
 
@@ -173,13 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("report", cmd_report, "write the HTML report (sample grid, score histogram, counts per stage)")
     p.add_argument("--input", required=True, help="selected manifest")
-    p.add_argument("--stage-outputs", nargs="*", default=[], help="finished stage outputs, for counts per stage")
-    p.add_argument("--all-scores", nargs="*", default=[], help="scored manifests before selection (histogram)")
+    p.add_argument(
+        "--stage-outputs", nargs="*", default=[], help="finished stage outputs, for counts per stage"
+    )
+    p.add_argument(
+        "--all-scores", nargs="*", default=[], help="scored manifests before selection (histogram)"
+    )
     p.add_argument("--output", required=True, help="HTML file to write")
 
     p = add("compile", cmd_compile, "compile pipelines to KFP YAML", config=False)
     p.add_argument("--output-dir", required=True, help="folder for <pipeline>.yaml")
-    p.add_argument("--pipeline", dest="pipelines", action="append", help="compile only this pipeline (repeatable)")
+    p.add_argument(
+        "--pipeline", dest="pipelines", action="append", help="compile only this pipeline (repeatable)"
+    )
     p.add_argument("--image-registry", help="override the component image registry")
     p.add_argument("--image-tag", help="override the component image tag")
 

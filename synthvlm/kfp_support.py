@@ -78,5 +78,7 @@ def run_local(name: str, arguments: dict[str, Any], pipeline_root: str) -> None:
     """Run a pipeline with kfp.local's SubprocessRunner in this Python environment."""
     from kfp import local
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=True
+    )
     pipeline_module(name).pipeline(**arguments)

@@ -26,12 +26,17 @@ STAGE_SECTIONS = ("generate", "score", "select", "export", "report")
 class SynthVLMRunConfig(StageConfig):
     """SynthVLM (paper §3): captions -> SDXL images -> CLIPScore -> top-k -> LLaVA pretraining JSON."""
 
-    captions: str = Field(DEMO_CAPTIONS, description="captions file/URI (.jsonl, .csv, .parquet; id + caption)")
+    captions: str = Field(
+        DEMO_CAPTIONS, description="captions file/URI (.jsonl, .csv, .parquet; id + caption)"
+    )
     max_captions: int = Field(0, ge=0, description="use only the first N captions; 0 = all")
     data_root: str = Field(
-        "", description="where images, manifests and the exported dataset go (local folder or gs://bucket/prefix)"
+        "",
+        description="where images, manifests and the exported dataset go (local folder or gs://bucket/prefix)",
     )
-    num_shards: int = Field(8, ge=1, le=100_000, description="generation shards (one GPU pod each)")  # §3.1: 8 A100
+    num_shards: int = Field(
+        8, ge=1, le=100_000, description="generation shards (one GPU pod each)"
+    )  # §3.1: 8 A100
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
@@ -62,14 +67,21 @@ def _demo_preset() -> dict[str, Any]:
     return {
         "captions": DEMO_CAPTIONS,
         "num_shards": 2,
-        "generate": {"model": TINY_SDXL, "steps": 4, "height": 128, "width": 128, "batch_size": 4, "device": "cpu"},
+        "generate": {
+            "model": TINY_SDXL,
+            "steps": 4,
+            "height": 128,
+            "width": 128,
+            "batch_size": 4,
+            "device": "cpu",
+        },
         "score": {"model": TINY_CLIP, "pretrained": None, "batch_size": 16, "device": "cpu"},
         "select": {"mode": "top_k", "k": 8},
         "report": {"max_images": 16},
     }
 
 
-# paper = the defaults, which come from the papers (SDXL base 1.0, 60 steps, 1024^2, CLIP ViT-L-14, top-k 100K).
+# paper = the defaults, from the papers (SDXL base 1.0, 60 steps, 1024^2, CLIP ViT-L-14, top-k 100K).
 PRESETS: dict[str, Any] = {"paper": dict, "demo": _demo_preset}
 
 

@@ -21,7 +21,9 @@ class Outer(StageConfig):
 def test_layers_defaults_preset_file_and_sets(tmp_path: Path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("inner:\n  k: 5\nname: from-file\n")
-    cfg = build_config(Outer, preset={"name": "preset", "inner": {"mode": "threshold"}}, config_file=str(cfg_file))
+    cfg = build_config(
+        Outer, preset={"name": "preset", "inner": {"mode": "threshold"}}, config_file=str(cfg_file)
+    )
     assert (cfg.name, cfg.inner.mode, cfg.inner.k) == ("from-file", "threshold", 5)
     cfg = build_config(Outer, config_file=str(cfg_file), sets=["inner.k=7", "name=cli"])
     assert (cfg.name, cfg.inner.k) == ("cli", 7)

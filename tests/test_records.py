@@ -8,7 +8,14 @@ from synthvlm.records import Record, check_id, read_manifest, write_manifest
 
 def _recs() -> list[Record]:
     return [
-        Record(id="a1", caption="a cat", seed=3, image_uri="/x/a1.jpg", scores={"clip": 0.3}, provenance={"m": "sdxl"}),
+        Record(
+            id="a1",
+            caption="a cat",
+            seed=3,
+            image_uri="/x/a1.jpg",
+            scores={"clip": 0.3},
+            provenance={"m": "sdxl"},
+        ),
         Record(id="b2", caption="a dog"),
     ]
 

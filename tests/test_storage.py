@@ -11,7 +11,10 @@ def test_local_round_trip_and_listing(tmp_path: Path):
     assert storage.read_bytes(uri) == b"\x00\x01payload"
     storage.write_text(str(tmp_path / "a" / "note.txt"), "héllo")
     assert storage.read_text(str(tmp_path / "a" / "note.txt")) == "héllo"
-    assert storage.list_uris(str(tmp_path / "a")) == [str(tmp_path / "a/b/data.bin"), str(tmp_path / "a/note.txt")]
+    assert storage.list_uris(str(tmp_path / "a")) == [
+        str(tmp_path / "a/b/data.bin"),
+        str(tmp_path / "a/note.txt"),
+    ]
     assert storage.list_uris(str(tmp_path / "a"), suffix=".txt") == [str(tmp_path / "a/note.txt")]
     storage.delete(uri)
     assert not storage.exists(uri)
@@ -46,7 +49,9 @@ def test_gcs_round_trip_against_emulator(gcs_emulator: str, tmp_path: Path):
         "gs://test-bucket/run1/images/x.jpg",
         "gs://test-bucket/run1/m.jsonl",
     ]
-    assert storage.list_uris(storage.join(gcs_emulator, "run1"), suffix=".jsonl") == ["gs://test-bucket/run1/m.jsonl"]
+    assert storage.list_uris(storage.join(gcs_emulator, "run1"), suffix=".jsonl") == [
+        "gs://test-bucket/run1/m.jsonl"
+    ]
     storage.delete(uri)
     assert not storage.exists(uri)
     storage.delete(uri)  # deleting what is gone is not an error

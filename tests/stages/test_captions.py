@@ -43,7 +43,12 @@ BAD_JSONL = {
     "duplicate id": (GOOD + b"\n" + GOOD, 3, "id", "duplicate id 'c1' (first at line 1)"),
     "id with ../": (GOOD + b'{"id": "../c2", "caption": "x"}\n', 2, "id", "path separator"),
     "missing column": (GOOD + b'{"id": "c2", "text": "x"}\n', 2, "caption", "missing"),
-    "non-UTF-8 byte": (GOOD + b'{"id": "c2", "caption": "caf\xe9 au lait"}\n', 2, "caption", "not valid UTF-8"),
+    "non-UTF-8 byte": (
+        GOOD + b'{"id": "c2", "caption": "caf\xe9 au lait"}\n',
+        2,
+        "caption",
+        "not valid UTF-8",
+    ),
 }
 
 
