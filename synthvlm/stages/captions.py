@@ -104,7 +104,7 @@ def _rows_parquet(uri: str):
     yield from enumerate(table.to_pylist(), start=1)
 
 
-def _validate_row(uri: str, lineno: int, row: dict[str, Any], what: str) -> Record | InputError:
+def _validate_row(uri: str, lineno: int, row: dict[str, Any], what: str, source: str) -> Record | InputError:
     def err(msg: str, field: str | None) -> InputError:
         return InputError(uri, msg, line=lineno, field=field, unit=what)
 
@@ -126,7 +126,7 @@ def _validate_row(uri: str, lineno: int, row: dict[str, Any], what: str) -> Reco
         return err(f"must be a string, got {type(caption).__name__}", "caption")
     if not caption.strip():
         return err("caption is empty", "caption")
-    return Record(id=record_id, caption=caption.strip(), provenance={"source": uri, what: lineno})
+    return Record(id=record_id, caption=caption.strip(), provenance={"source": source, what: lineno})
 
 
 def resolve_captions_uri(uri: str) -> str:
@@ -138,7 +138,7 @@ def resolve_captions_uri(uri: str) -> str:
 
 def read_captions(uri: str) -> list[Record]:
     """Parse and validate a captions file; raises InputErrors listing every problem found."""
-    uri = resolve_captions_uri(uri)
+    given, uri = uri, resolve_captions_uri(uri)
     suffix = uri.rsplit(".", 1)[-1].lower()
     if suffix not in ("jsonl", "csv", "parquet"):
         raise InputError(uri, "unsupported captions format: use .jsonl, .csv or .parquet")
@@ -153,7 +153,7 @@ def read_captions(uri: str) -> list[Record]:
     problems: list[InputError] = []
     first_line: dict[str, int] = {}
     for lineno, row in rows:
-        result = row if isinstance(row, InputError) else _validate_row(uri, lineno, row, what)
+        result = row if isinstance(row, InputError) else _validate_row(uri, lineno, row, what, given)
         if isinstance(result, Record):
             if result.id in first_line:
                 result = InputError(

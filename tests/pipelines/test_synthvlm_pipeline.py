@@ -1,0 +1,124 @@
+"""The synthvlm pipeline: compiled YAML is current and well-formed; a kfp.local run makes the dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthvlm.records import read_manifest
+from synthvlm.run_config import SynthVLMRunConfig, from_pipeline_arguments, to_pipeline_arguments
+from synthvlm.stage import is_done, read_stats
+
+REPO = Path(__file__).resolve().parents[2]
+COMPILED = REPO / "pipelines" / "compiled" / "synthvlm.yaml"
+SYNTHVLM = [sys.executable, "-m", "synthvlm.cli"]
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHVLM_IMAGE_")}
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("compiled")
+    subprocess.run([*SYNTHVLM, "compile", "--output-dir", str(out)], check=True, env=_clean_env(), cwd=REPO)
+    return {"path": out / "synthvlm.yaml", "spec": yaml.safe_load((out / "synthvlm.yaml").read_text())}
+
+
+def test_checked_in_yaml_matches_pipelines_source(compiled):
+    assert compiled["path"].read_text() == COMPILED.read_text(), (
+        "pipelines/compiled/synthvlm.yaml is stale: pipelines/ or components/ changed without recompiling; "
+        "run `make compile` and commit the result"
+    )
+
+
+def test_parameters_are_the_run_config_with_paper_defaults(compiled):
+    params = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
+    defaults = to_pipeline_arguments(SynthVLMRunConfig())
+    assert set(params) == set(defaults)
+    for name, spec in params.items():
+        assert spec.get("description"), f"parameter {name} has no description for the UI"
+        assert spec["defaultValue"] == defaults[name], name
+    generate = json.loads(params["generate_config"]["defaultValue"])
+    assert (generate["steps"], generate["height"], generate["width"]) == (60, 1024, 1024)  # SynthVLM §3.1
+    assert json.loads(params["select_config"]["defaultValue"])["k"] == 100_000  # SynthVLM §3.2
+
+
+def test_gpu_tasks_fan_out_with_retries(compiled):
+    spec = compiled["spec"]
+    executors = spec["deploymentSpec"]["executors"]
+    for name in ("exec-generate-images", "exec-clip-score"):
+        accel = executors[name]["container"]["resources"]["accelerator"]
+        assert accel["resourceType"] == "nvidia.com/gpu" and accel["resourceCount"] == "1"
+        assert "synthvlm-diffusion" in executors[name]["container"]["image"]
+    loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 8
+    body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    for task in ("generate-images", "clip-score"):
+        assert body[task]["retryPolicy"]["maxRetryCount"] == 2
+    # validation runs first: everything else waits for it, and it is never served from cache
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "validate-synthvlm-config" in tasks["load-captions"]["dependentTasks"]
+    assert tasks["validate-synthvlm-config"]["cachingOptions"] == {}
+
+
+def test_pipeline_arguments_round_trip():
+    config = SynthVLMRunConfig(data_root="gs://b/run", num_shards=3)
+    config.select.k = 7
+    assert from_pipeline_arguments(to_pipeline_arguments(config)) == config
+
+
+def _run(output: Path, *sets: str) -> subprocess.CompletedProcess:
+    cmd = [*SYNTHVLM, "run", "synthvlm", "--local", "--preset", "demo", "--output", str(output)]
+    for item in sets:
+        cmd += ["--set", item]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), cwd=REPO, timeout=600)
+
+
+SMALL = ("max_captions=6", "select.k=3", "generate.steps=2", "generate.height=64", "generate.width=64")
+
+
+@pytest.mark.slow
+def test_local_run_produces_the_exported_dataset(tmp_path: Path):
+    proc = _run(tmp_path / "run", *SMALL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    root = tmp_path / "run"
+    dataset = json.loads((root / "export" / "llava_pretrain.json").read_text())
+    assert len(dataset) == 3
+    for sample in dataset:
+        assert (root / sample["image"]).is_file()
+        assert sample["conversations"][0]["value"].startswith("<image>\n")
+    manifest = read_manifest(str(root / "export" / "manifest.jsonl"))
+    assert [r.id for r in manifest] == [s["id"] for s in dataset]
+    assert all("clip" in r.scores and r.provenance["generation"]["steps"] == 2 for r in manifest)
+    assert read_stats(str(root / "captions" / "captions.jsonl"))["count_out"] == 6
+    assert sum(read_stats(str(p))["count_out"] for p in (root / "shards").glob("shard-*.jsonl")) == 6
+    assert is_done(str(root / "report.html"))
+    assert "demo preset uses tiny RANDOM-WEIGHT" in proc.stdout
+    assert str(root / "report.html") in proc.stdout
+
+
+@pytest.mark.slow
+def test_local_run_with_bad_captions_fails_and_publishes_nothing(tmp_path: Path):
+    bad = tmp_path / "caps.jsonl"
+    bad.write_text('{"id": "a", "caption": "fine"}\n{"id": "b", "caption": ""}\n')
+    proc = _run(tmp_path / "run", f"captions={bad}")
+    assert proc.returncode != 0
+    assert f"{bad}, line 2, field 'caption': caption is empty" in proc.stdout + proc.stderr
+    assert not list((tmp_path / "run").rglob("*.done"))
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_bad_parameter_fails_before_anything_runs(tmp_path: Path):
+    proc = _run(tmp_path / "run", "select.mode=best")
+    assert proc.returncode == 2
+    assert "config field 'select.mode'" in proc.stderr and "'top_k'" in proc.stderr
+    assert not (tmp_path / "run" / "kfp-local").exists()
