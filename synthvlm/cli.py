@@ -38,7 +38,11 @@ def _stage_config(args: argparse.Namespace, cls: type, section: str, extra: dict
     from synthvlm.config import build_config
     from synthvlm.run_config import preset
 
-    base = dict(preset(args.preset).get(section, {}))
+    run_preset = preset(args.preset)
+    if section == "captions":  # the run config keeps the captions URI at top level
+        base = {"captions": run_preset["captions"]} if "captions" in run_preset else {}
+    else:
+        base = dict(run_preset.get(section, {}))
     base.update(extra or {})
     return build_config(cls, preset=base, config_file=args.config, sets=args.sets)
 
