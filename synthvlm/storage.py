@@ -17,6 +17,16 @@ from pathlib import Path
 GCS_PREFIX = "gs://"
 
 
+def _file_mode() -> int:
+    """The mode open() would give a new file (mkstemp's 0600 would hide data from other readers)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def is_gcs(uri: str) -> bool:
     return uri.startswith(GCS_PREFIX)
 
@@ -85,6 +95,7 @@ def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

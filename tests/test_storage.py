@@ -9,6 +9,7 @@ def test_local_round_trip_and_listing(tmp_path: Path):
     uri = str(tmp_path / "a" / "b" / "data.bin")
     storage.write_bytes(uri, b"\x00\x01payload")
     assert storage.read_bytes(uri) == b"\x00\x01payload"
+    assert Path(uri).stat().st_mode & 0o777 == storage._FILE_MODE  # like open(), not mkstemp's 0600
     storage.write_text(str(tmp_path / "a" / "note.txt"), "héllo")
     assert storage.read_text(str(tmp_path / "a" / "note.txt")) == "héllo"
     assert storage.list_uris(str(tmp_path / "a")) == [
