@@ -1,7 +1,7 @@
 """SynthVLM (paper Fig. 3): captions -> SDXL images (sharded over GPU pods) -> CLIPScore -> global
 top-k -> LLaVA pretraining data, with a report a person can look at."""
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from components.captions import load_captions
 from components.clip_score import clip_score
@@ -20,12 +20,23 @@ GPU_RETRIES = 2  # preemptible GPU nodes: a retried shard resumes from its finis
 _DEFAULTS = to_pipeline_arguments(SynthVLMRunConfig())
 
 
+def _on_gpu(task, accelerator_type, node_selector, tolerations) -> None:
+    """One GPU per pod on the chosen node pool; retried when the node is preempted."""
+    task.set_accelerator_type(accelerator_type).set_accelerator_limit(1)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    task.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+
+
 @dsl.pipeline(name="synthvlm", description=__doc__)
 def pipeline(
     captions: str = _DEFAULTS["captions"],
     max_captions: int = _DEFAULTS["max_captions"],
     data_root: str = _DEFAULTS["data_root"],
     num_shards: int = _DEFAULTS["num_shards"],
+    accelerator_type: str = _DEFAULTS["accelerator_type"],
+    gpu_node_selector: dict = _DEFAULTS["gpu_node_selector"],
+    gpu_tolerations: list = _DEFAULTS["gpu_tolerations"],
     generate_config: str = _DEFAULTS["generate_config"],
     score_config: str = _DEFAULTS["score_config"],
     select_config: str = _DEFAULTS["select_config"],
@@ -39,6 +50,9 @@ def pipeline(
         max_captions: Use only the first N captions; 0 = all.
         data_root: Where images, manifests, the dataset and the report go (gs://bucket/prefix). Required.
         num_shards: Number of generation shards, one GPU pod each.
+        accelerator_type: Accelerator resource for GPU steps (e.g. nvidia.com/gpu).
+        gpu_node_selector: GPU pod node selector ({"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}).
+        gpu_tolerations: Tolerations for GPU pods (list of Kubernetes toleration objects).
         generate_config: JSON of GenerateConfig (SDXL base 1.0, 60 steps, 1024x1024: SynthVLM §3.1).
         score_config: JSON of ScoreConfig (open_clip model + pretrained tag; CLIPScore, SynthVLM §3.2).
         select_config: JSON of SelectConfig (top_k k=100000 of 1M: SynthVLM §3.2; top_fraction; threshold).
@@ -50,6 +64,9 @@ def pipeline(
         max_captions=max_captions,
         data_root=data_root,
         num_shards=num_shards,
+        accelerator_type=accelerator_type,
+        gpu_node_selector=gpu_node_selector,
+        gpu_tolerations=gpu_tolerations,
         generate_config=generate_config,
         score_config=score_config,
         select_config=select_config,
@@ -73,14 +90,12 @@ def pipeline(
             num_shards=shard.num_shards,
         )
         gen.set_display_name("SDXL generate shard")
-        gen.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-        gen.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+        _on_gpu(gen, accelerator_type, gpu_node_selector, gpu_tolerations)
         scored = clip_score(
             config_json=score_config, input_manifest=gen.outputs["Output"], data_root=data_root
         )
         scored.set_display_name("CLIP score shard")
-        scored.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-        scored.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+        _on_gpu(scored, accelerator_type, gpu_node_selector, gpu_tolerations)
 
     selected = select_pairs(
         config_json=select_config,

@@ -34,9 +34,18 @@ class SynthVLMRunConfig(StageConfig):
         "",
         description="where images, manifests and the exported dataset go (local folder or gs://bucket/prefix)",
     )
-    num_shards: int = Field(
-        8, ge=1, le=100_000, description="generation shards (one GPU pod each)"
-    )  # §3.1: 8 A100
+    # SynthVLM §3.1 generated on 8 A100: 8 shards, one GPU pod each.
+    num_shards: int = Field(8, ge=1, le=100_000, description="generation shards (one GPU pod each)")
+    # Where GPU pods go (ignored by local runs). Defaults: GKE A100 pools (SynthVLM §3.1 used 8 A100).
+    accelerator_type: str = Field("nvidia.com/gpu", description="accelerator resource requested by GPU steps")
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"},
+        description="node selector for GPU pods",
+    )
+    gpu_tolerations: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        description="tolerations for GPU pods (GKE taints GPU nodes with nvidia.com/gpu)",
+    )
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)

@@ -30,7 +30,8 @@ def _clean_env() -> dict[str, str]:
 def compiled(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("compiled")
     subprocess.run([*SYNTHVLM, "compile", "--output-dir", str(out)], check=True, env=_clean_env(), cwd=REPO)
-    return {"path": out / "synthvlm.yaml", "spec": yaml.safe_load((out / "synthvlm.yaml").read_text())}
+    spec, platform = yaml.safe_load_all((out / "synthvlm.yaml").read_text())
+    return {"path": out / "synthvlm.yaml", "spec": spec, "platform": platform["platforms"]["kubernetes"]}
 
 
 def test_checked_in_yaml_matches_pipelines_source(compiled):
@@ -55,10 +56,22 @@ def test_parameters_are_the_run_config_with_paper_defaults(compiled):
 def test_gpu_tasks_fan_out_with_retries(compiled):
     spec = compiled["spec"]
     executors = spec["deploymentSpec"]["executors"]
+    placement = compiled["platform"]["deploymentSpec"]["executors"]
     for name in ("exec-generate-images", "exec-clip-score"):
         accel = executors[name]["container"]["resources"]["accelerator"]
-        assert accel["resourceType"] == "nvidia.com/gpu" and accel["resourceCount"] == "1"
+        assert accel["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
+        assert accel["resourceCount"] == "1"
         assert "synthvlm-diffusion" in executors[name]["container"]["image"]
+        # placement comes from pipeline parameters: one compiled pipeline serves A100 and H100 pools
+        assert placement[name]["nodeSelector"] == {
+            "nodeSelectorJson": {"componentInputParameter": "pipelinechannel--gpu_node_selector"}
+        }
+        assert placement[name]["tolerations"] == [
+            {"tolerationJson": {"componentInputParameter": "pipelinechannel--gpu_tolerations"}}
+        ]
+    defaults = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
+    assert defaults["accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
+    assert defaults["gpu_tolerations"]["defaultValue"][0]["key"] == "nvidia.com/gpu"
     loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
     assert loop["iteratorPolicy"]["parallelismLimit"] == 8
     body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
