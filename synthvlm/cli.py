@@ -152,6 +152,61 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"  report:                 {storage.join(root, 'report.html')}")
 
 
+# ---------------------------------------------------------------- cluster (Kubeflow Pipelines API)
+
+_HOST_HELP = (
+    "KFP API URL, e.g. http://localhost:8080 after `kubectl port-forward -n kubeflow svc/ml-pipeline-ui "
+    "8080:80`; credentials from $KFP_EXISTING_TOKEN, $KF_PIPELINES_SA_TOKEN_PATH or $KFP_COOKIES"
+)
+
+
+def cmd_upload(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from synthvlm.kfp_client import upload_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        package = args.package
+        if package is None:  # compile now, so what is uploaded matches this code and image settings
+            if args.image_registry or args.image_tag:
+                from synthvlm.images import set_image_overrides
+
+                set_image_overrides(args.image_registry, args.image_tag)
+            from synthvlm.kfp_support import compile_all
+
+            package = compile_all(tmp, [args.pipeline])[0]
+        result = upload_pipeline(args.host, package, args.pipeline, args.namespace, args.version)
+    if result["new_pipeline"]:
+        print(f"uploaded new pipeline {result['pipeline_name']!r} (first version {result['version_name']!r})")
+    else:
+        print(f"uploaded version {result['version_name']!r} of pipeline {result['pipeline_name']!r}")
+    print(f"  pipeline id: {result['pipeline_id']}  version id: {result['version_id']}")
+    print(f"  {result['url']}")
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from synthvlm.config import build_config
+    from synthvlm.kfp_client import submit_run
+    from synthvlm.run_config import SynthVLMRunConfig, preset, to_pipeline_arguments
+
+    config = build_config(
+        SynthVLMRunConfig, preset=preset(args.preset), config_file=args.config, sets=args.sets
+    )
+    config.require_data_root()  # pods share nothing else: a gs:// prefix (or a mounted volume path)
+    result = submit_run(
+        args.host,
+        args.pipeline,
+        to_pipeline_arguments(config),
+        experiment=args.experiment,
+        namespace=args.namespace,
+        run_name=args.run_name,
+        version=args.version,
+    )
+    print(f"started run {result['run_name']!r} of {args.pipeline} version {result['version_name']!r}")
+    print(f"  run id: {result['run_id']}")
+    print(f"  {result['url']}")
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -219,6 +274,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", choices=["synthvlm"], help="pipeline name")
     p.add_argument("--local", action="store_true", help="run on this machine with kfp.local.SubprocessRunner")
     p.add_argument("--output", required=True, help="local output folder (the data root)")
+
+    upload_help = "compile a pipeline and upload it to Kubeflow Pipelines (a new version if it exists)"
+    p = add("upload", cmd_upload, upload_help, config=False)
+    p.add_argument("--host", required=True, help=_HOST_HELP)
+    p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user deployments)")
+    p.add_argument(
+        "--pipeline", default="synthvlm", choices=["synthvlm"], help="pipeline to upload; its name there"
+    )
+    p.add_argument("--package", metavar="FILE", help="upload this compiled YAML instead of compiling")
+    p.add_argument("--version", help="name of the new version (default: UTC time + content hash)")
+    p.add_argument("--image-registry", help="override the component image registry")
+    p.add_argument("--image-tag", help="override the component image tag")
+
+    p = add("submit", cmd_submit, "start a run of an uploaded pipeline on Kubeflow Pipelines")
+    p.add_argument("pipeline", choices=["synthvlm"], help="pipeline name (as uploaded)")
+    p.add_argument("--host", required=True, help=_HOST_HELP)
+    p.add_argument("--namespace", help="Kubeflow profile namespace (required on multi-user deployments)")
+    p.add_argument("--experiment", default="synthvlm", help="experiment to run in (created if missing)")
+    p.add_argument("--run-name", help="run name (default: pipeline name + UTC time)")
+    p.add_argument("--version", help="pipeline version name (default: the newest)")
     return parser
 
 

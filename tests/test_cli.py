@@ -10,7 +10,18 @@ import pytest
 from synthvlm.cli import build_parser, main
 from synthvlm.records import read_manifest
 
-COMMANDS = ["captions", "generate", "score", "select", "export", "report", "compile", "run"]
+COMMANDS = [
+    "captions",
+    "generate",
+    "score",
+    "select",
+    "export",
+    "report",
+    "compile",
+    "run",
+    "upload",
+    "submit",
+]
 
 
 def test_every_subcommand_has_help(capsys):
@@ -65,3 +76,20 @@ def test_bad_shard_argument(capsys):
 def test_run_without_local_points_to_the_cluster_workflow(tmp_path: Path, capsys):
     assert main(["run", "synthvlm", "--output", str(tmp_path)]) == 2
     assert "Kubeflow" in capsys.readouterr().err
+
+
+def test_upload_then_submit_through_the_cli(capsys):
+    from synthvlm.testing.fake_kfp_server import FakeKFPServer
+
+    with FakeKFPServer() as server:
+        assert main(["upload", "--host", server.host]) == 0
+        assert "uploaded new pipeline 'synthvlm'" in capsys.readouterr().out
+        sets = ["--set", "data_root=gs://b/run1", "--set", "select.k=50"]
+        assert main(["submit", "synthvlm", "--host", server.host, *sets]) == 0
+        [run] = server.requests_to("POST", "/apis/v2beta1/runs")
+        params = run.json()["runtime_config"]["parameters"]
+        assert params["data_root"] == "gs://b/run1"
+        assert json.loads(params["select_config"])["k"] == 50
+        # a bad value is refused before anything is sent to the cluster
+        assert main(["submit", "synthvlm", "--host", server.host, "--set", "select.k=0"]) == 2
+        assert len(server.requests_to("POST", "/apis/v2beta1/runs")) == 1

@@ -80,12 +80,15 @@ class LLMConfig(StageConfig):
 @dataclass(frozen=True)
 class LLMRequest:
     """One chat request. `seed` is sent to the server and is part of the cache key, so several samples
-    of the same messages are cached separately."""
+    of the same messages are cached separately. `task` names the kind of request (e.g. "caption_judge"):
+    the offline template backend picks its generator by it (synthvlm.llm.template_backend); it is never
+    sent to the server and is not part of the cache key."""
 
     id: str
     messages: Sequence[Mapping[str, Any]]
     schema: type[BaseModel] | None = None
     seed: int | None = None
+    task: str | None = None
 
     @classmethod
     def from_prompt(
@@ -96,10 +99,11 @@ class LLMRequest:
         system: str | None = None,
         schema: type[BaseModel] | None = None,
         seed: int | None = None,
+        task: str | None = None,
     ) -> LLMRequest:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
-        return cls(id=id, messages=tuple(messages), schema=schema, seed=seed)
+        return cls(id=id, messages=tuple(messages), schema=schema, seed=seed, task=task)
 
 
 @dataclass

@@ -6,7 +6,9 @@ derived from the prompt, so callers can check results:
 - without: the text "echo: <prompt>",
 where <prompt> is the text of the first user message (a repair turn keeps it, so it counts for the same
 prompt). Knobs: a fixed latency, a scripted list of actions per prompt (FAULTS), an expected API key
-(401 otherwise), and `hold_after(n)` to stall every request after the n-th until `release()`.
+(401 otherwise), `hold_after(n)` to stall every request after the n-th until `release()`, and
+`json_reply`, a function prompt -> object whose JSON replaces the echo object (to answer a schema), and
+`text_reply`, a function prompt -> str that replaces the "echo: <prompt>" text (e.g. a Yes/No judge).
 It counts requests per prompt, the most requests in flight at once, and records Authorization headers.
 
     with FakeLLMServer(latency_s=0.01) as server:
@@ -24,6 +26,7 @@ import json
 import threading
 import time
 from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -46,8 +49,12 @@ class FakeLLMServer:
         hang_s: float = 1.0,
         retry_after_s: float = 0.05,
         api_key: str | None = None,
+        json_reply: Callable[[str], Any] | None = None,
+        text_reply: Callable[[str], str] | None = None,
     ):
         self.latency_s = latency_s
+        self.json_reply = json_reply
+        self.text_reply = text_reply
         self.hang_s = hang_s
         self.retry_after_s = retry_after_s
         self.api_key = api_key
@@ -161,7 +168,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         fake = self.server.fake
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        expected = int(self.headers.get("Content-Length", 0))
+        raw = self.rfile.read(expected)
+        if len(raw) < expected:
+            # The client died mid-request (e.g. SIGKILL after the headers): a real server never
+            # processes such a request, so it is not counted as asked.
+            self.close_connection = True
+            return
+        body = json.loads(raw or b"{}")
         if self.path.rstrip("/") != "/v1/chat/completions":
             self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
             return
@@ -190,7 +204,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(500, {"error": {"message": "internal error", "type": "server_error"}})
             return
         time.sleep(fake.hang_s if action == "hang" else fake.latency_s)
-        content, finish_reason = _reply(action, prompt, json_wanted="response_format" in body)
+        content, finish_reason = _reply(
+            action, prompt, "response_format" in body, fake.json_reply, fake.text_reply
+        )
         self._send_json(200, _completion(body, content, finish_reason))
 
     def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
@@ -214,12 +230,22 @@ def _first_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-def _reply(action: str, prompt: str, json_wanted: bool) -> tuple[str, str]:
+def _reply(
+    action: str,
+    prompt: str,
+    json_wanted: bool,
+    json_reply: Callable[[str], Any] | None = None,
+    text_reply: Callable[[str], str] | None = None,
+) -> tuple[str, str]:
     if action == "invalid_json":
         return "Sure! Here is the answer: {echo: " + prompt, "stop"
     if action == "wrong_schema":
         return json.dumps({"unexpected": prompt}), "stop"
-    text = json.dumps({"echo": prompt, "n_chars": len(prompt)}) if json_wanted else f"echo: {prompt}"
+    if json_wanted:
+        reply = json_reply(prompt) if json_reply else {"echo": prompt, "n_chars": len(prompt)}
+        text = json.dumps(reply)
+    else:
+        text = text_reply(prompt) if text_reply else f"echo: {prompt}"
     if action == "truncated":
         return text[: max(1, len(text) // 2)], "length"
     return text, "stop"

@@ -1,0 +1,1 @@
+"""Test support that ships with the package: loopback servers standing in for remote services."""
