@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import HTML, Output
+from kfp.dsl import HTML, Markdown, Output
 
 from synthvlm.images import image_for
 
@@ -14,19 +14,21 @@ def write_report(
     exported: str,
     data_root: str,
     report: Output[HTML],
+    summary: Output[Markdown],
 ) -> str:
     """HTML report: sample grid with captions and scores, score histogram, counts per stage."""
     import shutil
 
     from synthvlm import storage
     from synthvlm.kfp_support import setup_logging
-    from synthvlm.stages.report import ReportConfig, write_report
+    from synthvlm.stages.report import ReportConfig, report_markdown, write_report
 
     setup_logging()
     stage_outputs = [captions_manifest, *sorted(generated_manifests), *sorted(scored_manifests)]
     stage_outputs += [selected_manifest, exported]
+    config = ReportConfig.model_validate_json(config_json)
     out = write_report(
-        ReportConfig.model_validate_json(config_json),
+        config,
         selected_manifest,
         stage_outputs,
         storage.join(data_root, "report.html"),
@@ -34,4 +36,6 @@ def write_report(
     )
     with storage.local_copy(out) as local:
         shutil.copyfile(local, report.path)
+    with open(summary.path, "w", encoding="utf-8") as fh:
+        fh.write(report_markdown(config, selected_manifest, stage_outputs))
     return out

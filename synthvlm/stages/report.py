@@ -42,6 +42,30 @@ class ReportConfig(StageConfig):
     histogram_bins: int = Field(default=20, ge=1)
     # key in Record.scores written by the CLIP scoring stage (SynthVLM's CLIPScore filter).
     score_key: str = "clip"
+    # our assumption: roughly the on-demand price of one A100 GPU-hour on public clouds; set your own.
+    gpu_hour_usd: float = Field(default=3.0, ge=0)
+
+
+# Stages that hold one GPU per pod, and the statistic that measures how long they held it.
+GPU_STAGE_SECONDS = {"generate": "generate_seconds", "clip_score": "seconds"}
+
+
+def gpu_seconds(all_stats: Sequence[dict[str, Any]]) -> float:
+    """GPU-seconds of the GPU stages (one GPU per shard pod), summed over shards."""
+    total = 0.0
+    for stats in all_stats:
+        key = GPU_STAGE_SECONDS.get(stats.get("stage", ""))
+        if key is not None:
+            total += float(stats.get(key, stats.get("seconds", 0.0)))
+    return total
+
+
+def cost_line(all_stats: Sequence[dict[str, Any]], gpu_hour_usd: float) -> str:
+    seconds = gpu_seconds(all_stats)
+    return (
+        f"GPU stages (generate + CLIP score): {seconds:.1f} GPU-seconds ({seconds / 3600:.3f} GPU-hours); "
+        f"estimated cost ${seconds / 3600 * gpu_hour_usd:.2f} at ${gpu_hour_usd:.2f} per GPU-hour"
+    )
 
 
 @dataclass(frozen=True)
@@ -230,6 +254,7 @@ def render_html(
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>synthvlm report</title>"
         f"<style>{_STYLE % {'size': config.thumbnail_size}}</style></head><body>"
         f"<h1>synthvlm report</h1><p class='summary'>{html.escape(summary)}</p>"
+        f"<p class='cost'>{html.escape(cost_line(all_stats, config.gpu_hour_usd))}</p>"
         f"<h2>Stages</h2>{stages_table_html(all_stats)}"
         f"<h2>{html.escape(config.score_key)} scores</h2><p>{legend}; "
         f"{len(selected) - len(kept_scores)} selected record(s) without a score are not counted.</p>"
@@ -298,6 +323,8 @@ def report_markdown(config: ReportConfig, selected_manifest: str, stage_outputs:
         "# synthvlm report",
         "",
         _md_cell(_summary_line(kept, len(selected), None, config.score_key)),
+        "",
+        _md_cell(cost_line(_read_stats(stage_outputs), config.gpu_hour_usd)),
         "",
         "| stage | in | out | rejects | seconds |",
         "| --- | ---: | ---: | --- | ---: |",

@@ -209,3 +209,17 @@ def test_report_markdown(run) -> None:
     assert f"{len(records)} records selected" in md
     assert "| curate | 1000 | 400 | llm_judge: 250, too_short: 350 |" in md
     assert "| select | 400 | 10 | below_top_k: 390 |" in md
+
+
+def test_gpu_seconds_and_cost_estimate():
+    from synthvlm.stages.report import cost_line, gpu_seconds
+
+    stats = [
+        {"stage": "captions", "seconds": 100.0},  # CPU stage: not counted
+        {"stage": "generate", "seconds": 0.5, "generate_seconds": 1800.0},  # shard 0
+        {"stage": "generate", "seconds": 0.5, "generate_seconds": 1800.0},  # shard 1
+        {"stage": "clip_score", "seconds": 360.0},
+    ]
+    assert gpu_seconds(stats) == 3960.0
+    # 3960 s = 1.1 GPU-hours; at $3.00 per GPU-hour that is $3.30
+    assert cost_line(stats, 3.0).endswith("(1.100 GPU-hours); estimated cost $3.30 at $3.00 per GPU-hour")
