@@ -8,6 +8,7 @@ from synthvlm.images import image_for
 def write_report(
     config_json: str,
     captions_manifest: str,
+    used_captions_manifest: str,
     generated_manifests: list[str],
     scored_manifests: list[str],
     selected_manifest: str,
@@ -24,7 +25,8 @@ def write_report(
     from synthvlm.stages.report import ReportConfig, report_markdown, write_report
 
     setup_logging()
-    stage_outputs = [captions_manifest, *sorted(generated_manifests), *sorted(scored_manifests)]
+    curated = [used_captions_manifest] if used_captions_manifest != captions_manifest else []
+    stage_outputs = [captions_manifest, *curated, *sorted(generated_manifests), *sorted(scored_manifests)]
     stage_outputs += [selected_manifest, exported]
     config = ReportConfig.model_validate_json(config_json)
     out = write_report(

@@ -1,12 +1,14 @@
-"""SynthVLM (paper Fig. 3): captions -> SDXL images (sharded over GPU pods) -> CLIPScore -> global
-top-k -> LLaVA pretraining data, with a report a person can look at."""
+"""SynthVLM (paper Fig. 3): captions [-> curation] -> SDXL images (sharded over GPU pods) -> CLIPScore
+-> global top-k -> LLaVA pretraining data, with a report a person can look at."""
 
 from kfp import dsl, kubernetes
 
 from components.captions import load_captions
 from components.clip_score import clip_score
+from components.curate import curate_captions as curate_captions_op
 from components.export import export_llava
 from components.generate import generate_images
+from components.passthrough import same_manifest
 from components.plan_shards import plan_shards
 from components.report import write_report
 from components.select import select_pairs
@@ -20,9 +22,10 @@ GPU_RETRIES = 2  # preemptible GPU nodes: a retried shard resumes from its finis
 _DEFAULTS = to_pipeline_arguments(SynthVLMRunConfig())
 
 
-def _on_gpu(task, accelerator_type, node_selector, tolerations) -> None:
+def _on_gpu(task, node_selector, tolerations) -> None:
     """One GPU per pod on the chosen node pool; retried when the node is preempted."""
-    task.set_accelerator_type(accelerator_type).set_accelerator_limit(1)
+    # The resource is always nvidia.com/gpu; the node selector picks A100, H100, ...
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
     task.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
@@ -32,11 +35,13 @@ def _on_gpu(task, accelerator_type, node_selector, tolerations) -> None:
 def pipeline(
     captions: str = _DEFAULTS["captions"],
     max_captions: int = _DEFAULTS["max_captions"],
+    curate_captions: bool = _DEFAULTS["curate_captions"],
+    llm_secret: str = _DEFAULTS["llm_secret"],
     data_root: str = _DEFAULTS["data_root"],
     num_shards: int = _DEFAULTS["num_shards"],
-    accelerator_type: str = _DEFAULTS["accelerator_type"],
     gpu_node_selector: dict = _DEFAULTS["gpu_node_selector"],
     gpu_tolerations: list = _DEFAULTS["gpu_tolerations"],
+    curate_config: str = _DEFAULTS["curate_config"],
     generate_config: str = _DEFAULTS["generate_config"],
     score_config: str = _DEFAULTS["score_config"],
     select_config: str = _DEFAULTS["select_config"],
@@ -48,11 +53,13 @@ def pipeline(
     Args:
         captions: Captions file/URI (.jsonl/.csv/.parquet with id, caption). Default: bundled demo.
         max_captions: Use only the first N captions; 0 = all.
+        curate_captions: Curate captions first (SynthVLM §3.1: heuristics, dedup, LLM judge, raw-image CLIP).
+        llm_secret: Kubernetes Secret with the LLM API key (key OPENAI_API_KEY); never a parameter value.
         data_root: Where images, manifests, the dataset and the report go (gs://bucket/prefix). Required.
         num_shards: Number of generation shards, one GPU pod each.
-        accelerator_type: Accelerator resource for GPU steps (e.g. nvidia.com/gpu).
-        gpu_node_selector: GPU pod node selector ({"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}).
+        gpu_node_selector: Picks the GPU model ({"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}).
         gpu_tolerations: Tolerations for GPU pods (list of Kubernetes toleration objects).
+        curate_config: JSON of CurateConfig (SynthVLM §3.1 thresholds; judge LLM endpoint and model).
         generate_config: JSON of GenerateConfig (SDXL base 1.0, 60 steps, 1024x1024: SynthVLM §3.1).
         score_config: JSON of ScoreConfig (open_clip model + pretrained tag; CLIPScore, SynthVLM §3.2).
         select_config: JSON of SelectConfig (top_k k=100000 of 1M: SynthVLM §3.2; top_fraction; threshold).
@@ -62,11 +69,13 @@ def pipeline(
     cfg = validate_synthvlm_config(
         captions=captions,
         max_captions=max_captions,
+        curate_captions=curate_captions,
+        llm_secret=llm_secret,
         data_root=data_root,
         num_shards=num_shards,
-        accelerator_type=accelerator_type,
         gpu_node_selector=gpu_node_selector,
         gpu_tolerations=gpu_tolerations,
+        curate_config=curate_config,
         generate_config=generate_config,
         score_config=score_config,
         select_config=select_config,
@@ -78,7 +87,25 @@ def pipeline(
     caps = load_captions(captions=captions, max_captions=max_captions, data_root=data_root).after(cfg)
     caps.set_display_name("load captions")
 
-    plan = plan_shards(captions_manifest=caps.outputs["Output"], num_shards=num_shards)
+    with dsl.If(curate_captions == True, name="curate captions"):  # noqa: E712 - a KFP condition, not Python
+        curated = curate_captions_op(
+            config_json=curate_config, captions_manifest=caps.outputs["Output"], data_root=data_root
+        )
+        curated.set_display_name("curate captions (SynthVLM §3.1)")
+        # The key reaches the pod from a Secret, never as a parameter; optional so keyless
+        # (self-hosted or template) judges run without one.
+        kubernetes.use_secret_as_env(
+            curated,
+            secret_name=llm_secret,
+            secret_key_to_env={"OPENAI_API_KEY": "OPENAI_API_KEY"},
+            optional=True,
+        )
+    with dsl.Else(name="all captions"):
+        uncurated = same_manifest(manifest=caps.outputs["Output"])
+        uncurated.set_display_name("use all captions")
+    captions_manifest = dsl.OneOf(curated.outputs["Output"], uncurated.output)
+
+    plan = plan_shards(captions_manifest=captions_manifest, num_shards=num_shards)
     plan.set_display_name("plan shards")
 
     with dsl.ParallelFor(plan.output, parallelism=MAX_PARALLEL_GPU_PODS) as shard:
@@ -90,12 +117,12 @@ def pipeline(
             num_shards=shard.num_shards,
         )
         gen.set_display_name("SDXL generate shard")
-        _on_gpu(gen, accelerator_type, gpu_node_selector, gpu_tolerations)
+        _on_gpu(gen, gpu_node_selector, gpu_tolerations)
         scored = clip_score(
             config_json=score_config, input_manifest=gen.outputs["Output"], data_root=data_root
         )
         scored.set_display_name("CLIP score shard")
-        _on_gpu(scored, accelerator_type, gpu_node_selector, gpu_tolerations)
+        _on_gpu(scored, gpu_node_selector, gpu_tolerations)
 
     selected = select_pairs(
         config_json=select_config,
@@ -110,6 +137,7 @@ def pipeline(
     report = write_report(
         config_json=report_config,
         captions_manifest=caps.outputs["Output"],
+        used_captions_manifest=captions_manifest,
         generated_manifests=dsl.Collected(gen.outputs["Output"]),
         scored_manifests=dsl.Collected(scored.outputs["Output"]),
         selected_manifest=selected.outputs["Output"],

@@ -68,6 +68,14 @@ def cmd_captions(args: argparse.Namespace) -> None:
     print(load_captions(config, args.output))
 
 
+def cmd_curate(args: argparse.Namespace) -> None:
+    from synthvlm.stages.curate import CurateConfig, curate
+
+    config = _stage_config(args, CurateConfig, "curate")
+    rejects = args.rejects or args.output.rsplit(".", 1)[0] + ".rejects.jsonl"
+    print(curate(config, args.input, args.output, rejects))
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from synthvlm.stages.generate import GenerateConfig, generate
 
@@ -227,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", help="captions file or URI (default: the config's `captions`)")
     p.add_argument("--output", required=True, help="caption manifest to write (.jsonl or .parquet)")
+
+    p = add(
+        "curate", cmd_curate, "curate captions (SynthVLM §3.1): heuristics, dedup, LLM judge, raw-image CLIP"
+    )
+    p.add_argument(
+        "--input", required=True, help="caption manifest (records with image_uri get the raw-image filter)"
+    )
+    p.add_argument("--output", required=True, help="curated caption manifest to write")
+    p.add_argument("--rejects", help="rejects JSONL (default: <output>.rejects.jsonl)")
 
     p = add("generate", cmd_generate, "generate images for one shard of a manifest with SDXL")
     p.add_argument("--input", required=True, help="caption manifest")

@@ -15,12 +15,13 @@ from pydantic import Field, field_validator
 from synthvlm.config import StageConfig, validate
 from synthvlm.stages.captions import DEMO_CAPTIONS, CaptionsConfig
 from synthvlm.stages.clip_score import ScoreConfig
+from synthvlm.stages.curate import CurateConfig
 from synthvlm.stages.export_llava import ExportConfig
 from synthvlm.stages.generate import GenerateConfig
 from synthvlm.stages.report import ReportConfig
 from synthvlm.stages.select import SelectConfig
 
-STAGE_SECTIONS = ("generate", "score", "select", "export", "report")
+STAGE_SECTIONS = ("curate", "generate", "score", "select", "export", "report")
 
 
 class SynthVLMRunConfig(StageConfig):
@@ -30,22 +31,28 @@ class SynthVLMRunConfig(StageConfig):
         DEMO_CAPTIONS, description="captions file/URI (.jsonl, .csv, .parquet; id + caption)"
     )
     max_captions: int = Field(0, ge=0, description="use only the first N captions; 0 = all")
+    # SynthVLM §3.1 curates captions before generation; off by default because it needs an LLM endpoint.
+    curate_captions: bool = Field(False, description="run caption curation (SynthVLM §3.1) first")
+    llm_secret: str = Field(
+        "synthvlm-llm", description="Kubernetes Secret holding the LLM API key (key OPENAI_API_KEY)"
+    )
     data_root: str = Field(
         "",
         description="where images, manifests and the exported dataset go (local folder or gs://bucket/prefix)",
     )
     # SynthVLM §3.1 generated on 8 A100: 8 shards, one GPU pod each.
     num_shards: int = Field(8, ge=1, le=100_000, description="generation shards (one GPU pod each)")
-    # Where GPU pods go (ignored by local runs). Defaults: GKE A100 pools (SynthVLM §3.1 used 8 A100).
-    accelerator_type: str = Field("nvidia.com/gpu", description="accelerator resource requested by GPU steps")
+    # Where GPU pods go (ignored by local runs): each requests one nvidia.com/gpu, and the node selector
+    # picks the GPU model (GKE: cloud.google.com/gke-accelerator). Default A100 (SynthVLM §3.1 used 8 A100).
     gpu_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"},
-        description="node selector for GPU pods",
+        description="node selector for GPU pods (picks the GPU model)",
     )
     gpu_tolerations: list[dict[str, Any]] = Field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         description="tolerations for GPU pods (GKE taints GPU nodes with nvidia.com/gpu)",
     )
+    curate: CurateConfig = Field(default_factory=CurateConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
@@ -76,6 +83,9 @@ def _demo_preset() -> dict[str, Any]:
     return {
         "captions": DEMO_CAPTIONS,
         "num_shards": 2,
+        # curation with the offline template judge and the tiny CLIP (demo captions have no raw images)
+        "curate_captions": True,
+        "curate": {"judge": {"llm": {"backend": "template"}}, "sample_size": None},
         "generate": {
             "model": TINY_SDXL,
             "steps": 4,

@@ -59,7 +59,7 @@ def test_gpu_tasks_fan_out_with_retries(compiled):
     placement = compiled["platform"]["deploymentSpec"]["executors"]
     for name in ("exec-generate-images", "exec-clip-score"):
         accel = executors[name]["container"]["resources"]["accelerator"]
-        assert accel["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
+        assert accel["resourceType"] == "nvidia.com/gpu"
         assert accel["resourceCount"] == "1"
         assert "synthvlm-diffusion" in executors[name]["container"]["image"]
         # placement comes from pipeline parameters: one compiled pipeline serves A100 and H100 pools
@@ -70,7 +70,9 @@ def test_gpu_tasks_fan_out_with_retries(compiled):
             {"tolerationJson": {"componentInputParameter": "pipelinechannel--gpu_tolerations"}}
         ]
     defaults = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
-    assert defaults["accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
+    assert defaults["gpu_node_selector"]["defaultValue"] == {
+        "cloud.google.com/gke-accelerator": "nvidia-tesla-a100"
+    }
     assert defaults["gpu_tolerations"]["defaultValue"][0]["key"] == "nvidia.com/gpu"
     loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
     assert loop["iteratorPolicy"]["parallelismLimit"] == 8

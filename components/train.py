@@ -1,0 +1,73 @@
+from kfp import dsl
+from kfp.dsl import Metrics, Output
+
+from synthvlm.images import image_for
+
+
+@dsl.component(base_image=image_for("train"), install_kfp_package=False)
+def pretrain(
+    config_json: str,
+    datasets_json: str,
+    output_dir: str,
+    gpus_per_node: int,
+    num_nodes: int,
+    metrics: Output[Metrics],
+    dataset_uri: str = "",
+    image_folder: str = "",
+    dataset_ratio: float = 1.0,
+) -> str:
+    """LLaVA-1.5 stage 1: train the projector. `dataset_uri` (an upstream LLaVA JSON, e.g. the export) joins
+    `datasets_json`; num_nodes > 1 submits a PyTorchJob from this (then GPU-less) pod."""
+    from synthvlm.kfp_support import log_stage_metrics, setup_logging
+    from synthvlm.stages.train import train
+    from synthvlm.train.components import stage_inputs
+
+    setup_logging()
+    config, datasets = stage_inputs(
+        "pretrain",
+        config_json,
+        datasets_json,
+        gpus_per_node,
+        num_nodes,
+        dataset_uri,
+        image_folder,
+        dataset_ratio,
+    )
+    out = train(config, datasets, output_dir)
+    log_stage_metrics(metrics, out)
+    return out
+
+
+@dsl.component(base_image=image_for("train"), install_kfp_package=False)
+def sft(
+    config_json: str,
+    init_from: str,
+    datasets_json: str,
+    output_dir: str,
+    gpus_per_node: int,
+    num_nodes: int,
+    metrics: Output[Metrics],
+    dataset_uri: str = "",
+    image_folder: str = "",
+    dataset_ratio: float = 1.0,
+) -> str:
+    """LLaVA-1.5 stage 2: train projector + LLM from `init_from` (stage 1's model URI), e.g. on LLaVA-665K."""
+    from synthvlm.kfp_support import log_stage_metrics, setup_logging
+    from synthvlm.stages.train import train
+    from synthvlm.train.components import stage_inputs
+
+    setup_logging()
+    config, datasets = stage_inputs(
+        "sft",
+        config_json,
+        datasets_json,
+        gpus_per_node,
+        num_nodes,
+        dataset_uri,
+        image_folder,
+        dataset_ratio,
+        init_from=init_from,
+    )
+    out = train(config, datasets, output_dir)
+    log_stage_metrics(metrics, out)
+    return out

@@ -1,0 +1,408 @@
+"""SynthVLM §3.1 caption curation: the candidate caption set that images are generated from.
+
+Steps, in order (each sees only what the previous one kept; cheap checks first, so the LLM and CLIP see
+fewer captions):
+
+1. heuristics: alphanumeric, character/word repetition, special-character and flagged-word ratios
+   (synthvlm.curation.heuristics; thresholds of data-juicer's LLaVA caption recipe),
+2. dedup: exact (normalized text) and near duplicates (MinHash LSH + exact Jaccard; curation.dedup),
+3. judge: an LLM answers "Is this caption detailed and coherent enough to guide a text-to-image model?
+   Answer Yes or No." (§3.1 used GPT-3 to remove ads, repetitive and ungrammatical captions); through
+   `synthvlm.llm.backend`, so the offline "template" backend answers by a deterministic rule instead,
+4. raw-image CLIPScore: for records that carry their web image (`image_uri`), the cosine similarity of
+   caption and image with CLIP (§3.1 formula), keeping the top 40% (§3.1) or those >= a threshold;
+   records without an image pass this step unscored,
+5. sample: a deterministic sample of `sample_size` captions (§3.1: 1,000K), the records with the smallest
+   sha256(f"{sample_seed}:{id}"), so it does not depend on input order and a rerun picks the same ones.
+
+The output manifest keeps input order and holds captions only, as §3.1 ("by using only captions"): a
+raw image's URI moves to `provenance["raw_image_uri"]` (its score stays in `scores["raw_clip"]`), so the
+generation stage sees a caption manifest. Every dropped caption is a row of the rejects manifest (JSONL:
+id, caption, stage, reason, details), and the done marker counts rejects per "stage.reason" and in/out
+per step. Idempotent: a finished output (done marker) is returned as is. The LLM's response cache
+(`judge.llm.cache_dir`) makes a rerun after a crash re-ask nothing already answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from synthvlm import storage
+from synthvlm.config import StageConfig
+from synthvlm.curation.dedup import DedupConfig, find_duplicates
+from synthvlm.curation.heuristics import HeuristicFilter, HeuristicsConfig, words
+from synthvlm.errors import SynthVLMError
+from synthvlm.llm.backend import Backend, BackendConfig, make_backend
+from synthvlm.llm.client import LLMRequest
+from synthvlm.llm.template_backend import register_template, request_text
+from synthvlm.records import Record, read_manifest, write_manifest
+from synthvlm.stage import StageStats, is_done, mark_done
+from synthvlm.stages.clip_score import ScoreConfig
+from synthvlm.stages.select import fraction_count
+
+log = logging.getLogger(__name__)
+
+STAGE = "curate"
+STEPS = ("heuristics", "dedup", "judge", "clip", "sample")
+
+JUDGE_TASK = "caption_judge"
+CAPTION_MARKER = "Caption:"
+# The brief's wording of SynthVLM §3.1's LLM filter as a yes/no question; the caption goes last, after
+# CAPTION_MARKER, where the template backend finds it.
+JUDGE_PROMPT = (
+    "Is this caption detailed and coherent enough to guide a text-to-image model? Answer Yes or No.\n\n"
+    f"{CAPTION_MARKER} {{caption}}"
+)
+_ANSWER = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
+
+
+class JudgeLLMConfig(BackendConfig):
+    """The judge's LLM: `BackendConfig` with defaults for a one-word classification."""
+
+    temperature: float = Field(0.0, ge=0, le=2)  # our choice: a classifier, not a writer: greedy decoding
+    max_tokens: int | None = Field(8, ge=1)  # our choice: "Yes"/"No" (+ punctuation) is 1-3 tokens
+
+
+class JudgeConfig(StageConfig):
+    """The LLM caption judge (SynthVLM §3.1: GPT-3 removes ads, repetitive and ungrammatical captions)."""
+
+    enabled: bool = True  # SynthVLM §3.1
+    llm: JudgeLLMConfig = Field(default_factory=JudgeLLMConfig)
+    prompt: str = JUDGE_PROMPT  # must contain {caption}
+    system: str | None = None  # our choice: no system message; the question says all
+    chunk_size: int = Field(2000, ge=1)  # our choice: LLMClient holds one task per request of a chunk
+    # our choice: more failed requests than this (after the client's retries) fail the stage instead of
+    # silently dropping captions; rerun it (answers are cached with llm.cache_dir).
+    max_failed_fraction: float = Field(0.05, ge=0, le=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_caption_slot(cls, value: str) -> str:
+        if "{caption}" not in value:
+            raise ValueError("prompt must contain '{caption}'")
+        try:
+            value.format(caption="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"prompt is not a valid format string with only {{caption}}: {exc}") from None
+        return value
+
+
+class RawClipScoreConfig(ScoreConfig):
+    """`ScoreConfig` for the raw web image: its own score key, so it never overwrites the generated-image
+    CLIPScore (a subclass, so that a partial `score` section keeps this default)."""
+
+    score_key: str = "raw_clip"  # our choice: "clip" is the generated-image score of stages.clip_score
+
+
+class ClipFilterConfig(StageConfig):
+    """CLIPScore of caption vs its raw web image (SynthVLM §3.1), for records with `image_uri`."""
+
+    enabled: bool = True  # SynthVLM §3.1; records without image_uri pass unscored
+    mode: Literal["top_fraction", "threshold"] = "top_fraction"  # SynthVLM §3.1: "top 40%"
+    top_fraction: float = Field(0.4, gt=0, le=1)  # SynthVLM §3.1: top 40% of image-caption pairs
+    # LAION-5B's English filter (cosine >= 0.28 with CLIP ViT-B/32); for mode "threshold".
+    threshold: float = 0.28
+    # The CLIP model and batch settings (stages.clip_score); the score is stored under score.score_key.
+    score: RawClipScoreConfig = Field(default_factory=RawClipScoreConfig)
+
+
+class CurateConfig(StageConfig):
+    """SynthVLM §3.1 caption curation: heuristics -> dedup -> LLM judge -> raw-image CLIPScore -> sample."""
+
+    heuristics: HeuristicsConfig = Field(default_factory=HeuristicsConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    clip: ClipFilterConfig = Field(default_factory=ClipFilterConfig)
+    # SynthVLM §3.1: "we sampled a dataset of 1,000k captions"; None = keep all that pass.
+    sample_size: int | None = Field(1_000_000, ge=1)
+    sample_seed: int = 0  # our choice: any fixed seed; changes which captions a sample picks
+
+
+# ---- the judge: prompt, answer parsing, template rule ----------------------------------------------------
+
+AD_MARKERS = frozenset({"buy", "sale", "discount", "shipping", "coupon", "promo", "subscribe", "click"})
+TEMPLATE_MIN_WORDS = 5  # template rule: fewer words cannot guide a text-to-image model
+TEMPLATE_MIN_DISTINCT = 0.5  # template rule: at least half of the words distinct (not repetitive)
+
+
+def judge_request(record: Record, config: JudgeConfig) -> LLMRequest:
+    prompt = config.prompt.format(caption=record.caption)
+    return LLMRequest.from_prompt(record.id, prompt, system=config.system, task=JUDGE_TASK)
+
+
+def parse_judge_answer(text: str | None) -> bool | None:
+    """True for a reply starting with "Yes", False for "No" (any case, leading punctuation ignored)."""
+    match = _ANSWER.match(text or "")
+    return None if match is None else match.group(1).lower() == "yes"
+
+
+def template_caption_verdict(caption: str) -> bool:
+    """The template backend's deterministic stand-in for the LLM's judgement: at least 5 words, at least
+    half of them distinct, and no advertising marker (buy, sale, shipping, ..., a URL)."""
+    tokens = words(caption)
+    if len(tokens) < TEMPLATE_MIN_WORDS or len(set(tokens)) < TEMPLATE_MIN_DISTINCT * len(tokens):
+        return False
+    lowered = caption.lower()
+    return not (AD_MARKERS.intersection(tokens) or "http" in lowered or "www." in lowered)
+
+
+def template_judge(request: LLMRequest) -> str:
+    """Template for JUDGE_TASK: "Yes"/"No" by `template_caption_verdict` of the text after "Caption:"."""
+    caption = request_text(request).rsplit(CAPTION_MARKER, 1)[-1].strip()
+    return "Yes" if template_caption_verdict(caption) else "No"
+
+
+register_template(JUDGE_TASK, template_judge)
+
+
+# ---- rejects and step bookkeeping --------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the steps share: the rejects rows and counts per step."""
+
+    stats: StageStats
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def reject(self, record: Record, step: str, reason: str, details: dict[str, Any] | None = None) -> None:
+        self.rows.append(
+            {
+                "id": record.id,
+                "caption": record.caption,
+                "stage": step,
+                "reason": reason,
+                "details": details or {},
+            }
+        )
+        self.stats.rejects[f"{step}.{reason}"] += 1
+
+    def step(
+        self, name: str, records: list[Record], run: Callable[[list[Record]], list[Record]]
+    ) -> list[Record]:
+        before = len(self.rows)
+        kept = run(records)
+        self.steps[name] = {"in": len(records), "out": len(kept), "rejected": len(self.rows) - before}
+        log.info("curate %s: kept %d of %d", name, len(kept), len(records))
+        return kept
+
+    def rejects_jsonl(self) -> str:
+        return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in self.rows)
+
+
+# ---- the steps -------------------------------------------------------------------------------------------
+
+
+def _heuristics(records: list[Record], config: HeuristicsConfig, run: _Run) -> list[Record]:
+    check = HeuristicFilter(config)
+    kept = []
+    for record in records:
+        measured, failed = check.check(record.caption)
+        if failed:
+            run.reject(record, "heuristics", failed[0], {"failed": failed, **measured.to_dict()})
+        else:
+            kept.append(record)
+    return kept
+
+
+def _dedup(records: list[Record], config: DedupConfig, run: _Run) -> list[Record]:
+    kept = []
+    for record, duplicate in zip(records, find_duplicates([r.caption for r in records], config), strict=True):
+        if duplicate is None:
+            kept.append(record)
+            continue
+        details = {"duplicate_of": records[duplicate.of_index].id, "jaccard": round(duplicate.jaccard, 4)}
+        run.reject(record, "dedup", f"{duplicate.kind}_duplicate", details)
+    return kept
+
+
+def _judge(records: list[Record], config: JudgeConfig, backend: Backend, run: _Run) -> list[Record]:
+    kept, failed = [], []
+    provenance = {JUDGE_TASK: backend.describe()}
+    for start in range(0, len(records), config.chunk_size):
+        chunk = records[start : start + config.chunk_size]
+        results = backend.run_many([judge_request(r, config) for r in chunk])
+        for record, result in zip(chunk, results, strict=True):
+            if not result.ok:
+                failed.append((record, {"reject_kind": result.reject_kind, "error": result.reason}))
+                continue
+            verdict = parse_judge_answer(result.text)
+            if verdict:
+                kept.append(record.model_copy(update={"provenance": {**record.provenance, **provenance}}))
+            else:
+                reason = "answered_no" if verdict is False else "unclear_answer"
+                run.reject(
+                    record, "judge", reason, {"answer": (result.text or "")[:200], **backend.describe()}
+                )
+        log.info("curate judge: %d/%d captions judged", start + len(chunk), len(records))
+    if records and len(failed) > config.max_failed_fraction * len(records):
+        raise SynthVLMError(
+            f"the caption judge failed for {len(failed)} of {len(records)} captions (more than "
+            f"judge.max_failed_fraction={config.max_failed_fraction}); first error: {failed[0][1]['error']}. "
+            "Nothing was published; rerun the stage (with judge.llm.cache_dir set, answered captions "
+            "are not asked again)"
+        )
+    for record, details in failed:
+        run.reject(record, "judge", "llm_failed", {**details, **backend.describe()})
+    return kept
+
+
+def _score_raw_images(
+    records: Sequence[Record], config: ScoreConfig
+) -> list[tuple[float | None, str | None]]:
+    """(cosine, None) per record, or (None, reason) when its image is missing or unreadable."""
+    import torch
+
+    from synthvlm.devices import resolve_device, resolve_dtype
+    from synthvlm.models.clip import load_clip
+    from synthvlm.stages.clip_score import apply_form, cosine_batch, load_pixels
+
+    device = resolve_device(config.device)
+    # as stages.clip_score: float16 on GPU for "auto" (CLIP's training precision), else the named dtype
+    dtype = (
+        torch.float16
+        if config.dtype == "auto" and device.type == "cuda"
+        else resolve_dtype(config.dtype, device)
+    )
+    model, preprocess, tokenizer = load_clip(config.model, config.pretrained, device, dtype)
+    out: list[tuple[float | None, str | None]] = []
+    with ThreadPoolExecutor(max_workers=config.read_workers) as pool:
+        for start in range(0, len(records), config.batch_size):
+            batch = records[start : start + config.batch_size]
+            loaded = list(pool.map(lambda r: load_pixels(r, preprocess), batch))
+            good = [i for i, (pixels, _) in enumerate(loaded) if pixels is not None]
+            scores: dict[int, float] = {}
+            if good:
+                pixels = torch.stack([loaded[i][0] for i in good])
+                cosines = cosine_batch(model, tokenizer, pixels, [batch[i].caption for i in good]).tolist()
+                scores = {i: apply_form(c, config.form) for i, c in zip(good, cosines, strict=True)}
+            for i, (_, reason) in enumerate(loaded):
+                value = scores.get(i)
+                if value is not None and not math.isfinite(value):
+                    value, reason = None, "non-finite score"
+                out.append((value, reason))
+            log.info("curate clip: scored %d/%d raw images", len(out), len(records))
+    return out
+
+
+def _clip(records: list[Record], config: ClipFilterConfig, run: _Run) -> list[Record]:
+    with_image = [r for r in records if r.image_uri]
+    run.stats.extra["clip_records_without_image"] = len(records) - len(with_image)
+    if not with_image:
+        return records
+    key = config.score.score_key
+    scorer = {"model": config.score.model, "pretrained": config.score.pretrained, "form": config.score.form}
+    scored: dict[str, float] = {}
+    for record, (value, reason) in zip(with_image, _score_raw_images(with_image, config.score), strict=True):
+        if value is None:
+            run.reject(
+                record, "clip", (reason or "unscored").replace(" ", "_"), {"image_uri": record.image_uri}
+            )
+        else:
+            scored[record.id] = value
+    if config.mode == "top_fraction":
+        ranked = sorted(scored, key=lambda rid: (-scored[rid], rid))  # as stages.select: ties by id
+        chosen = set(ranked[: fraction_count(len(ranked), config.top_fraction)])
+        reason, limit = "not_in_top_fraction", {"top_fraction": config.top_fraction}
+    else:
+        chosen = {rid for rid, value in scored.items() if value >= config.threshold}
+        reason, limit = "below_threshold", {"threshold": config.threshold}
+    kept = []
+    for record in records:
+        if not record.image_uri:
+            kept.append(record)
+        elif record.id in chosen:
+            update = {
+                "scores": {**record.scores, key: scored[record.id]},
+                "provenance": {**record.provenance, f"{key}_scorer": scorer},
+            }
+            kept.append(record.model_copy(update=update))
+        elif record.id in scored:
+            run.reject(record, "clip", reason, {key: scored[record.id], **limit})
+    if scored:
+        run.stats.extra[f"{key}_mean_in"] = sum(scored.values()) / len(scored)
+        kept_scores = [scored[rid] for rid in chosen]
+        run.stats.extra[f"{key}_min_kept"] = min(kept_scores, default=None)
+    return kept
+
+
+def sample_key(record_id: str, seed: int) -> str:
+    """The sampling order: records with the smallest keys are sampled."""
+    return hashlib.sha256(f"{seed}:{record_id}".encode()).hexdigest()
+
+
+def _sample(records: list[Record], size: int | None, seed: int, run: _Run) -> list[Record]:
+    if size is None or len(records) <= size:
+        return records
+    chosen = set(sorted((r.id for r in records), key=lambda rid: sample_key(rid, seed))[:size])
+    for record in records:
+        if record.id not in chosen:
+            run.reject(record, "sample", "not_sampled", {"sample_size": size, "sample_seed": seed})
+    return [r for r in records if r.id in chosen]
+
+
+# ---- the stage -------------------------------------------------------------------------------------------
+
+
+def curate(config: CurateConfig, input_manifest: str, output_manifest: str, rejects_manifest: str) -> str:
+    """Curate the captions of `input_manifest` into `output_manifest`; every dropped caption goes to
+    `rejects_manifest` (JSONL) with its step and reason. Idempotent; returns `output_manifest`."""
+    if is_done(output_manifest):
+        log.info("curate: %s is already complete, skipping", output_manifest)
+        return output_manifest
+    stats = StageStats(STAGE)
+    # Created first so that a missing API key fails before any work is done.
+    backend = make_backend(config.judge.llm) if config.judge.enabled else None
+    records = read_manifest(input_manifest)
+    stats.count_in = len(records)
+    run = _Run(stats)
+    kept = records
+    if config.heuristics.enabled:
+        kept = run.step("heuristics", kept, lambda rs: _heuristics(rs, config.heuristics, run))
+    if config.dedup.exact or config.dedup.near:
+        kept = run.step("dedup", kept, lambda rs: _dedup(rs, config.dedup, run))
+    if backend is not None:
+        kept = run.step("judge", kept, lambda rs: _judge(rs, config.judge, backend, run))
+    if config.clip.enabled:
+        kept = run.step("clip", kept, lambda rs: _clip(rs, config.clip, run))
+    kept = run.step("sample", kept, lambda rs: _sample(rs, config.sample_size, config.sample_seed, run))
+
+    storage.write_text(rejects_manifest, run.rejects_jsonl(), content_type="application/jsonl")
+    stats.count_out = write_manifest(output_manifest, [_caption_only(r) for r in kept])
+    stats.extra.update(_summary(run, backend, rejects_manifest, stats))
+    mark_done(output_manifest, stats)
+    log.info("curate: kept %d of %d captions -> %s", stats.count_out, stats.count_in, output_manifest)
+    return output_manifest
+
+
+def _caption_only(record: Record) -> Record:
+    if not record.image_uri:
+        return record
+    provenance = {**record.provenance, "raw_image_uri": record.image_uri}
+    return record.model_copy(update={"image_uri": None, "provenance": provenance})
+
+
+def _summary(run: _Run, backend: Backend | None, rejects_manifest: str, stats: StageStats) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "steps": run.steps,
+        "kept_fraction": stats.count_out / stats.count_in if stats.count_in else None,
+        "rejects_manifest": rejects_manifest,
+        "rejected_by_step": dict(Counter(row["stage"] for row in run.rows)),
+    }
+    if backend is not None:
+        summary["llm_backend"] = backend.name
+        summary["llm_model"] = backend.model
+        summary.update(backend.metrics())
+    return summary

@@ -1,0 +1,678 @@
+"""StableLLaVA stages (papers/stablellava_v2.txt, templates in stablellava_v1_with_templates.txt).
+
+    keywords -> prompts (+ filters) -> [shared] generate -> clip_score -> select(threshold 0.25)
+                        \\-> dialogues ------------------------------------------------/-> export
+
+- `generate_keywords`: an LLM lists keywords per ability (v2 §4.3) -> keywords.json.
+- `generate_prompts`: SD prompts per ability with the Fig. 4 template and a refreshed in-context pool, paired
+  prompts for multi-image data (v2 Fig. 7), all filtered (filters.py); a record manifest whose `caption`
+  is the plain prompt diffusers gets, with ability / keywords / bracketed prompt / split in provenance, so
+  the shared generate and clip_score stages run on it unchanged.
+- `generate_dialogues`: dialogues from the same prompts (dialogues.py) -> dialogues.jsonl. It needs only
+  the prompt manifest, so it can run while the images are generated.
+- `export_stablellava`: joins the dialogues with the records that passed the CLIP alignment check (v2 §4.4,
+  gamma = 0.25, the shared select stage in threshold mode), drops training items that match an eval item
+  by keywords (v1 §5.2), and writes LLaVA pretraining / SFT JSON and the eval JSONL.
+
+Every stage writes its output atomically, then a done marker with its statistics; a rerun of a finished
+stage returns at once. Within a stage, the LLM's response cache (`llm.cache_dir`) makes a rerun after a
+crash re-ask nothing already answered. Every dropped item goes to `<output>.rejects.jsonl` with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+from pydantic import BaseModel, Field, ValidationError
+
+import synthvlm.stablellava.templates  # noqa: F401  (registers the offline template generators)
+from synthvlm import storage
+from synthvlm.config import StageConfig
+from synthvlm.errors import InputError
+from synthvlm.llm import LLMRequest, LLMResult
+from synthvlm.llm.backend import Backend, BackendConfig, make_backend
+from synthvlm.records import Record, read_manifest, write_manifest
+from synthvlm.stablellava.abilities import Ability, load_registry, select_abilities
+from synthvlm.stablellava.dialogues import Dialogue, job_request, plan_jobs, raw_prompt, to_dialogue
+from synthvlm.stablellava.emphasis import ParsedPrompt, parse_prompt
+from synthvlm.stablellava.export import eval_row, llava_sample
+from synthvlm.stablellava.filters import (
+    DEFAULT_NONVISUAL_WORDS,
+    OVERLAPS_EVAL,
+    FilterConfig,
+    RepetitionTracker,
+    Verdict,
+    check_prompt,
+    find_eval_overlaps,
+)
+from synthvlm.stablellava.keywords import (
+    KeywordReply,
+    clean_keyword,
+    keyword_request,
+    merge_keywords,
+    read_banks,
+    write_banks,
+)
+from synthvlm.stablellava.prompts import (
+    RELATIONS,
+    ExamplePool,
+    PairReply,
+    PromptReply,
+    pair_request,
+    prompt_request,
+    sample_keywords,
+)
+from synthvlm.stage import StageStats, is_done, mark_done
+from synthvlm.stages.export_llava import relative_image_path
+
+log = logging.getLogger(__name__)
+
+Relation = Literal["similarity", "difference", "logical"]
+LLM_REJECTED = "llm rejected"
+NOT_SELECTED = "image not selected"
+PAIR_MEMBER_REJECTED = "pair member rejected"
+PRETRAIN_JSON = "stablellava_pretrain.json"
+SFT_JSON = "stablellava_sft.json"
+EVAL_JSONL = "stablellava_eval.jsonl"
+MANIFEST_NAME = "manifest.jsonl"
+REJECTS_NAME = "export.rejects.jsonl"
+_LLM_CHUNK = 2000  # LLMClient: "pass chunks of a few thousand requests"
+
+
+class Reject(BaseModel):
+    """One dropped item, as written to a rejects file."""
+
+    id: str
+    stage: str
+    reason: str
+    detail: str = ""
+    ability: str | None = None
+    text: str | None = None
+
+
+def rejects_uri(output_uri: str) -> str:
+    """'.../prompts.jsonl' -> '.../prompts.rejects.jsonl'."""
+    stem = output_uri.removesuffix(".jsonl").removesuffix(".json")
+    return f"{stem}.rejects.jsonl"
+
+
+def _write_jsonl(uri: str, rows: Sequence[BaseModel | dict[str, Any]]) -> None:
+    lines = [
+        row.model_dump_json() if isinstance(row, BaseModel) else json.dumps(row, ensure_ascii=False)
+        for row in rows
+    ]
+    storage.write_text(uri, "".join(line + "\n" for line in lines), content_type="application/jsonl")
+
+
+def _run(backend: Backend, requests: list[LLMRequest]) -> list[LLMResult]:
+    results: list[LLMResult] = []
+    for start in range(0, len(requests), _LLM_CHUNK):
+        results.extend(backend.run_many(requests[start : start + _LLM_CHUNK]))
+    return results
+
+
+def _llm_verdict(result: LLMResult) -> Verdict:
+    return Verdict(LLM_REJECTED, f"{result.reject_kind}: {result.reason}")
+
+
+# ---- keywords ---------------------------------------------------------------------------------------------
+
+
+class KeywordsConfig(StageConfig):
+    """LLM keyword banks per ability (v2 §4.3)."""
+
+    abilities: list[str] | None = None  # v1 §5.1: all 13 abilities (None = every ability in the registry)
+    abilities_dir: str | None = None  # our choice: None = the bundled data files (synthvlm/data/abilities)
+    requests_per_ability: int = Field(4, ge=0)  # our choice: independent requests spread the keywords out
+    keywords_per_request: int = Field(25, ge=1)  # our choice: a list an LLM writes reliably in one reply
+    include_seed_bank: bool = True  # our choice: the data file's seed keywords belong to the bank too
+    nonvisual_words: list[str] = Field(default_factory=lambda: list(DEFAULT_NONVISUAL_WORDS))  # v2 §4.1
+    seed: int = 0  # our choice: any fixed value; it decides which seed keywords each request shows
+    llm: BackendConfig = Field(default_factory=BackendConfig)
+
+
+def generate_keywords(config: KeywordsConfig, output_uri: str) -> str:
+    """Write `{ability: [keywords]}` (JSON) to `output_uri`; rejected keywords to its rejects file."""
+    if is_done(output_uri):
+        log.info("%s is already complete; skipping", output_uri)
+        return output_uri
+    stats = StageStats("stablellava_keywords")
+    abilities = select_abilities(load_registry(config.abilities_dir), config.abilities, "keywords config")
+    requests = [
+        keyword_request(ability, config.keywords_per_request, index, config.seed)
+        for ability in abilities
+        for index in range(config.requests_per_ability)
+    ]
+    # No requests (requests_per_ability=0): the seed banks alone, and no LLM (nor key) needed.
+    backend = make_backend(config.llm if requests else BackendConfig(backend="template"))
+    results = _run(backend, requests)
+    from_llm: dict[str, list[str]] = {a.name: [] for a in abilities}
+    rejects: list[Reject] = []
+    asked = [a for a in abilities for _ in range(config.requests_per_ability)]
+    for ability, result in zip(asked, results, strict=True):
+        if not result.ok or result.parsed is None:
+            verdict = _llm_verdict(result)
+            rejects.append(
+                Reject(
+                    id=result.id,
+                    stage="keywords",
+                    reason=verdict.reason,
+                    detail=verdict.detail,
+                    ability=ability.name,
+                )
+            )
+            continue
+        for raw in cast(KeywordReply, result.parsed).keywords:
+            keyword, verdict = clean_keyword(raw, config.nonvisual_words)
+            if keyword is None:
+                rejects.append(
+                    Reject(
+                        id=result.id,
+                        stage="keywords",
+                        reason=verdict.reason,
+                        detail=verdict.detail,
+                        ability=ability.name,
+                        text=raw,
+                    )
+                )
+            else:
+                from_llm[ability.name].append(keyword)
+    banks = {
+        a.name: merge_keywords(a.keyword_bank if config.include_seed_bank else [], from_llm[a.name])
+        for a in abilities
+    }
+    stats.count_in = len(requests)
+    stats.count_out = sum(map(len, banks.values()))
+    stats.rejects.update(r.reason for r in rejects)
+    stats.extra.update(
+        {f"keywords_{name}": len(words) for name, words in banks.items()},
+        **backend.metrics(),
+        llm=backend.describe(),
+    )
+    _write_jsonl(rejects_uri(output_uri), rejects)
+    write_banks(output_uri, banks, {"llm": backend.describe(), "seed": config.seed})
+    mark_done(output_uri, stats)
+    log.info("keywords: %d keywords for %d abilities -> %s", stats.count_out, len(banks), output_uri)
+    return output_uri
+
+
+# ---- prompts ----------------------------------------------------------------------------------------------
+
+
+class PromptsConfig(StageConfig):
+    """SD prompt generation (v1 Fig. 4, v2 Fig. 7) and the prompt filters (v2 §4.1, §4.4)."""
+
+    abilities: list[str] | None = None  # v1 §5.1: all 13 abilities (None = every ability in the registry)
+    abilities_dir: str | None = None  # our choice: None = the bundled data files
+    # v2 §5.1: 38K single-image pairs for training over 13 abilities, about 3K each.
+    prompts_per_ability: int = Field(3000, ge=0)
+    eval_per_ability: int = Field(50, ge=0)  # v1 §5.2: 50 synthesized evaluation pairs per ability
+    # v2 §5.1: 3K multi-image instances (similarity, difference, logical relations); our split: 1K each.
+    pairs_per_relation: int = Field(1000, ge=0)
+    relations: list[Relation] = Field(default_factory=lambda: list(RELATIONS))  # v2 §4.2
+    examples_shown: int = Field(5, ge=1)  # v1 §4.3: "we present five examples"
+    pool_size: int = Field(20, ge=1)  # v1 §4.3: "a set of 20 high-quality, diverse outputs"
+    # v2 §4.3: "periodically substituting a portion of the original in-context examples"; our choice: 25%
+    # of the pool after every round.
+    replace_fraction: float = Field(0.25, ge=0, le=1)
+    round_size: int = Field(50, ge=1)  # our choice: requests per ability between two pool refreshes
+    keywords_shown: int = Field(20, ge=1)  # our choice: bank keywords offered per request (Fig. 4)
+    # our choice: stop asking for an ability after this many times its target in requests (a run must end
+    # even when a model keeps failing a filter); the shortfall is reported in the stats.
+    max_request_factor: float = Field(3.0, ge=1)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    seed: int = 0  # our choice: any fixed value; decides sampled keywords/examples, eval split, LLM seeds
+    llm: BackendConfig = Field(default_factory=BackendConfig)
+
+
+@dataclass
+class _Candidate:
+    ability: Ability
+    parsed: ParsedPrompt
+    request_id: str
+    round: int
+
+
+@dataclass
+class _Progress:
+    """Per-target bookkeeping of the generate-filter rounds."""
+
+    target: int
+    budget: int
+    sent: int = 0
+    accepted: list[Any] = field(default_factory=list)
+
+    def next_count(self, round_size: int) -> int:
+        return max(0, min(round_size, self.target - len(self.accepted), self.budget - self.sent))
+
+
+class _PromptRun:
+    """State shared by the single-prompt and pair rounds: backend, filters, rejects."""
+
+    def __init__(self, config: PromptsConfig, banks: dict[str, list[str]], backend: Backend):
+        self.config = config
+        self.banks = banks
+        self.backend = backend
+        self.tracker = RepetitionTracker(config.filters)
+        self.rejects: list[Reject] = []
+        self.requests = 0
+        self.pool_changes = 0
+
+    def reject(self, item_id: str, verdict: Verdict, ability: Ability, text: str | None) -> None:
+        self.rejects.append(
+            Reject(
+                id=item_id,
+                stage="prompts",
+                reason=verdict.reason,
+                detail=verdict.detail,
+                ability=ability.name,
+                text=text,
+            )
+        )
+
+    def verdict(self, parsed: ParsedPrompt, ability: Ability) -> Verdict | None:
+        return check_prompt(
+            parsed, ability, self.banks[ability.name], self.config.filters
+        ) or self.tracker.check(parsed)
+
+    def ask(self, requests: list[LLMRequest]) -> list[LLMResult]:
+        self.requests += len(requests)
+        return _run(self.backend, requests)
+
+    def singles(self, abilities: list[Ability]) -> dict[str, list[_Candidate]]:
+        """Rounds of prompt requests per ability; the in-context pool is refreshed after each round."""
+        cfg = self.config
+        target = cfg.prompts_per_ability + cfg.eval_per_ability
+        progress = {a.name: _Progress(target, math.ceil(cfg.max_request_factor * target)) for a in abilities}
+        pools = {a.name: ExamplePool(a.prompt_examples, cfg.pool_size) for a in abilities}
+        round_no = 0
+        while True:
+            batch: list[tuple[Ability, LLMRequest]] = []
+            for ability in abilities:
+                state = progress[ability.name]
+                rng = random.Random(f"{cfg.seed}/prompts/{ability.name}/{round_no}")
+                for index in range(state.next_count(cfg.round_size)):
+                    request = prompt_request(
+                        f"prompt-{ability.name}-r{round_no:04d}-{index:03d}",
+                        ability,
+                        sample_keywords(self.banks[ability.name], cfg.keywords_shown, rng),
+                        pools[ability.name].sample(cfg.examples_shown, rng),
+                        cfg.filters.max_keywords,
+                        seed=rng.getrandbits(31),
+                    )
+                    batch.append((ability, request))
+                    state.sent += 1
+            if not batch:
+                return {name: state.accepted for name, state in progress.items()}
+            fresh: dict[str, list[str]] = {a.name: [] for a in abilities}
+            for (ability, request), result in zip(batch, self.ask([r for _, r in batch]), strict=True):
+                candidate = self._single(ability, request, result, round_no)
+                if candidate is not None:
+                    progress[ability.name].accepted.append(candidate)
+                    fresh[ability.name].append(candidate.parsed.raw)
+            for ability in abilities:
+                rng = random.Random(f"{cfg.seed}/pool/{ability.name}/{round_no}")
+                self.pool_changes += pools[ability.name].refresh(
+                    fresh[ability.name], cfg.replace_fraction, rng
+                )
+            log.info(
+                "prompts round %d: %d requests, %d accepted",
+                round_no,
+                len(batch),
+                sum(map(len, fresh.values())),
+            )
+            round_no += 1
+
+    def _single(
+        self, ability: Ability, request: LLMRequest, result: LLMResult, round_no: int
+    ) -> _Candidate | None:
+        if not result.ok or result.parsed is None:
+            self.reject(request.id, _llm_verdict(result), ability, result.text)
+            return None
+        parsed = parse_prompt(cast(PromptReply, result.parsed).prompt)
+        verdict = self.verdict(parsed, ability)
+        if verdict is not None:
+            self.reject(request.id, verdict, ability, parsed.raw)
+            return None
+        self.tracker.add(request.id, parsed)
+        return _Candidate(ability, parsed, request.id, round_no)
+
+    def pairs(self, abilities: list[Ability], relation: str) -> list[tuple[_Candidate, _Candidate]]:
+        """Paired prompts for one relation; the abilities take turns as the pair's theme."""
+        cfg = self.config
+        target = cfg.pairs_per_relation
+        state = _Progress(target, math.ceil(cfg.max_request_factor * target))
+        round_no = 0
+        while count := state.next_count(cfg.round_size * len(abilities)):
+            rng = random.Random(f"{cfg.seed}/pairs/{relation}/{round_no}")
+            batch: list[tuple[Ability, LLMRequest]] = []
+            for index in range(count):
+                ability = abilities[(state.sent + index) % len(abilities)]
+                keywords = sample_keywords(self.banks[ability.name], cfg.keywords_shown, rng)
+                request_id = f"pair-{relation}-r{round_no:04d}-{index:04d}"
+                request = pair_request(
+                    request_id, ability, relation, keywords, cfg.filters.max_keywords, rng.getrandbits(31)
+                )
+                batch.append((ability, request))
+            state.sent += count
+            for (ability, request), result in zip(batch, self.ask([r for _, r in batch]), strict=True):
+                pair = self._pair(ability, request, result, round_no)
+                if pair is not None:
+                    state.accepted.append(pair)
+            round_no += 1
+        return state.accepted
+
+    def _pair(
+        self, ability: Ability, request: LLMRequest, result: LLMResult, round_no: int
+    ) -> tuple[_Candidate, _Candidate] | None:
+        if not result.ok or result.parsed is None:
+            self.reject(request.id, _llm_verdict(result), ability, result.text)
+            return None
+        reply = cast(PairReply, result.parsed)
+        members = [parse_prompt(reply.prompt_1), parse_prompt(reply.prompt_2)]
+        # Each member is checked against the dataset, not against the other: a pair is meant to be alike.
+        for number, parsed in enumerate(members, start=1):
+            verdict = self.verdict(parsed, ability)
+            if verdict is not None:
+                detail = f"prompt {number}: {verdict.reason}: {verdict.detail}"
+                self.reject(request.id, Verdict(verdict.reason, detail), ability, parsed.raw)
+                return None
+        for number, parsed in enumerate(members, start=1):
+            self.tracker.add(f"{request.id}/{number}", parsed)
+        return _Candidate(ability, members[0], request.id, round_no), _Candidate(
+            ability, members[1], request.id, round_no
+        )
+
+
+def _prompt_record(record_id: str, candidate: _Candidate, llm: dict[str, str], **extra: Any) -> Record:
+    parsed = candidate.parsed
+    return Record(
+        id=record_id,
+        caption=parsed.plain,  # what diffusers gets: brackets stripped, key keyword first (emphasis.py)
+        provenance={
+            "recipe": "stablellava",
+            "ability": candidate.ability.name,
+            "raw_prompt": parsed.raw,
+            "keywords": list(parsed.normalized),
+            "emphasized": list(parsed.emphasized),
+            "request_id": candidate.request_id,
+            "round": candidate.round,
+            "llm": llm,
+            **extra,
+        },
+    )
+
+
+def _eval_ids(ids: list[str], count: int, seed: int, ability: str) -> set[str]:
+    """v1 §5.2: the eval prompts come from the same pipeline; which ones is a seeded random choice."""
+    rng = random.Random(f"{seed}/eval/{ability}")
+    return set(rng.sample(ids, min(count, len(ids))))
+
+
+def generate_prompts(config: PromptsConfig, keywords_uri: str, output_manifest: str) -> str:
+    """Write the prompt manifest (singles, eval singles, pair members) and its rejects file."""
+    if is_done(output_manifest):
+        log.info("%s is already complete; skipping", output_manifest)
+        return output_manifest
+    stats = StageStats("stablellava_prompts")
+    abilities = select_abilities(load_registry(config.abilities_dir), config.abilities, "prompts config")
+    banks = read_banks(keywords_uri)
+    for ability in abilities:
+        if not banks.get(ability.name):
+            raise InputError(keywords_uri, "no keywords for this ability", field=f"abilities.{ability.name}")
+    backend = make_backend(config.llm)
+    llm = backend.describe()
+    run = _PromptRun(config, banks, backend)
+    records: list[Record] = []
+    for name, candidates in run.singles(abilities).items():
+        ids = [f"{name}-{n:06d}" for n in range(len(candidates))]
+        eval_ids = _eval_ids(ids, config.eval_per_ability, config.seed, name)
+        for record_id, candidate in zip(ids, candidates, strict=True):
+            split = "eval" if record_id in eval_ids else "train"
+            records.append(_prompt_record(record_id, candidate, llm, kind="single", split=split))
+        short = config.prompts_per_ability + config.eval_per_ability - len(candidates)
+        if short > 0:
+            stats.extra[f"short_{name}"] = short
+            log.warning("prompts: %s is %d prompts short of its target", name, short)
+    for relation in config.relations:
+        pairs = run.pairs(abilities, relation)
+        for n, pair in enumerate(pairs):
+            pair_id = f"pair-{relation}-{n:05d}"
+            for member, candidate in enumerate(pair):
+                records.append(
+                    _prompt_record(
+                        f"{pair_id}-{member + 1}",
+                        candidate,
+                        llm,
+                        kind="pair",
+                        split="train",
+                        pair_id=pair_id,
+                        relation=relation,
+                        member=member,
+                    )
+                )
+        if len(pairs) < config.pairs_per_relation:
+            stats.extra[f"short_pairs_{relation}"] = config.pairs_per_relation - len(pairs)
+    stats.count_in = run.requests
+    stats.count_out = len(records)
+    stats.rejects.update(r.reason for r in run.rejects)
+    splits = Counter(str(r.provenance["split"]) for r in records)
+    stats.extra.update(
+        eval_records=splits["eval"],
+        train_records=splits["train"],
+        dataset_keyword_repetition_rate=round(run.tracker.dataset_repetition_rate(), 4),
+        pool_changes=run.pool_changes,
+        **backend.metrics(),
+        llm=llm,
+    )
+    _write_jsonl(rejects_uri(output_manifest), run.rejects)
+    write_manifest(output_manifest, records)
+    mark_done(output_manifest, stats)
+    log.info("prompts: %d records (%d requests) -> %s", len(records), run.requests, output_manifest)
+    return output_manifest
+
+
+# ---- dialogues --------------------------------------------------------------------------------------------
+
+
+class DialoguesConfig(StageConfig):
+    """Dialogue generation from the prompts (v2 §4.2, v1 Fig. 4 / Fig. 5, v2 Fig. 7)."""
+
+    abilities_dir: str | None = None  # our choice: None = the bundled data files
+    # our choice: the share of training images that also get a multi-turn dialogue (v2 §5.1 puts
+    # multi-turn data with the 3K second-stage instances, i.e. a small share of the whole).
+    multi_turn_fraction: float = Field(0.1, ge=0, le=1)
+    turns: int = Field(3, ge=2)  # our choice: rounds per multi-turn dialogue
+    max_answer_chars: int = Field(500, ge=1)  # v2 §4.4: "we also limit dialogues to 500 characters"
+    seed: int = 0  # our choice: decides question types, predefined questions and LLM seeds
+    llm: BackendConfig = Field(default_factory=BackendConfig)
+
+
+def generate_dialogues(config: DialoguesConfig, prompts_manifest: str, output_uri: str) -> str:
+    """Write one JSON line per dialogue (dialogues.Dialogue) to `output_uri`, drops to its rejects file."""
+    if is_done(output_uri):
+        log.info("%s is already complete; skipping", output_uri)
+        return output_uri
+    stats = StageStats("stablellava_dialogues")
+    records = read_manifest(prompts_manifest)
+    registry = load_registry(config.abilities_dir)
+    jobs = plan_jobs(records, config.multi_turn_fraction, config.seed)
+    for job in jobs:
+        if job.ability not in registry:
+            raise InputError(
+                prompts_manifest,
+                f"record {job.records[0].id!r} names unknown ability {job.ability!r}",
+                field="provenance.ability",
+            )
+    backend = make_backend(config.llm)
+    requests = [
+        job_request(job, registry, config.max_answer_chars, config.turns, config.seed) for job in jobs
+    ]
+    results = _run(backend, requests)
+    provenance = {"llm": backend.describe()}
+    dialogues: list[Dialogue] = []
+    rejects: list[Reject] = []
+    for job, result in zip(jobs, results, strict=True):
+        outcome = to_dialogue(job, result, config.max_answer_chars, provenance)
+        if isinstance(outcome, Dialogue):
+            dialogues.append(outcome)
+        else:
+            rejects.append(
+                Reject(
+                    id=job.id,
+                    stage="dialogues",
+                    reason=outcome.reason,
+                    detail=outcome.detail,
+                    ability=job.ability,
+                    text=result.text,
+                )
+            )
+    stats.count_in = len(jobs)
+    stats.count_out = len(dialogues)
+    stats.rejects.update(r.reason for r in rejects)
+    kinds = Counter(d.kind for d in dialogues)
+    stats.extra.update(
+        {f"dialogues_{k}": n for k, n in sorted(kinds.items())}, **backend.metrics(), **provenance
+    )
+    _write_jsonl(rejects_uri(output_uri), rejects)
+    _write_jsonl(output_uri, dialogues)
+    mark_done(output_uri, stats)
+    log.info("dialogues: %d of %d -> %s", len(dialogues), len(jobs), output_uri)
+    return output_uri
+
+
+def read_dialogues(uri: str) -> list[Dialogue]:
+    """Read a dialogues file; errors name the file, line and field."""
+    dialogues: list[Dialogue] = []
+    for lineno, line in enumerate(storage.read_text(uri).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            dialogues.append(Dialogue.model_validate_json(line))
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in err["loc"]) or None
+            raise InputError(uri, err["msg"], line=lineno, field=field) from None
+    return dialogues
+
+
+# ---- export -----------------------------------------------------------------------------------------------
+
+
+class StableLLaVAExportConfig(StageConfig):
+    """LLaVA JSON + eval JSONL export of StableLLaVA dialogues."""
+
+    # v1 §5.2 keyword matching between eval and training data; our definition (filters.find_eval_overlaps):
+    # same key subject and keyword-set Jaccard >= this value, the same threshold as near-duplicate prompts.
+    overlap_jaccard: float = Field(0.7, gt=0, le=1)
+
+
+def _image_paths(records: dict[str, Record], data_root: str, source: str) -> dict[str, str]:
+    paths: dict[str, str] = {}
+    bad: list[str] = []
+    for record_id, record in records.items():
+        rel = relative_image_path(record.image_uri, data_root) if record.image_uri else None
+        if rel is None:
+            bad.append(record_id)
+        else:
+            paths[record_id] = rel
+    if bad:
+        raise InputError(
+            source,
+            f"{len(bad)} record(s) have no image_uri under data_root {data_root!r}: {bad[:5]}",
+            field="image_uri",
+        )
+    return paths
+
+
+def export_stablellava(
+    config: StableLLaVAExportConfig,
+    selected_manifest: str,
+    dialogues_uri: str,
+    data_root: str,
+    output_dir: str,
+) -> str:
+    """Write pretraining JSON (captions), SFT JSON (Q&A, multi-turn, multi-image), eval JSONL, the manifest
+    of the records used and the export rejects under `output_dir`; returns the SFT JSON's URI."""
+    sft_uri = storage.join(output_dir, SFT_JSON)
+    if is_done(sft_uri):
+        log.info("%s is already complete; skipping", sft_uri)
+        return sft_uri
+    stats = StageStats("stablellava_export")
+    selected = {r.id: r for r in read_manifest(selected_manifest)}
+    paths = _image_paths(selected, data_root, selected_manifest)
+    dialogues = read_dialogues(dialogues_uri)
+    stats.count_in = len(dialogues)
+    rejects: list[Reject] = []
+
+    def drop(dialogue: Dialogue, reason: str, detail: str) -> None:
+        rejects.append(
+            Reject(id=dialogue.id, stage="export", reason=reason, detail=detail, ability=dialogue.ability)
+        )
+
+    kept: list[Dialogue] = []
+    for dialogue in dialogues:
+        missing = [rid for rid in dialogue.record_ids if rid not in selected]
+        if missing:
+            drop(
+                dialogue, NOT_SELECTED, f"not in the selected manifest (CLIP check or generation): {missing}"
+            )
+        else:
+            kept.append(dialogue)
+    evals = [d for d in kept if d.kind == "eval"]
+    train = [d for d in kept if d.kind != "eval"]
+    parsed = {rid: parse_prompt(raw_prompt(selected[rid])) for d in kept for rid in d.record_ids}
+    overlaps = find_eval_overlaps(
+        {d.record_ids[0]: parsed[d.record_ids[0]] for d in evals},
+        {rid: parsed[rid] for d in train for rid in d.record_ids},
+        config.overlap_jaccard,
+    )
+    clean_train: list[Dialogue] = []
+    for dialogue in train:
+        hits = [rid for rid in dialogue.record_ids if rid in overlaps]
+        if hits:
+            drop(
+                dialogue,
+                OVERLAPS_EVAL,
+                f"record {hits[0]} matches eval record {overlaps[hits[0]]} by keywords",
+            )
+        else:
+            clean_train.append(dialogue)
+
+    pretrain = [llava_sample(d, [paths[r] for r in d.record_ids]) for d in clean_train if d.kind == "caption"]
+    sft = [llava_sample(d, [paths[r] for r in d.record_ids]) for d in clean_train if d.kind != "caption"]
+    eval_rows = [eval_row(d, paths[d.record_ids[0]]) for d in evals]
+    used = dict.fromkeys(rid for d in [*clean_train, *evals] for rid in d.record_ids)
+    write_manifest(storage.join(output_dir, MANIFEST_NAME), [selected[rid] for rid in used])
+    _write_jsonl(storage.join(output_dir, REJECTS_NAME), rejects)
+    _write_jsonl(storage.join(output_dir, EVAL_JSONL), eval_rows)
+    storage.write_text(
+        storage.join(output_dir, PRETRAIN_JSON), json.dumps(pretrain, ensure_ascii=False), "application/json"
+    )
+    storage.write_text(sft_uri, json.dumps(sft, ensure_ascii=False), content_type="application/json")
+    kinds = Counter(d.kind for d in [*clean_train, *evals])
+    stats.count_out = len(pretrain) + len(sft) + len(eval_rows)
+    stats.rejects.update(r.reason for r in rejects)
+    stats.extra.update(
+        {f"samples_{k}": n for k, n in sorted(kinds.items())},
+        pretrain_samples=len(pretrain),
+        sft_samples=len(sft),
+        eval_items=len(eval_rows),
+        data_root=data_root,
+    )
+    mark_done(sft_uri, stats)
+    log.info(
+        "export: %d pretrain, %d SFT, %d eval samples -> %s",
+        len(pretrain),
+        len(sft),
+        len(eval_rows),
+        output_dir,
+    )
+    return sft_uri

@@ -1,0 +1,143 @@
+"""Stage: train LLaVA-1.5, stage 1 (pretrain: projector) or stage 2 (SFT: projector + LLM).
+
+`train(config, datasets, output_dir)` writes an HF-format model (weights, config, processor with the
+tokenizer) to `{output_dir}/model`, then its done marker, and returns that URI. Checkpoints go to
+`{output_dir}/checkpoints`; a rerun resumes from the newest one, and a finished output is not redone.
+
+How the processes start depends on where it runs:
+- inside a torchrun process (LOCAL_RANK set): this process trains (synthvlm.train.trainer);
+- num_nodes > 1 outside a PyTorchJob pod: a PyTorchJob is created and followed (synthvlm.train.kubeflow);
+- several GPUs or nodes: torchrun starts one process per GPU on this node (synthvlm.train.launch);
+- otherwise: one process, here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+from synthvlm import storage
+from synthvlm.errors import ConfigError
+from synthvlm.stage import StageStats, is_done, mark_done, read_stats, require_done
+from synthvlm.train.config import STAGE_DEFAULTS, TrainConfig, TrainDataset, parse_datasets
+from synthvlm.train.kubeflow import (
+    PyTorchJobConfig,
+    current_namespace,
+    custom_objects_api,
+    job_name,
+    pytorchjob_manifest,
+    run_pytorchjob,
+)
+from synthvlm.train.launch import in_job_pod, in_worker_process, node_info, torchrun_command, worker_args
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+
+__all__ = [
+    "STAGE_DEFAULTS",
+    "PyTorchJobConfig",
+    "TrainConfig",
+    "TrainDataset",
+    "model_uri",
+    "parse_datasets",
+    "train",
+]
+
+
+def model_uri(output_dir: str) -> str:
+    return storage.join(output_dir, MODEL_DIR)
+
+
+def _as_datasets(datasets: Sequence[TrainDataset | str]) -> list[TrainDataset]:
+    out = [d if isinstance(d, TrainDataset) else TrainDataset.from_spec(d) for d in datasets]
+    if not out:
+        raise ConfigError("train: at least one dataset is needed")
+    return out
+
+
+def train(
+    config: TrainConfig,
+    datasets: Sequence[TrainDataset | str],
+    output_dir: str,
+    *,
+    kube_api: Any = None,
+) -> str:
+    """Train one stage on `datasets` (LLaVA JSON files); return the URI of the saved model folder.
+
+    `kube_api` replaces the kubernetes CustomObjectsApi for a multi-node run (tests pass a stub).
+    """
+    out = model_uri(output_dir)
+    if is_done(out):
+        log.info("%s is already complete; skipping", out)
+        return out
+    sets = _as_datasets(datasets)
+    if config.num_nodes > 1 and not storage.is_gcs(output_dir):
+        raise ConfigError("train: num_nodes > 1 needs a gs:// output_dir (the nodes share no disk)")
+    if in_worker_process():
+        return _train_here(config, sets, output_dir)
+    if config.num_nodes > 1 and not in_job_pod():
+        return _train_on_cluster(config, sets, output_dir, kube_api)
+    if config.world_size > 1:
+        return _launch_torchrun(config, sets, output_dir)
+    return _train_here(config, sets, output_dir)
+
+
+def _train_here(config: TrainConfig, datasets: list[TrainDataset], output_dir: str) -> str:
+    from synthvlm.train.trainer import run_training  # torch/transformers only where training happens
+
+    out = model_uri(output_dir)
+    stats = StageStats(stage=f"train_{config.stage}")
+    result = run_training(config, datasets, output_dir)
+    if result.pop("is_main_process"):
+        resolved = config.resolved()
+        stats.count_in = result["samples_per_epoch"]
+        stats.count_out = result["global_step"] * int(resolved.global_batch_size)  # type: ignore[arg-type]
+        stats.extra.update(result)
+        stats.extra.update(
+            template=resolved.template,
+            learning_rate=resolved.learning_rate,
+            global_batch_size=resolved.global_batch_size,
+        )
+        mark_done(out, stats)
+        log.info("trained %s: %s", config.stage, json.dumps(read_stats(out), sort_keys=True))
+    return out
+
+
+def _launch_torchrun(config: TrainConfig, datasets: list[TrainDataset], output_dir: str) -> str:
+    out = model_uri(output_dir)
+    cmd = torchrun_command(config, datasets, output_dir)
+    log.info("starting %d training processes on this node: %s", config.gpus_per_node, " ".join(cmd[:8]))
+    completed = subprocess.run(cmd, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"training processes exited with status {completed.returncode}")
+    if node_info(config).node_rank == 0 or storage.is_gcs(output_dir):
+        require_done(out)
+    return out
+
+
+def _train_on_cluster(
+    config: TrainConfig, datasets: list[TrainDataset], output_dir: str, kube_api: Any
+) -> str:
+    from synthvlm.images import image_for
+
+    out = model_uri(output_dir)
+    args = worker_args(config, datasets, output_dir)
+    name = job_name(config.stage, json.dumps(args))
+    cluster = config.cluster
+    manifest = pytorchjob_manifest(
+        name,
+        ["python", "-m", "synthvlm.train", *args],
+        num_nodes=config.num_nodes,
+        gpus_per_node=config.gpus_per_node,
+        config=cluster,
+        namespace=cluster.namespace or current_namespace(),
+        image=cluster.image or image_for("train"),
+        labels={"synthvlm/stage": f"train-{config.stage}"},
+    )
+    run_pytorchjob(kube_api if kube_api is not None else custom_objects_api(), manifest, cluster)
+    require_done(out)
+    return out

@@ -1,0 +1,150 @@
+"""The train stage: done marker and idempotence, gs:// checkpoints surviving a lost disk, and how it
+starts processes (torchrun for several GPUs, a PyTorchJob for several nodes)."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from synthvlm import storage
+from synthvlm.errors import ConfigError
+from synthvlm.stage import StageStats, is_done, mark_done, read_stats
+from synthvlm.stages import train as train_stage
+from synthvlm.stages.train import PyTorchJobConfig, TrainConfig, TrainDataset, model_uri, train
+from synthvlm.train.config import parse_datasets
+from synthvlm.train.kubeflow import PyTorchJobFailed
+from synthvlm.train.sync import download_folder, remote_checkpoints
+from synthvlm.train.trainer import LlavaTrainer
+from tests.train.helpers import caption_samples, tiny_config, write_json
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: OpenMP over busy cores costs more than it saves
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def captions(tmp_path):
+    return [
+        TrainDataset(uri=write_json(tmp_path / "data" / "captions.json", caption_samples(tmp_path / "data")))
+    ]
+
+
+def test_train_writes_the_model_and_marker_then_skips_when_done(captions, tmp_path, monkeypatch):
+    out = train(tiny_config("pretrain"), captions, str(tmp_path / "run"))
+    assert out == model_uri(str(tmp_path / "run")) and is_done(out)
+    stats = read_stats(out)
+    assert stats["stage"] == "train_pretrain" and stats["global_step"] == 4
+    assert stats["count_in"] == 4 and stats["count_out"] == 8  # 4 steps x global batch 2
+    assert (stats["template"], stats["learning_rate"]) == ("plain", 1e-2)
+    LlavaForConditionalGeneration.from_pretrained(out)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished output was trained again")
+
+    monkeypatch.setattr("synthvlm.train.trainer.run_training", must_not_run)
+    assert train(tiny_config("pretrain"), captions, str(tmp_path / "run")) == out
+
+
+def test_gcs_output_resumes_on_a_fresh_disk(captions, tmp_path, gcs_emulator, monkeypatch):
+    output = f"{gcs_emulator}/train-{tmp_path.name}"
+    original = LlavaTrainer.training_step
+
+    def preempted_after_step_2(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt("preempted")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaTrainer, "training_step", preempted_after_step_2)
+    config = tiny_config("sft", local_work_dir=str(tmp_path / "pod-1"))
+    with pytest.raises(KeyboardInterrupt):
+        train(config, captions, output)
+    assert [step for step, _ in remote_checkpoints(f"{output}/checkpoints")] == [2]
+
+    monkeypatch.setattr(LlavaTrainer, "training_step", original)
+    config = tiny_config("sft", local_work_dir=str(tmp_path / "pod-2"))  # the pod restarted elsewhere
+    out = train(config, captions, output)
+    stats = read_stats(out)
+    assert stats["resumed_from"] == "checkpoint-2" and stats["global_step"] == 4
+    local = tmp_path / "downloaded"
+    download_folder(out, str(local))
+    assert LlavaForConditionalGeneration.from_pretrained(local).config.image_token_index > 0
+
+
+def test_several_gpus_start_torchrun_with_the_same_call(captions, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, check):
+        seen["cmd"] = cmd
+        out = model_uri(cmd[cmd.index("--output-dir") + 1])
+        storage.write_text(f"{out}/config.json", "{}")
+        mark_done(out, StageStats(stage="train_pretrain"))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(train_stage.subprocess, "run", fake_run)
+    config = tiny_config("pretrain", gpus_per_node=4)
+    out = train(config, captions, str(tmp_path / "run"))
+    cmd = seen["cmd"]
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=4"]
+    assert TrainConfig.model_validate_json(cmd[cmd.index("--config-json") + 1]) == config
+    assert parse_datasets(cmd[cmd.index("--datasets-json") + 1]) == captions
+    assert is_done(out)
+
+
+def test_failed_torchrun_raises(captions, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_stage.subprocess, "run", lambda cmd, check: type("R", (), {"returncode": 1})())
+    with pytest.raises(RuntimeError, match="status 1"):
+        train(tiny_config("pretrain", gpus_per_node=2), captions, str(tmp_path / "run"))
+
+
+class JobApi:
+    """A training operator in miniature: create records the job, get reports the given final state and, on
+    success, publishes the model as the job's pods would."""
+
+    def __init__(self, final_state):
+        self.final_state = final_state
+        self.jobs = {}
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.jobs[body["metadata"]["name"]] = body
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        command = self.jobs[name]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][
+            0
+        ]["command"]
+        if self.final_state == "Succeeded":
+            out = model_uri(command[command.index("--output-dir") + 1])
+            storage.write_text(f"{out}/config.json", "{}")
+            mark_done(out, StageStats(stage="train_sft"))
+        reason = {"message": "worker-1 OOMKilled"} if self.final_state == "Failed" else {}
+        return {"status": {"conditions": [{"type": self.final_state, "status": "True", **reason}]}}
+
+
+def test_several_nodes_run_as_a_pytorchjob(captions, gcs_emulator, tmp_path, monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("PET_MASTER_ADDR", raising=False)
+    cluster = PyTorchJobConfig(namespace="ml", image="registry/train:1", poll_s=0.01)
+    config = tiny_config("sft", gpus_per_node=8, num_nodes=2, cluster=cluster)
+    api = JobApi("Succeeded")
+    output = f"{gcs_emulator}/job-{tmp_path.name}"
+    out = train(config, captions, output, kube_api=api)
+    assert is_done(out)
+    (job,) = api.jobs.values()
+    assert (
+        job["metadata"]["namespace"] == "ml" and job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    )
+    command = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:3] == ["python", "-m", "synthvlm.train"]
+    assert json.loads(command[command.index("--config-json") + 1])["num_nodes"] == 2
+
+    with pytest.raises(PyTorchJobFailed, match="OOMKilled"):
+        train(config, captions, f"{output}-2", kube_api=JobApi("Failed"))
+
+
+def test_several_nodes_need_a_shared_output(captions, tmp_path):
+    with pytest.raises(ConfigError, match="gs://"):
+        train(tiny_config("sft", num_nodes=2), captions, str(tmp_path / "run"))
