@@ -24,8 +24,32 @@ def validate_synthvlm_config(
     parameters = dict(locals())  # first statement: exactly the pipeline parameters
 
     from synthvlm.kfp_support import setup_logging
-    from synthvlm.run_config import from_pipeline_arguments
+    from synthvlm.run_config import SynthVLMRunConfig, from_pipeline_arguments
 
     setup_logging()
-    config = from_pipeline_arguments(parameters)
-    config.require_data_root()
+    from_pipeline_arguments(parameters, SynthVLMRunConfig).require_data_root()
+
+
+@dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
+def validate_stablellava_config(
+    llm_secret: str,
+    data_root: str,
+    num_shards: int,
+    gpu_node_selector: dict,
+    gpu_tolerations: list,
+    keywords_config: str,
+    prompts_config: str,
+    dialogues_config: str,
+    generate_config: str,
+    score_config: str,
+    select_config: str,
+    export_config: str,
+):
+    """Validate every parameter with the pydantic configs before any GPU pod is requested."""
+    parameters = dict(locals())  # first statement: exactly the pipeline parameters
+
+    from synthvlm.kfp_support import setup_logging
+    from synthvlm.run_config import StableLLaVARunConfig, from_pipeline_arguments
+
+    setup_logging()
+    from_pipeline_arguments(parameters, StableLLaVARunConfig).require_data_root()

@@ -1,34 +1,19 @@
 """SynthVLM (paper Fig. 3): captions [-> curation] -> SDXL images (sharded over GPU pods) -> CLIPScore
 -> global top-k -> LLaVA pretraining data, with a report a person can look at."""
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 
 from components.captions import load_captions
-from components.clip_score import clip_score
 from components.curate import curate_captions as curate_captions_op
 from components.export import export_llava
-from components.generate import generate_images
 from components.passthrough import same_manifest
-from components.plan_shards import plan_shards
 from components.report import write_report
 from components.select import select_pairs
 from components.validate import validate_synthvlm_config
+from pipelines.common import generate_and_score, with_llm_key
 from synthvlm.run_config import SynthVLMRunConfig, to_pipeline_arguments
 
-# KFP needs ParallelFor's parallelism at compile time: the most GPU pods generating at once.
-MAX_PARALLEL_GPU_PODS = 8  # SynthVLM §3.1: 8 A100
-GPU_RETRIES = 2  # preemptible GPU nodes: a retried shard resumes from its finished batches
-
 _DEFAULTS = to_pipeline_arguments(SynthVLMRunConfig())
-
-
-def _on_gpu(task, node_selector, tolerations) -> None:
-    """One GPU per pod on the chosen node pool; retried when the node is preempted."""
-    # The resource is always nvidia.com/gpu; the node selector picks A100, H100, ...
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-    kubernetes.add_node_selector_json(task, node_selector)
-    kubernetes.add_toleration_json(task, tolerations)
-    task.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
 
 
 @dsl.pipeline(name="synthvlm", description=__doc__)
@@ -92,37 +77,21 @@ def pipeline(
             config_json=curate_config, captions_manifest=caps.outputs["Output"], data_root=data_root
         )
         curated.set_display_name("curate captions (SynthVLM §3.1)")
-        # The key reaches the pod from a Secret, never as a parameter; optional so keyless
-        # (self-hosted or template) judges run without one.
-        kubernetes.use_secret_as_env(
-            curated,
-            secret_name=llm_secret,
-            secret_key_to_env={"OPENAI_API_KEY": "OPENAI_API_KEY"},
-            optional=True,
-        )
+        with_llm_key(curated, llm_secret)
     with dsl.Else(name="all captions"):
         uncurated = same_manifest(manifest=caps.outputs["Output"])
         uncurated.set_display_name("use all captions")
     captions_manifest = dsl.OneOf(curated.outputs["Output"], uncurated.output)
 
-    plan = plan_shards(captions_manifest=captions_manifest, num_shards=num_shards)
-    plan.set_display_name("plan shards")
-
-    with dsl.ParallelFor(plan.output, parallelism=MAX_PARALLEL_GPU_PODS) as shard:
-        gen = generate_images(
-            config_json=generate_config,
-            captions_manifest=shard.manifest,
-            data_root=data_root,
-            shard=shard.shard,
-            num_shards=shard.num_shards,
-        )
-        gen.set_display_name("SDXL generate shard")
-        _on_gpu(gen, gpu_node_selector, gpu_tolerations)
-        scored = clip_score(
-            config_json=score_config, input_manifest=gen.outputs["Output"], data_root=data_root
-        )
-        scored.set_display_name("CLIP score shard")
-        _on_gpu(scored, gpu_node_selector, gpu_tolerations)
+    gen, scored = generate_and_score(
+        captions_manifest,
+        num_shards,
+        data_root,
+        generate_config,
+        score_config,
+        gpu_node_selector,
+        gpu_tolerations,
+    )
 
     selected = select_pairs(
         config_json=select_config,

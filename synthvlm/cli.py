@@ -17,6 +17,7 @@ from typing import Any
 from synthvlm.errors import SynthVLMError
 
 log = logging.getLogger("synthvlm")
+PIPELINES = ["synthvlm", "stablellava"]
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +35,17 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _stage_config(args: argparse.Namespace, cls: type, section: str, extra: dict[str, Any] | None = None):
+def _stage_config(
+    args: argparse.Namespace,
+    cls: type,
+    section: str,
+    extra: dict[str, Any] | None = None,
+    pipeline: str = "synthvlm",
+):
     from synthvlm.config import build_config
     from synthvlm.run_config import preset
 
-    run_preset = preset(args.preset)
+    run_preset = preset(args.preset, pipeline)
     if section == "captions":  # the run config keeps the captions URI at top level
         base = {"captions": run_preset["captions"]} if "captions" in run_preset else {}
     else:
@@ -112,6 +119,37 @@ def cmd_report(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_sl_keywords(args: argparse.Namespace) -> None:
+    from synthvlm.stages.stablellava import KeywordsConfig, generate_keywords
+
+    print(
+        generate_keywords(
+            _stage_config(args, KeywordsConfig, "keywords", pipeline="stablellava"), args.output
+        )
+    )
+
+
+def cmd_sl_prompts(args: argparse.Namespace) -> None:
+    from synthvlm.stages.stablellava import PromptsConfig, generate_prompts
+
+    config = _stage_config(args, PromptsConfig, "prompts", pipeline="stablellava")
+    print(generate_prompts(config, args.keywords, args.output))
+
+
+def cmd_sl_dialogues(args: argparse.Namespace) -> None:
+    from synthvlm.stages.stablellava import DialoguesConfig, generate_dialogues
+
+    config = _stage_config(args, DialoguesConfig, "dialogues", pipeline="stablellava")
+    print(generate_dialogues(config, args.prompts, args.output))
+
+
+def cmd_sl_export(args: argparse.Namespace) -> None:
+    from synthvlm.stages.stablellava import StableLLaVAExportConfig, export_stablellava
+
+    config = _stage_config(args, StableLLaVAExportConfig, "export", pipeline="stablellava")
+    print(export_stablellava(config, args.selected, args.dialogues, args.data_root, args.output))
+
+
 # ---------------------------------------------------------------- pipelines
 
 
@@ -126,38 +164,58 @@ def cmd_compile(args: argparse.Namespace) -> None:
         print(path)
 
 
+# What a finished local run leaves, per pipeline (paths under the data root).
+RUN_RESULTS = {
+    "synthvlm": [
+        ("LLaVA pretraining JSON", "export/llava_pretrain.json"),
+        ("dataset manifest", "export/manifest.jsonl"),
+        ("report", "report.html"),
+    ],
+    "stablellava": [
+        ("LLaVA SFT JSON", "stablellava/export/stablellava_sft.json"),
+        ("LLaVA pretraining JSON", "stablellava/export/stablellava_pretrain.json"),
+        ("eval set", "stablellava/export/stablellava_eval.jsonl"),
+        ("dataset manifest", "stablellava/export/manifest.jsonl"),
+    ],
+}
+
+
+def _run_config(args: argparse.Namespace, data_root: str | None = None):
+    from synthvlm.config import build_config
+    from synthvlm.run_config import preset, run_config_class
+
+    base = preset(args.preset, args.pipeline)
+    if data_root is not None:
+        base["data_root"] = data_root
+    return build_config(run_config_class(args.pipeline), preset=base, config_file=args.config, sets=args.sets)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from synthvlm import storage
-    from synthvlm.config import build_config
     from synthvlm.kfp_support import run_local
-    from synthvlm.run_config import SynthVLMRunConfig, preset, to_pipeline_arguments
+    from synthvlm.run_config import to_pipeline_arguments
 
-    if args.pipeline != "synthvlm":
-        raise SynthVLMError(f"unknown pipeline {args.pipeline!r}; available: synthvlm")
     if not args.local:
         raise SynthVLMError(
-            "only --local runs are started by `synthvlm run`; on a cluster, compile and upload the pipeline "
-            "(README: cluster workflow) and start it from the Kubeflow UI"
+            "only --local runs are started by `synthvlm run`; on a cluster, upload the pipeline and start it "
+            "from the Kubeflow UI or with `synthvlm submit` (README: cluster workflow)"
         )
     output = os.path.abspath(args.output)
-    base = preset(args.preset)
-    base["data_root"] = output
-    config = build_config(SynthVLMRunConfig, preset=base, config_file=args.config, sets=args.sets)
+    config = _run_config(args, data_root=output)
     Path(output).mkdir(parents=True, exist_ok=True)
     if args.preset == "demo":
         print(
-            "NOTE: the demo preset uses tiny RANDOM-WEIGHT SDXL and CLIP models built from configs (nothing\n"
-            "      is downloaded): it runs every stage end to end, but its images are noise and its scores\n"
-            "      meaningless."
+            "NOTE: the demo preset uses tiny RANDOM-WEIGHT SDXL and CLIP models built from configs and an\n"
+            "      offline template LLM backend (nothing is downloaded or called): it runs every stage\n"
+            "      end to end, but its images are noise, its scores meaningless and its text templated.\n"
+            "      Use --preset paper for SDXL base 1.0, CLIP ViT-L-14 and a real LLM.",
+            flush=True,
         )
-        print("      Use --preset paper for SDXL base 1.0 and CLIP ViT-L-14.", flush=True)
     run_local(args.pipeline, to_pipeline_arguments(config), pipeline_root=os.path.join(output, "kfp-local"))
-    root = config.data_root
     print("\nDone.")
-    print(f"  LLaVA pretraining JSON: {storage.join(root, 'export', 'llava_pretrain.json')}")
-    print(f"  dataset manifest:       {storage.join(root, 'export', 'manifest.jsonl')}")
-    print(f"  images (--image_folder): {root}")
-    print(f"  report:                 {storage.join(root, 'report.html')}")
+    for label, path in RUN_RESULTS[args.pipeline]:
+        print(f"  {label + ':':26} {storage.join(config.data_root, path)}")
+    print(f"  {'images (--image_folder):':26} {config.data_root}")
 
 
 # ---------------------------------------------------------------- cluster (Kubeflow Pipelines API)
@@ -279,6 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, help="HTML file to write")
 
+    p = add("stablellava-keywords", cmd_sl_keywords, "StableLLaVA: LLM keyword banks per ability")
+    p.add_argument("--output", required=True, help="keywords JSON to write")
+    p = add("stablellava-prompts", cmd_sl_prompts, "StableLLaVA: SD prompts per ability (Fig. 4) + filters")
+    p.add_argument("--keywords", required=True, help="keywords JSON from stablellava-keywords")
+    p.add_argument("--output", required=True, help="prompt manifest to write (.jsonl)")
+    p = add("stablellava-dialogues", cmd_sl_dialogues, "StableLLaVA: dialogues from the prompts")
+    p.add_argument("--prompts", required=True, help="prompt manifest")
+    p.add_argument("--output", required=True, help="dialogues JSONL to write")
+    p = add("stablellava-export", cmd_sl_export, "StableLLaVA: LLaVA pretrain/SFT JSON + eval set")
+    p.add_argument("--selected", required=True, help="manifest of prompts whose images passed the CLIP check")
+    p.add_argument("--dialogues", required=True, help="dialogues JSONL")
+    p.add_argument("--data-root", required=True, help="image root; LLaVA `image` paths are relative to it")
+    p.add_argument("--output", required=True, help="output folder")
+
     p = add("compile", cmd_compile, "compile pipelines to KFP YAML", config=False)
     p.add_argument("--output-dir", required=True, help="folder for <pipeline>.yaml")
     p.add_argument(
@@ -288,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tag", help="override the component image tag")
 
     p = add("run", cmd_run, "run a pipeline (locally with --local, through kfp.local)")
-    p.add_argument("pipeline", choices=["synthvlm"], help="pipeline name")
+    p.add_argument("pipeline", choices=PIPELINES, help="pipeline name")
     p.add_argument("--local", action="store_true", help="run on this machine with kfp.local.SubprocessRunner")
     p.add_argument("--output", required=True, help="local output folder (the data root)")
 
@@ -297,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", required=True, help=_HOST_HELP)
     p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user deployments)")
     p.add_argument(
-        "--pipeline", default="synthvlm", choices=["synthvlm"], help="pipeline to upload; its name there"
+        "--pipeline", default="synthvlm", choices=PIPELINES, help="pipeline to upload; its name there"
     )
     p.add_argument("--package", metavar="FILE", help="upload this compiled YAML instead of compiling")
     p.add_argument("--version", help="name of the new version (default: UTC time + content hash)")
@@ -305,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tag", help="override the component image tag")
 
     p = add("submit", cmd_submit, "start a run of an uploaded pipeline on Kubeflow Pipelines")
-    p.add_argument("pipeline", choices=["synthvlm"], help="pipeline name (as uploaded)")
+    p.add_argument("pipeline", choices=PIPELINES, help="pipeline name (as uploaded)")
     p.add_argument("--host", required=True, help=_HOST_HELP)
     p.add_argument("--namespace", help="Kubeflow profile namespace (required on multi-user deployments)")
     p.add_argument("--experiment", default="synthvlm", help="experiment to run in (created if missing)")

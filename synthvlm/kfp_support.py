@@ -17,7 +17,10 @@ from synthvlm import stage
 
 log = logging.getLogger(__name__)
 
-PIPELINE_MODULES = {"synthvlm": "pipelines.synthvlm_pipeline"}
+PIPELINE_MODULES = {
+    "synthvlm": "pipelines.synthvlm_pipeline",
+    "stablellava": "pipelines.stablellava_pipeline",
+}
 
 
 def setup_logging() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -315,6 +316,7 @@ class LlavaMixture(torch.utils.data.Dataset):
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
         self.max_length = max_length
+        self._pid = os.getpid()
         for dataset, table in zip(self.datasets, self.tables, strict=True):
             log.info("dataset %s: %d samples, ratio %g", dataset.display_name(), len(table), dataset.ratio)
 
@@ -331,6 +333,10 @@ class LlavaMixture(torch.utils.data.Dataset):
         return source, self.tables[source][row]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if os.getpid() != self._pid:
+            # A forked DataLoader worker must not share the parent's GCS client (its HTTP connections).
+            storage.reset_client()
+            self._pid = os.getpid()
         source, sample = self.sample(i)
         encoded = encode_sample(
             sample,

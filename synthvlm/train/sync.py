@@ -3,8 +3,8 @@
 The Trainer writes `checkpoint-<step>/` folders under a local directory. After each save the newest one
 is uploaded to `<remote>/checkpoint-<step>/` and then marked complete with `<remote>/checkpoint-<step>.done`
 (synthvlm.stage's marker), so a reader never takes a half-uploaded checkpoint; older remote checkpoints
-beyond the keep limit are deleted (marker first). Before resuming, the newest complete remote checkpoint
-is downloaded when the local disk has nothing as recent.
+beyond the keep limit are deleted (marker first). A run with a remote resumes from the newest complete
+remote checkpoint, downloaded unless this disk already has it.
 
 A local checkpoint counts as complete once `trainer_state.json` is in it: the Trainer writes that file
 after the weights, optimizer and scheduler.
@@ -64,8 +64,12 @@ def upload_folder(local_dir: str, uri: str) -> int:
     return count
 
 
-def download_folder(uri: str, local_dir: str) -> int:
-    """Copy every file under `uri` into `local_dir`, which appears only once complete (rename)."""
+def download_folder(uri: str, local_dir: str, replace: bool = True) -> int:
+    """Copy every file under `uri` into `local_dir`, which appears only once complete (rename).
+
+    replace=False keeps a `local_dir` that another process published meanwhile (several ranks may race
+    to download the same model); the copy made here is then dropped.
+    """
     target = Path(local_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -77,9 +81,14 @@ def download_folder(uri: str, local_dir: str) -> int:
             dest = staging / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(storage.read_bytes(file_uri))
-        if target.exists():
+        if target.exists() and replace:
             shutil.rmtree(target)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if replace or not target.is_dir():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)  # another process published it first
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -117,17 +126,19 @@ def push_checkpoint(local_ckpt: str, remote: str, keep: int) -> str:
 
 
 def pull_last_checkpoint(remote: str, local_root: str) -> str | None:
-    """Download the newest complete remote checkpoint unless the local disk has one at least as recent."""
+    """Local path of the newest complete remote checkpoint, downloaded unless already on this disk.
+
+    The remote copy is the truth: a newer local checkpoint whose upload never finished is ignored, so
+    every node of a multi-node run resumes from the same step.
+    """
     remote_list = remote_checkpoints(remote)
     if not remote_list:
-        return last_local_checkpoint(local_root)
+        return None
     step, ckpt_uri = remote_list[-1]
-    local_list = local_checkpoints(local_root)
-    if local_list and local_list[-1][0] >= step:
-        return local_list[-1][1]
     local_path = os.path.join(local_root, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-    files = download_folder(ckpt_uri, local_path)
-    log.info("downloaded checkpoint %s (%d files) to resume from", ckpt_uri, files)
+    if not (Path(local_path) / TRAINER_STATE).is_file():
+        files = download_folder(ckpt_uri, local_path)
+        log.info("downloaded checkpoint %s (%d files) to resume from", ckpt_uri, files)
     return local_path
 
 

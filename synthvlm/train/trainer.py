@@ -16,15 +16,17 @@ Speed and memory choices (GPU paths; tested on CPU only in this repository):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from synthvlm import storage
 from synthvlm.train.config import TrainConfig, TrainDataset
@@ -44,6 +46,7 @@ from synthvlm.train.sync import (
     download_folder,
     last_local_checkpoint,
     pull_last_checkpoint,
+    upload_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -65,9 +68,6 @@ class RunPaths:
 def run_paths(config: TrainConfig, output_dir: str) -> RunPaths:
     if not storage.is_gcs(output_dir):
         return RunPaths(output_dir, f"{output_dir}/checkpoints", f"{output_dir}/model", None, None)
-    import hashlib
-    import tempfile
-
     digest = hashlib.sha256(output_dir.encode()).hexdigest()[:16]
     work = config.local_work_dir or os.path.join(tempfile.gettempdir(), "synthvlm-train", digest)
     return RunPaths(
@@ -140,6 +140,8 @@ def load_dtype(config: TrainConfig, device: torch.device, fsdp: bool) -> torch.d
 
 def load_model(config: TrainConfig, device: torch.device, fsdp: bool = False):
     """(model, processor) for this stage, trainable parameters set, on `device`."""
+    # Same seed on every rank: the new projector (and new embedding rows) start identical everywhere.
+    set_seed(config.seed)
     dtype = load_dtype(config, device, fsdp)
     if config.tiny:
         model, processor = build_tiny_llava(
@@ -169,7 +171,7 @@ def load_model(config: TrainConfig, device: torch.device, fsdp: bool = False):
         )
     set_trainable(model, config.stage)
     upcast_trainable(model)
-    model.config.use_cache = False  # no KV cache while training
+    model.config.use_cache = model.config.text_config.use_cache = False  # no KV cache while training
     return model, processor
 
 
@@ -177,13 +179,10 @@ def local_model_folder(uri: str) -> str:
     """A local folder with the model at `uri` (downloaded once for gs://)."""
     if not storage.is_gcs(uri):
         return uri
-    import hashlib
-    import tempfile
-
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     local = os.path.join(tempfile.gettempdir(), "synthvlm-models", digest)
     if not os.path.isfile(os.path.join(local, "config.json")):
-        download_folder(uri, local)
+        download_folder(uri, local, replace=False)
     return local
 
 
@@ -330,10 +329,11 @@ def run_training(config: TrainConfig, datasets: list[TrainDataset], output_dir: 
     )
     fsdp_config = fsdp_settings(model, bool(config.gradient_checkpointing)) if mode == "fsdp" else None
     args = training_arguments(config, paths, device, world_size, fsdp_config)
-    with args.main_process_first(local=True, desc="fetch checkpoints"):
-        if paths.remote_checkpoints:
-            pull_last_checkpoint(paths.remote_checkpoints, paths.checkpoints)
-    resume = last_local_checkpoint(paths.checkpoints)
+    if paths.remote_checkpoints:
+        with args.main_process_first(local=True, desc="fetch checkpoints"):
+            resume = pull_last_checkpoint(paths.remote_checkpoints, paths.checkpoints)
+    else:
+        resume = last_local_checkpoint(paths.checkpoints)
     if resume:
         log.info("resuming from %s", resume)
 
@@ -352,8 +352,6 @@ def run_training(config: TrainConfig, datasets: list[TrainDataset], output_dir: 
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_full_model(paths.final_model)
     if trainer.is_world_process_zero() and paths.remote_model:
-        from synthvlm.train.sync import upload_folder
-
         upload_folder(paths.final_model, paths.remote_model)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {

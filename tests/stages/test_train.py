@@ -148,3 +148,13 @@ def test_several_nodes_run_as_a_pytorchjob(captions, gcs_emulator, tmp_path, mon
 def test_several_nodes_need_a_shared_output(captions, tmp_path):
     with pytest.raises(ConfigError, match="gs://"):
         train(tiny_config("sft", num_nodes=2), captions, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_through_torchrun(captions, tmp_path):
+    """The real launch path: torchrun -> python -m synthvlm.train -> DDP (gloo) over 2 CPU processes."""
+    config = tiny_config("pretrain", gpus_per_node=2, global_batch_size=4)
+    out = train(config, captions, str(tmp_path / "run"))
+    stats = read_stats(out)
+    assert (stats["world_size"], stats["distributed"], stats["global_step"]) == (2, "ddp", 2)
+    assert LlavaForConditionalGeneration.from_pretrained(out).config.image_token_index > 0

@@ -57,8 +57,9 @@ def test_push_prune_and_pull(tmp_path, remote):
     assert (fresh / "checkpoint-6" / "weights.bin").read_bytes() == bytes([6]) * 10
     assert last_local_checkpoint(str(fresh)) == path
 
-    fake_checkpoint(fresh, 8)  # the local disk is ahead: nothing to download
-    assert pull_last_checkpoint(remote, str(fresh)).endswith("checkpoint-8")
+    fake_checkpoint(fresh, 8)  # saved here but never uploaded: the remote decides, for every node alike
+    assert pull_last_checkpoint(remote, str(fresh)) == path
+    assert pull_last_checkpoint(f"{remote}-empty", str(fresh)) is None
 
 
 def test_a_checkpoint_without_its_marker_is_ignored(tmp_path, remote):
