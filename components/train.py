@@ -8,7 +8,7 @@ from synthvlm.images import image_for
 def pretrain(
     config_json: str,
     datasets_json: str,
-    output_dir: str,
+    data_root: str,
     gpus_per_node: int,
     num_nodes: int,
     metrics: Output[Metrics],
@@ -18,11 +18,13 @@ def pretrain(
 ) -> str:
     """LLaVA-1.5 stage 1: train the projector. `dataset_uri` (an upstream LLaVA JSON, e.g. the export) joins
     `datasets_json`; num_nodes > 1 submits a PyTorchJob from this (then GPU-less) pod."""
+    from synthvlm import storage
     from synthvlm.kfp_support import log_stage_metrics, setup_logging
     from synthvlm.stages.train import train
     from synthvlm.train.components import stage_inputs
 
     setup_logging()
+    output_dir = storage.join(data_root, "train", "pretrain")
     config, datasets = stage_inputs(
         "pretrain",
         config_json,
@@ -43,27 +45,31 @@ def sft(
     config_json: str,
     init_from: str,
     datasets_json: str,
-    output_dir: str,
+    data_root: str,
     gpus_per_node: int,
     num_nodes: int,
     metrics: Output[Metrics],
     dataset_uri: str = "",
     image_folder: str = "",
     dataset_ratio: float = 1.0,
+    use_dataset_uri: bool = True,
 ) -> str:
-    """LLaVA-1.5 stage 2: train projector + LLM from `init_from` (stage 1's model URI), e.g. on LLaVA-665K."""
+    """LLaVA-1.5 stage 2: train projector + LLM from `init_from` (stage 1's model URI), e.g. on LLaVA-665K.
+    `use_dataset_uri` False leaves the upstream dataset out (SynthVLM §4.1 fine-tunes on LLaVA-665K only)."""
+    from synthvlm import storage
     from synthvlm.kfp_support import log_stage_metrics, setup_logging
     from synthvlm.stages.train import train
     from synthvlm.train.components import stage_inputs
 
     setup_logging()
+    output_dir = storage.join(data_root, "train", "sft")
     config, datasets = stage_inputs(
         "sft",
         config_json,
         datasets_json,
         gpus_per_node,
         num_nodes,
-        dataset_uri,
+        dataset_uri if use_dataset_uri else "",
         image_folder,
         dataset_ratio,
         init_from=init_from,

@@ -53,3 +53,64 @@ def validate_stablellava_config(
 
     setup_logging()
     from_pipeline_arguments(parameters, StableLLaVARunConfig).require_data_root()
+
+
+@dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
+def validate_train_config(
+    data_root: str,
+    gpu_node_selector: dict,
+    gpu_tolerations: list,
+    llm_secret: str,
+    gpus_per_node: int,
+    num_nodes: int,
+    pretrain_datasets: str,
+    sft_datasets: str,
+    benchmarks: list,
+    pretrain_config: str,
+    sft_config: str,
+    eval_config: str,
+):
+    """Validate every parameter with the pydantic configs before any GPU pod is requested."""
+    parameters = dict(locals())  # first statement: exactly the pipeline parameters
+
+    from synthvlm.kfp_support import setup_logging
+    from synthvlm.run_config import TrainRunConfig, from_pipeline_arguments
+
+    setup_logging()
+    from_pipeline_arguments(parameters, TrainRunConfig).require_data_root()
+
+
+@dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
+def validate_end_to_end_config(
+    data_root: str,
+    gpu_node_selector: dict,
+    gpu_tolerations: list,
+    llm_secret: str,
+    gpus_per_node: int,
+    num_nodes: int,
+    pretrain_datasets: str,
+    sft_datasets: str,
+    benchmarks: list,
+    num_shards: int,
+    captions: str,
+    max_captions: int,
+    curate_captions: bool,
+    sft_on_synthetic: bool,
+    pretrain_config: str,
+    sft_config: str,
+    eval_config: str,
+    curate_config: str,
+    generate_config: str,
+    score_config: str,
+    select_config: str,
+    export_config: str,
+    report_config: str,
+):
+    """Validate every parameter with the pydantic configs before any GPU pod is requested."""
+    parameters = dict(locals())  # first statement: exactly the pipeline parameters
+
+    from synthvlm.kfp_support import setup_logging
+    from synthvlm.run_config import EndToEndRunConfig, from_pipeline_arguments
+
+    setup_logging()
+    from_pipeline_arguments(parameters, EndToEndRunConfig).require_data_root()

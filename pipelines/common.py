@@ -51,3 +51,71 @@ def generate_and_score(
         scored.set_display_name("CLIP score shard")
         on_gpu(scored, node_selector, tolerations)
     return gen, scored
+
+
+def on_gpus(task, count, node_selector, tolerations) -> None:
+    """`count` GPUs in one pod (training, evaluation) on the chosen node pool; retried on preemption."""
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(count)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    task.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+
+
+def train_and_evaluate(
+    *,
+    data_root,
+    gpus_per_node,
+    num_nodes,
+    pretrain_config,
+    sft_config,
+    eval_config,
+    pretrain_datasets,
+    sft_datasets,
+    benchmarks,
+    node_selector,
+    tolerations,
+    synthetic_dataset="",
+    image_folder="",
+    sft_on_synthetic=False,
+    after=None,
+):
+    """LLaVA-1.5 (SynthVLM Fig. 5): pretrain the projector -> SFT projector + LLM -> evaluate."""
+    from components.evaluate import evaluate_model
+    from components.train import pretrain, sft
+
+    stage1 = pretrain(
+        config_json=pretrain_config,
+        datasets_json=pretrain_datasets,
+        data_root=data_root,
+        gpus_per_node=gpus_per_node,
+        num_nodes=num_nodes,
+        dataset_uri=synthetic_dataset,
+        image_folder=image_folder,
+    )
+    stage1.set_display_name("LLaVA pretrain (projector)")
+    if after is not None:
+        stage1.after(after)
+    stage2 = sft(
+        config_json=sft_config,
+        init_from=stage1.outputs["Output"],
+        datasets_json=sft_datasets,
+        data_root=data_root,
+        gpus_per_node=gpus_per_node,
+        num_nodes=num_nodes,
+        dataset_uri=synthetic_dataset,
+        image_folder=image_folder,
+        use_dataset_uri=sft_on_synthetic,
+    )
+    stage2.set_display_name("LLaVA SFT (projector + LLM)")
+    evaluation = evaluate_model(
+        config_json=eval_config,
+        model=stage2.outputs["Output"],
+        model_name="sft",
+        benchmarks=benchmarks,
+        data_root=data_root,
+    )
+    evaluation.set_display_name("evaluate")
+    for task in (stage1, stage2):
+        on_gpus(task, gpus_per_node, node_selector, tolerations)
+    on_gpus(evaluation, 1, node_selector, tolerations)
+    return evaluation

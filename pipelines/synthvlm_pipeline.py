@@ -32,8 +32,8 @@ def pipeline(
     select_config: str = _DEFAULTS["select_config"],
     export_config: str = _DEFAULTS["export_config"],
     report_config: str = _DEFAULTS["report_config"],
-):
-    """SynthVLM synthetic pretraining data.
+) -> str:
+    """SynthVLM synthetic pretraining data; returns the LLaVA pretraining JSON URI.
 
     Args:
         captions: Captions file/URI (.jsonl/.csv/.parquet with id, caption). Default: bundled demo.
@@ -114,3 +114,4 @@ def pipeline(
         data_root=data_root,
     )
     report.set_display_name("report")
+    return exported.outputs["Output"]

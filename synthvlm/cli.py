@@ -17,7 +17,7 @@ from typing import Any
 from synthvlm.errors import SynthVLMError
 
 log = logging.getLogger("synthvlm")
-PIPELINES = ["synthvlm", "stablellava"]
+PIPELINES = ["synthvlm", "stablellava", "train", "end-to-end"]
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +177,13 @@ RUN_RESULTS = {
         ("eval set", "stablellava/export/stablellava_eval.jsonl"),
         ("dataset manifest", "stablellava/export/manifest.jsonl"),
     ],
+    "train": [
+        ("SFT model", "train/sft/model"),
+        ("eval results", "eval/sft.json"),
+        ("eval table", "eval/sft.html"),
+    ],
 }
+RUN_RESULTS["end-to-end"] = RUN_RESULTS["synthvlm"] + RUN_RESULTS["train"]
 
 
 def _run_config(args: argparse.Namespace, data_root: str | None = None):

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 PIPELINE_MODULES = {
     "synthvlm": "pipelines.synthvlm_pipeline",
     "stablellava": "pipelines.stablellava_pipeline",
+    "train": "pipelines.train_pipeline",
+    "end-to-end": "pipelines.end_to_end_pipeline",
 }
 
 

@@ -11,13 +11,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from synthvlm.config import StageConfig, validate
 from synthvlm.errors import ConfigError
 from synthvlm.stages.captions import DEMO_CAPTIONS, CaptionsConfig
 from synthvlm.stages.clip_score import ScoreConfig
 from synthvlm.stages.curate import CurateConfig
+from synthvlm.stages.evaluate import EvalConfig
 from synthvlm.stages.export_llava import ExportConfig
 from synthvlm.stages.generate import GenerateConfig
 from synthvlm.stages.report import ReportConfig
@@ -28,6 +29,7 @@ from synthvlm.stages.stablellava import (
     PromptsConfig,
     StableLLaVAExportConfig,
 )
+from synthvlm.train.config import TrainConfig, parse_datasets
 
 SECTION_SUFFIX = "_config"
 
@@ -39,8 +41,6 @@ class RunConfig(StageConfig):
         "",
         description="where images, manifests and the exported dataset go (local folder or gs://bucket/prefix)",
     )
-    # SynthVLM §3.1 generated on 8 A100: 8 shards, one GPU pod each.
-    num_shards: int = Field(8, ge=1, le=100_000, description="generation shards (one GPU pod each)")
     # Where GPU pods go (ignored by local runs): each requests one nvidia.com/gpu, and the node selector
     # picks the GPU model (GKE: cloud.google.com/gke-accelerator). Default A100 (SynthVLM §3.1 used 8 A100).
     gpu_node_selector: dict[str, str] = Field(
@@ -65,7 +65,14 @@ class RunConfig(StageConfig):
             raise ConfigError("config field 'data_root': required (a local folder or gs://bucket/prefix)")
 
 
-class SynthVLMRunConfig(RunConfig):
+class GenerationRunConfig(RunConfig):
+    """A run that generates images, sharded over GPU pods."""
+
+    # SynthVLM §3.1 generated on 8 A100: 8 shards, one GPU pod each.
+    num_shards: int = Field(8, ge=1, le=100_000, description="generation shards (one GPU pod each)")
+
+
+class SynthVLMRunConfig(GenerationRunConfig):
     """SynthVLM (paper §3): captions -> SDXL images -> CLIPScore -> top-k -> LLaVA pretraining JSON."""
 
     captions: str = Field(
@@ -85,7 +92,7 @@ class SynthVLMRunConfig(RunConfig):
         return CaptionsConfig(captions=self.captions, max_records=self.max_captions or None)
 
 
-class StableLLaVARunConfig(RunConfig):
+class StableLLaVARunConfig(GenerationRunConfig):
     """StableLLaVA: keywords -> SD prompts -> images -> dialogues -> CLIP check (gamma) -> LLaVA SFT data."""
 
     keywords: KeywordsConfig = Field(default_factory=KeywordsConfig)
@@ -98,7 +105,82 @@ class StableLLaVARunConfig(RunConfig):
     export: StableLLaVAExportConfig = Field(default_factory=StableLLaVAExportConfig)
 
 
-RUN_CONFIGS: dict[str, type[RunConfig]] = {"synthvlm": SynthVLMRunConfig, "stablellava": StableLLaVARunConfig}
+# The benchmarks of SynthVLM Table 4, run through lmms-eval (it must be in the eval image).
+PAPER_BENCHMARKS = [
+    f"lmms_eval:{task}"
+    for task in (
+        "vqav2",
+        "gqa",
+        "vizwiz_vqa",
+        "scienceqa_img",
+        "textvqa",
+        "pope",
+        "mme",
+        "mmbench_en",
+        "mmvet",
+    )
+]
+
+
+class TrainFields(RunConfig):
+    """LLaVA-1.5 pretrain -> SFT -> eval (SynthVLM §3.4, §4.1)."""
+
+    # LLaVA-1.5 trained on one node of 8 A100; more nodes go through a PyTorchJob.
+    gpus_per_node: int = Field(8, ge=1, le=16, description="GPUs per training pod")
+    num_nodes: int = Field(1, ge=1, description="training nodes (> 1: a Kubeflow PyTorchJob)")
+    pretrain_datasets: str = Field(
+        "[]", description="JSON list of LLaVA datasets ({uri, image_folder, ratio}) for stage 1"
+    )
+    # SynthVLM §4.1: SFT on LLaVA-665K (not shipped: point this at your copy).
+    sft_datasets: str = Field("[]", description="JSON list of LLaVA datasets for stage 2 (LLaVA-665K)")
+    benchmarks: list[str] = Field(
+        default_factory=lambda: list(PAPER_BENCHMARKS), description="eval benchmarks"
+    )
+    pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(stage="pretrain"))
+    sft: TrainConfig = Field(default_factory=lambda: TrainConfig(stage="sft"))
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("pretrain_datasets", "sft_datasets")
+    @classmethod
+    def _datasets(cls, value: str) -> str:
+        if value.strip() not in ("", "[]"):
+            parse_datasets(value)  # raises a ConfigError naming the bad entry
+        return value
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> TrainFields:
+        if self.sft_datasets.strip() in ("", "[]") and not getattr(self, "sft_on_synthetic", False):
+            raise ValueError(
+                "sft_datasets is empty: set it to LLaVA-665K (SynthVLM §4.1), a JSON list of datasets"
+            )
+        if not self.benchmarks:
+            raise ValueError("benchmarks is empty: name at least one benchmark JSONL or lmms_eval:<task>")
+        return self
+
+
+class TrainRunConfig(TrainFields):
+    """Train LLaVA-1.5 on given datasets: pretrain (projector) -> SFT -> eval."""
+
+    @model_validator(mode="after")
+    def _needs_pretrain_data(self) -> TrainRunConfig:
+        if self.pretrain_datasets.strip() in ("", "[]"):
+            raise ValueError("pretrain_datasets is empty: a JSON list of LLaVA datasets for stage 1")
+        return self
+
+
+class EndToEndRunConfig(SynthVLMRunConfig, TrainFields):
+    """SynthVLM data -> LLaVA-1.5 pretrain on it (+ pretrain_datasets) -> SFT -> eval."""
+
+    # SynthVLM §4.1 fine-tunes on LLaVA-665K only; the demo also fine-tunes on the synthetic data.
+    sft_on_synthetic: bool = Field(False, description="also fine-tune on the synthetic data")
+
+
+RUN_CONFIGS: dict[str, type[RunConfig]] = {
+    "synthvlm": SynthVLMRunConfig,
+    "stablellava": StableLLaVARunConfig,
+    "train": TrainRunConfig,
+    "end-to-end": EndToEndRunConfig,
+}
 
 
 def _tiny_models() -> dict[str, Any]:
@@ -146,10 +228,29 @@ def _stablellava_demo() -> dict[str, Any]:
     }
 
 
+def _train_demo() -> dict[str, Any]:
+    # The tiny random-weight LLaVA built from configs; a few steps on CPU, eval on the bundled fixture.
+    tiny = {"tiny": True, "max_steps": 2, "global_batch_size": 2, "per_device_batch_size": 2,
+            "dataloader_num_workers": 0, "save_steps": 1}  # fmt: skip
+    return {
+        "gpus_per_node": 1,
+        "pretrain": {"stage": "pretrain", **tiny},
+        "sft": {"stage": "sft", **tiny},
+        "benchmarks": ["bundled:eval_fixtures/colors.jsonl"],
+        "eval": {"max_new_tokens": 8},
+    }
+
+
+def _end_to_end_demo() -> dict[str, Any]:
+    return {**_synthvlm_demo(), **_train_demo(), "sft_on_synthetic": True}
+
+
 # paper = the defaults, from the papers (SDXL base 1.0, 60 steps, 1024^2, CLIP ViT-L-14, top-k 100K, gamma).
 PRESETS: dict[str, dict[str, Callable[[], dict[str, Any]]]] = {
     "synthvlm": {"paper": dict, "demo": _synthvlm_demo},
     "stablellava": {"paper": dict, "demo": _stablellava_demo},
+    "train": {"paper": dict, "demo": _train_demo},
+    "end-to-end": {"paper": dict, "demo": _end_to_end_demo},
 }
 
 

@@ -51,14 +51,14 @@ def test_pretrain_component_trains_and_logs_metrics(tmp_path):
     out = pretrain.python_func(
         config_json=config_json,
         datasets_json="[]",
-        output_dir=str(tmp_path / "stage1"),
+        data_root=str(tmp_path / "root"),
         gpus_per_node=1,
         num_nodes=1,
         metrics=metrics,
         dataset_uri=data,
         image_folder=str(tmp_path),
     )
-    assert is_done(out)
+    assert is_done(out) and out.startswith(str(tmp_path / "root" / "train" / "pretrain"))
     assert metrics.logged["global_step"] == 4.0 and metrics.logged["count_in"] == 4.0
 
 
@@ -69,11 +69,11 @@ def test_components_compile_into_a_two_stage_pipeline(tmp_path):
     from components.train import pretrain, sft
 
     @dsl.pipeline(name="llava-train")
-    def two_stages(export_json: str, data_root: str, sft_datasets: str, pretrain_dir: str, sft_dir: str):
+    def two_stages(export_json: str, data_root: str, sft_datasets: str):
         stage1 = pretrain(
             config_json="{}",
             datasets_json="[]",
-            output_dir=pretrain_dir,
+            data_root=data_root,
             gpus_per_node=8,
             num_nodes=1,
             dataset_uri=export_json,
@@ -83,7 +83,7 @@ def test_components_compile_into_a_two_stage_pipeline(tmp_path):
             config_json="{}",
             init_from=stage1.outputs["Output"],
             datasets_json=sft_datasets,
-            output_dir=sft_dir,
+            data_root=data_root,
             gpus_per_node=8,
             num_nodes=1,
         )
