@@ -10,9 +10,8 @@ import pytest
 import yaml
 
 from synthvlm.run_config import StableLLaVARunConfig, from_pipeline_arguments, to_pipeline_arguments
-from tests.pipelines.test_synthvlm_pipeline import REPO, SYNTHVLM, _clean_env, without_comments
+from tests.pipelines.test_synthvlm_pipeline import REPO, SYNTHVLM, _clean_env
 
-COMPILED = REPO / "pipelines" / "compiled" / "stablellava.yaml"
 LLM_TASKS = ("exec-stablellava-keywords", "exec-stablellava-prompts", "exec-stablellava-dialogues")
 
 
@@ -24,12 +23,6 @@ def compiled(tmp_path_factory) -> dict:
     text = (out / "stablellava.yaml").read_text()
     spec, platform = yaml.safe_load_all(text)
     return {"text": text, "spec": spec, "platform": platform["platforms"]["kubernetes"]}
-
-
-def test_checked_in_yaml_matches_pipelines_source(compiled):
-    assert without_comments(compiled["text"]) == without_comments(COMPILED.read_text()), (
-        "pipelines/compiled/stablellava.yaml is stale: run `make compile` and commit the result"
-    )
 
 
 def test_llm_key_comes_from_a_secret_and_clip_check_is_gamma(compiled):

@@ -1,0 +1,86 @@
+"""Every pipeline: its checked-in YAML is current, every parameter has a paper default and a UI description,
+and validation runs first on exactly the pipeline's parameters, before any GPU task."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from synthvlm.kfp_support import PIPELINE_MODULES
+from synthvlm.run_config import run_config_class, to_pipeline_arguments
+from tests.pipelines.test_synthvlm_pipeline import REPO, SYNTHVLM, _clean_env, without_comments
+
+PIPELINES = sorted(PIPELINE_MODULES)
+
+
+@pytest.fixture(scope="module")
+def compiled_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled")
+    subprocess.run([*SYNTHVLM, "compile", "--output-dir", str(out)], check=True, env=_clean_env(), cwd=REPO)
+    return out
+
+
+def _load(path):
+    spec, *platform = yaml.safe_load_all(path.read_text())
+    return spec, (platform[0]["platforms"]["kubernetes"] if platform else {})
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_checked_in_yaml_is_current(compiled_dir, name):
+    fresh = (compiled_dir / f"{name}.yaml").read_text()
+    checked_in = (REPO / "pipelines" / "compiled" / f"{name}.yaml").read_text()
+    assert without_comments(fresh) == without_comments(checked_in), (
+        f"pipelines/compiled/{name}.yaml is stale: pipelines/, components/ or a stage config changed "
+        "without recompiling; run `make compile` and commit the result"
+    )
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_parameters_have_defaults_and_descriptions(compiled_dir, name):
+    spec, _ = _load(compiled_dir / f"{name}.yaml")
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    defaults = to_pipeline_arguments(run_config_class(name).model_construct())
+    assert set(params) == set(defaults)
+    for param, pspec in params.items():
+        assert pspec.get("description"), f"{name}: parameter {param} has no description for the UI"
+        assert pspec.get("defaultValue", "") == defaults[param], f"{name}: {param}"
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_validation_comes_first_on_all_parameters(compiled_dir, name):
+    spec, _ = _load(compiled_dir / f"{name}.yaml")
+    tasks = spec["root"]["dag"]["tasks"]
+    [validate] = [t for t in tasks if t.startswith("validate-")]
+    assert set(tasks[validate]["inputs"]["parameters"]) == set(spec["root"]["inputDefinitions"]["parameters"])
+    assert tasks[validate]["cachingOptions"] == {}  # never skipped from cache
+    for task_name in tasks:
+        if task_name != validate:
+            assert _depends_on(tasks, task_name, validate), f"{name}: {task_name} can start before validation"
+
+
+def _depends_on(tasks, name, target, seen=None) -> bool:
+    seen = seen or set()
+    deps = set(tasks[name].get("dependentTasks", []))
+    for param in tasks[name].get("inputs", {}).get("parameters", {}).values():
+        producer = param.get("taskOutputParameter", {}).get("producerTask")
+        if producer:
+            deps.add(producer)
+    if target in deps:
+        return True
+    seen.add(name)
+    return any(_depends_on(tasks, d, target, seen) for d in deps - seen if d in tasks)
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_no_secret_values_and_gpu_tasks_placed_by_parameters(compiled_dir, name):
+    spec, platform = _load(compiled_dir / f"{name}.yaml")
+    text = (compiled_dir / f"{name}.yaml").read_text()
+    assert "sk-" not in text and "BEGIN PRIVATE KEY" not in text
+    for executor, container in spec["deploymentSpec"]["executors"].items():
+        accel = container["container"].get("resources", {}).get("accelerator")
+        if accel:  # every GPU task lands on the chosen node pool and is retried on preemption
+            assert accel["resourceType"] == "nvidia.com/gpu"
+            placement = platform["deploymentSpec"]["executors"][executor]
+            assert "nodeSelector" in placement and "tolerations" in placement, f"{name}: {executor}"
