@@ -150,6 +150,27 @@ def cmd_sl_export(args: argparse.Namespace) -> None:
     print(export_stablellava(config, args.selected, args.dialogues, args.data_root, args.output))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from synthvlm.stages.train import TrainConfig, TrainDataset, train
+
+    config = _stage_config(args, TrainConfig, args.stage, {"stage": args.stage}, pipeline="train")
+    datasets = [TrainDataset.from_spec(spec) for spec in args.dataset]
+    print(train(config, datasets, args.output))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from synthvlm.stages.evaluate import EvalConfig, evaluate
+
+    config = _stage_config(args, EvalConfig, "eval", pipeline="train")
+    print(evaluate(config, args.model, args.benchmark, args.output, model_name=args.name))
+
+
+def cmd_compare_evals(args: argparse.Namespace) -> None:
+    from synthvlm.evaluation.report import write_comparison
+
+    print(write_comparison(args.results, args.output))
+
+
 # ---------------------------------------------------------------- pipelines
 
 
@@ -356,6 +377,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialogues", required=True, help="dialogues JSONL")
     p.add_argument("--data-root", required=True, help="image root; LLaVA `image` paths are relative to it")
     p.add_argument("--output", required=True, help="output folder")
+
+    p = add(
+        "train", cmd_train, "train LLaVA-1.5: stage 1 pretrain (projector) or stage 2 SFT (projector + LLM)"
+    )
+    p.add_argument("--stage", choices=["pretrain", "sft"], required=True)
+    p.add_argument(
+        "--dataset", action="append", required=True, metavar="SPEC",
+        help="LLaVA JSON, or json=URI,images=DIR,ratio=R (repeatable: a mixture)",
+    )  # fmt: skip
+    p.add_argument(
+        "--output", required=True, help="output folder or gs:// prefix (model under <output>/model)"
+    )
+    p = add("evaluate", cmd_evaluate, "evaluate a LLaVA model on benchmark JSONLs or lmms_eval:<task>")
+    p.add_argument("--model", required=True, help="HF LLaVA model folder, gs:// URI or hub name")
+    p.add_argument("--benchmark", action="append", required=True, help="benchmark JSONL or lmms_eval:<task>")
+    p.add_argument("--name", help="model name in the results (default: from --model)")
+    p.add_argument("--output", required=True, help="results JSON to write")
+    p = add("compare-evals", cmd_compare_evals, "HTML table comparing evaluation results", config=False)
+    p.add_argument("results", nargs="+", help="results JSON files from `synthvlm evaluate`")
+    p.add_argument("--output", required=True, help="HTML file to write")
 
     p = add("compile", cmd_compile, "compile pipelines to KFP YAML", config=False)
     p.add_argument("--output-dir", required=True, help="folder for <pipeline>.yaml")

@@ -11,17 +11,10 @@ from synthvlm.cli import build_parser, main
 from synthvlm.records import read_manifest
 
 COMMANDS = [
-    "captions",
-    "generate",
-    "score",
-    "select",
-    "export",
-    "report",
-    "compile",
-    "run",
-    "upload",
-    "submit",
-]
+    "captions", "curate", "generate", "score", "select", "export", "report",
+    "stablellava-keywords", "stablellava-prompts", "stablellava-dialogues", "stablellava-export",
+    "train", "evaluate", "compare-evals", "compile", "run", "upload", "submit",
+]  # fmt: skip
 
 
 def test_every_subcommand_has_help(capsys):
@@ -93,3 +86,37 @@ def test_upload_then_submit_through_the_cli(capsys):
         # a bad value is refused before anything is sent to the cluster
         assert main(["submit", "synthvlm", "--host", server.host, "--set", "select.k=0"]) == 2
         assert len(server.requests_to("POST", "/apis/v2beta1/runs")) == 1
+
+
+def test_train_and_evaluate_by_hand(tmp_path: Path, capsys):
+    """Tiny LLaVA: pretrain on a LLaVA JSON through the CLI, evaluate it, compare two result files."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    samples = []
+    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
+        Image.new("RGB", (32, 32), colour).save(images / f"{i}.png")
+        conv = [
+            {"from": "human", "value": "<image>\nDescribe."},
+            {"from": "gpt", "value": f"A {colour} square."},
+        ]
+        samples.append({"id": str(i), "image": f"images/{i}.png", "conversations": conv})
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(samples))
+    out = tmp_path / "pretrain"
+    spec = f"json={data},images={tmp_path}"
+    assert (
+        main(["train", "--preset", "demo", "--stage", "pretrain", "--dataset", spec, "--output", str(out)])
+        == 0
+    )
+    model = capsys.readouterr().out.strip().splitlines()[-1]
+    assert Path(model, "config.json").is_file()
+    bench = "bundled:eval_fixtures/colors.jsonl"
+    results = [str(tmp_path / f"eval{i}.json") for i in (1, 2)]
+    for name, result in zip(("a", "b"), results, strict=True):
+        assert main(["evaluate", "--preset", "demo", "--model", model, "--benchmark", bench,
+                     "--name", name, "--output", result]) == 0  # fmt: skip
+    assert main(["compare-evals", *results, "--output", str(tmp_path / "cmp.html")]) == 0
+    table = (tmp_path / "cmp.html").read_text()
+    assert ">a<" in table and ">b<" in table
