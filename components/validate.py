@@ -25,9 +25,12 @@ def validate_synthvlm_config(
 
     from synthvlm.kfp_support import setup_logging
     from synthvlm.run_config import SynthVLMRunConfig, from_pipeline_arguments
+    from synthvlm.safety import validate_safety
 
     setup_logging()
-    from_pipeline_arguments(parameters, SynthVLMRunConfig).require_data_root()
+    config = from_pipeline_arguments(parameters, SynthVLMRunConfig)
+    config.require_data_root()
+    validate_safety(config.generate.safety)  # blocklist file readable, checker known: before any GPU pod
 
 
 @dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
@@ -50,9 +53,12 @@ def validate_stablellava_config(
 
     from synthvlm.kfp_support import setup_logging
     from synthvlm.run_config import StableLLaVARunConfig, from_pipeline_arguments
+    from synthvlm.safety import validate_safety
 
     setup_logging()
-    from_pipeline_arguments(parameters, StableLLaVARunConfig).require_data_root()
+    config = from_pipeline_arguments(parameters, StableLLaVARunConfig)
+    config.require_data_root()
+    validate_safety(config.generate.safety)  # blocklist file readable, checker known: before any GPU pod
 
 
 @dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
@@ -111,6 +117,9 @@ def validate_end_to_end_config(
 
     from synthvlm.kfp_support import setup_logging
     from synthvlm.run_config import EndToEndRunConfig, from_pipeline_arguments
+    from synthvlm.safety import validate_safety
 
     setup_logging()
-    from_pipeline_arguments(parameters, EndToEndRunConfig).require_data_root()
+    config = from_pipeline_arguments(parameters, EndToEndRunConfig)
+    config.require_data_root()
+    validate_safety(config.generate.safety)  # blocklist file readable, checker known: before any GPU pod

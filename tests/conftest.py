@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests run tiny models: OpenMP threads across a busy 2-core runner spin more than they help (measured
+# 2-3x slower). Subprocesses (local pipeline runs, kill/resume tests) inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,27 @@
-"""Stable Diffusion XL pipelines: the real one from the hub or a local folder, and a tiny offline one.
+"""Stable Diffusion XL pipelines: the real ones from the hub or a local folder, and tiny offline ones.
 
 The tiny pipeline has SDXL's structure (two CLIP text encoders whose hidden states are concatenated,
 a pooled text embedding plus size/crop "time ids" as added conditioning, a KL autoencoder, Euler
 sampling with SDXL's noise schedule) at ~3.5M parameters, mostly the 49408-token embeddings, with
 random weights fixed by a seed. It lets every stage and test run the exact diffusers code path on a
-CPU with no download.
+CPU with no download. The tiny refiner mirrors SDXL's refiner: an img2img pipeline with the second text
+encoder only, whose UNet is conditioned on an aesthetic score instead of the target size.
+
+Other model names can be registered with a builder (`register_builder`): the GPU benchmark registers
+the full-size SDXL architecture with random weights that way, so the generation stage runs it unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -24,11 +30,18 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from synthvlm.models.tokenizer import CONTEXT_LENGTH, offline_clip_tokenizer_dir
 
 TINY_SDXL = "synthvlm/tiny-sdxl"
+TINY_SDXL_REFINER = "synthvlm/tiny-sdxl-refiner"
 SchedulerName = Literal["euler", "dpmpp_2m"]
 SCHEDULERS = {"euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
 
 _TEXT_HIDDEN = 32  # per text encoder; the UNet cross-attends to both, concatenated
 _TIME_EMBED = 8  # per SDXL time id (original size, crop offset, target size: 6 ids)
+_REFINER_TIME_IDS = 5  # the refiner's time ids: original size, crop offset, aesthetic score
+_REFINER_SEED = 1  # our choice: any fixed seed other than the base's, so the two UNets differ
+
+# (dtype, device) -> pipeline, for model names that are built rather than loaded.
+Builder = Callable[[torch.dtype, torch.device], StableDiffusionXLPipeline]
+_P = TypeVar("_P", StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline)
 
 
 def _tiny_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
@@ -47,7 +60,7 @@ def _tiny_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     )
 
 
-def _tiny_unet() -> UNet2DConditionModel:
+def _tiny_unet(cross_attention_dim: int = 2 * _TEXT_HIDDEN, time_ids: int = 6) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
@@ -60,11 +73,11 @@ def _tiny_unet() -> UNet2DConditionModel:
         attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 1),
         use_linear_projection=True,
-        cross_attention_dim=2 * _TEXT_HIDDEN,
+        cross_attention_dim=cross_attention_dim,
         # SDXL's added conditioning: pooled text embedding of encoder 2 + embedded time ids.
         addition_embed_type="text_time",
         addition_time_embed_dim=_TIME_EMBED,
-        projection_class_embeddings_input_dim=6 * _TIME_EMBED + _TEXT_HIDDEN,
+        projection_class_embeddings_input_dim=time_ids * _TIME_EMBED + _TEXT_HIDDEN,
     )
 
 
@@ -96,12 +109,17 @@ def _sdxl_euler_scheduler() -> EulerDiscreteScheduler:
     )
 
 
-def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
-    """A tiny random-weight SDXL pipeline; the same seed gives the same weights."""
+def _tiny_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
     tokenizer_dir = offline_clip_tokenizer_dir()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     # SDXL's second tokenizer pads with "!" (id 0) rather than end-of-text, as in the released model.
     tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")
+    return tokenizer, tokenizer_2
+
+
+def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A tiny random-weight SDXL pipeline; the same seed gives the same weights."""
+    tokenizer, tokenizer_2 = _tiny_tokenizers()
     # Our own RNG stream: building the model neither depends on nor disturbs the caller's global seed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -121,6 +139,61 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     )
 
 
+def build_tiny_sdxl_refiner(
+    base: StableDiffusionXLPipeline | None = None, seed: int = _REFINER_SEED
+) -> StableDiffusionXLImg2ImgPipeline:
+    """A tiny random-weight SDXL refiner: img2img with text encoder 2 only and aesthetic-score time ids.
+
+    With `base`, it shares the base's second text encoder and VAE, as the diffusers SDXL docs load the
+    released refiner; otherwise it builds its own (from the base seed) and only the UNet is its own.
+    """
+    if base is None:
+        base = build_tiny_sdxl()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # The refiner cross-attends to text encoder 2 only (SDXL refiner: 1280 wide, not 768 + 1280).
+        unet = _tiny_unet(cross_attention_dim=_TEXT_HIDDEN, time_ids=_REFINER_TIME_IDS)
+    if base.unet.dtype != unet.dtype:  # built in float32
+        unet.to(dtype=base.unet.dtype)
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae,
+        text_encoder=None,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=base.tokenizer_2,
+        unet=unet.to(base.unet.device),
+        scheduler=_sdxl_euler_scheduler(),
+        # The released refiner's model_index.json: aesthetic-score conditioning, and an empty negative
+        # prompt is encoded rather than zeroed.
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+
+
+def _build_tiny(dtype: torch.dtype, device: torch.device) -> StableDiffusionXLPipeline:
+    return build_tiny_sdxl()
+
+
+_BUILDERS: dict[str, Builder] = {TINY_SDXL: _build_tiny}
+
+
+def register_builder(name: str, builder: Builder) -> None:
+    """Make `load_sdxl(name)` call `builder(dtype, device)` instead of loading from the hub or a folder."""
+    _BUILDERS[name] = builder
+
+
+def _check_scheduler(scheduler: str) -> None:
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+
+
+def _finish(pipe: _P, scheduler: SchedulerName, device: torch.device | str) -> _P:
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)  # callers log their own progress per batch
+    return pipe.to(device)
+
+
 def load_sdxl(
     model: str,
     revision: str | None = None,
@@ -132,15 +205,35 @@ def load_sdxl(
 
     `scheduler` swaps the sampler while keeping the model's noise schedule (its scheduler config).
     """
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
-    if model == TINY_SDXL:
-        pipe = build_tiny_sdxl()
-        if dtype != torch.float32:  # built in float32
+    _check_scheduler(scheduler)
+    if model in _BUILDERS:
+        pipe = _BUILDERS[model](dtype, torch.device(device))
+        if pipe.unet.dtype != dtype:
             pipe.to(dtype=dtype)
     else:
         # dtype at load time, not via .to(): diffusers then keeps modules that need float32 in float32.
         pipe = StableDiffusionXLPipeline.from_pretrained(model, revision=revision, dtype=dtype)
-    pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)  # callers log their own progress per batch
-    return pipe.to(device)
+    return _finish(pipe, scheduler, device)
+
+
+def load_sdxl_refiner(
+    model: str,
+    base: StableDiffusionXLPipeline,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    scheduler: SchedulerName = "euler",
+) -> StableDiffusionXLImg2ImgPipeline:
+    """SDXL refiner (`TINY_SDXL_REFINER`: the tiny one) sharing `base`'s second text encoder and VAE.
+
+    Sharing is what the diffusers SDXL docs do with the released models (the refiner's copies are the
+    same weights); it saves ~1.7 GB of GPU memory and a second VAE decode setup.
+    """
+    _check_scheduler(scheduler)
+    if model == TINY_SDXL_REFINER:
+        pipe = build_tiny_sdxl_refiner(base)
+    else:
+        pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            model, revision=revision, dtype=dtype, text_encoder_2=base.text_encoder_2, vae=base.vae
+        )
+    return _finish(pipe, scheduler, device)

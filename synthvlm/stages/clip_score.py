@@ -6,7 +6,12 @@ pairs whose CLIP score is >= 0.25. Hessel et al. (2021) scale it as 2.5 * max(co
 are offered. Keep/drop is a separate stage (`synthvlm.stages.select`), so scores can be reused.
 
 Images are read through `synthvlm.storage` (local paths or gs://) by a small thread pool, one batch
-ahead of the model, so reading and decoding overlap with GPU work.
+ahead of the model, so reading and decoding overlap with GPU work. The L2-normalised image embeddings
+are kept in a sidecar `.npy` next to the scored manifest (see `synthvlm.stages.select`), so selection
+can remove near duplicates without running CLIP again.
+
+`TensorScorer` scores decoded image tensors where they are (the generation stage's `score_in_pod`):
+the model's own resize/crop/normalise transforms, applied to the tensors, with no JPEG round trip.
 """
 
 from __future__ import annotations
@@ -19,17 +24,21 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field, field_validator
+from torchvision import transforms
 
 from synthvlm import storage
 from synthvlm.config import StageConfig
 from synthvlm.devices import DeviceName, DtypeName, resolve_device, resolve_dtype
+from synthvlm.errors import ConfigError
 from synthvlm.models.clip import input_dtype, load_clip
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stage import StageStats, is_done, mark_done
+from synthvlm.stages.select import write_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +67,8 @@ class ScoreConfig(StageConfig):
     score_key: str = "clip"  # our choice: key in Record.scores that select reads
     form: ScoreForm = "cosine"  # SynthVLM §3.1 formula (cosine similarity)
     read_workers: int = Field(8, ge=1)  # our choice: parallel image reads/decodes (gs:// latency)
+    # Our choice: on; select's near-duplicate removal reads them (ViT-L-14: 1.5 KB per image as float16).
+    save_embeddings: bool = True
 
     @field_validator("score_key")
     @classmethod
@@ -78,10 +89,10 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def cosine_batch(
+def cosine_and_embeddings(
     model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], pixels: torch.Tensor, texts: Sequence[str]
-) -> torch.Tensor:
-    """Cosine similarity of each preprocessed image with its text, as float32 on the CPU."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine of each preprocessed image with its text, L2-normalised image embeddings), float32 on CPU."""
     device = _model_device(model)
     with torch.no_grad():
         image_features = model.encode_image(pixels.to(device=device, dtype=input_dtype(model)))
@@ -89,7 +100,14 @@ def cosine_batch(
         # Normalise in float32: fp16 features would round the cosine to ~3 digits.
         image_features = F.normalize(image_features.float(), dim=-1)
         text_features = F.normalize(text_features.float(), dim=-1)
-        return (image_features * text_features).sum(dim=-1).cpu()
+        return (image_features * text_features).sum(dim=-1).cpu(), image_features.cpu()
+
+
+def cosine_batch(
+    model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], pixels: torch.Tensor, texts: Sequence[str]
+) -> torch.Tensor:
+    """Cosine similarity of each preprocessed image with its text, as float32 on the CPU."""
+    return cosine_and_embeddings(model, tokenizer, pixels, texts)[0]
 
 
 def clip_scores(
@@ -163,11 +181,53 @@ def _prefetched_batches(
         yield done_batch, [f.result() for f in futures]
 
 
-def _resolve(config: ScoreConfig) -> tuple[torch.device, torch.dtype]:
-    device = resolve_device(config.device)
+def _resolve(config: ScoreConfig, device: torch.device | None = None) -> tuple[torch.device, torch.dtype]:
+    device = device or resolve_device(config.device)
     if config.dtype == "auto" and device.type == "cuda":
         return device, torch.float16
     return device, resolve_dtype(config.dtype, device)
+
+
+_TENSOR_TRANSFORMS = (transforms.Resize, transforms.CenterCrop, transforms.Normalize)
+_PIL_ONLY_STEPS = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb", "function")
+
+
+def tensor_transform(preprocess: Callable[[Image.Image], torch.Tensor]) -> transforms.Compose:
+    """The tensor-capable steps of an open_clip image transform (resize, crop, normalise), for batches of
+    N x 3 x H x W floats in [0, 1]. PIL-only steps (RGB conversion, to-tensor) are what a tensor already is.
+    """
+    steps = getattr(preprocess, "transforms", None)
+    if steps is None:
+        raise ConfigError(f"cannot score tensors with the transform {preprocess!r}: not a Compose")
+    kept = []
+    for step in steps:
+        if isinstance(step, _TENSOR_TRANSFORMS):
+            kept.append(step)
+        elif type(step).__name__ not in _PIL_ONLY_STEPS:
+            raise ConfigError(f"cannot score tensors: transform step {step!r} has no tensor equivalent here")
+    return transforms.Compose(kept)
+
+
+class TensorScorer:
+    """CLIP scores and image embeddings straight from decoded images (N x 3 x H x W in [0, 1]).
+
+    The images stay on their device (the generation GPU): no JPEG encode/decode between generation
+    and scoring. Scores differ from the file-based stage only by the 8-bit/JPEG rounding of the file.
+    """
+
+    def __init__(self, config: ScoreConfig, device: torch.device):
+        self.config = config
+        device, dtype = _resolve(config, device)
+        self.model, preprocess, self.tokenizer = load_clip(config.model, config.pretrained, device, dtype)
+        self.transform = tensor_transform(preprocess)
+
+    def __call__(self, images: torch.Tensor, captions: Sequence[str]) -> tuple[list[float], np.ndarray]:
+        """(score in the configured form per image, L2-normalised image embeddings as float32)."""
+        if len(images) != len(captions):
+            raise ValueError(f"got {len(images)} images but {len(captions)} captions")
+        pixels = self.transform(images.float().to(_model_device(self.model)))
+        cosines, embeddings = cosine_and_embeddings(self.model, self.tokenizer, pixels, captions)
+        return [apply_form(c, self.config.form) for c in cosines.tolist()], embeddings.numpy()
 
 
 class _Rejects:
@@ -187,7 +247,8 @@ class _Rejects:
             ids.append(record.id)
 
 
-def _scored(record: Record, value: float, config: ScoreConfig) -> Record:
+def with_score(record: Record, value: float, config: ScoreConfig) -> Record:
+    """`record` with the score under config.score_key and the scorer in its provenance."""
     scorer = {"model": config.model, "pretrained": config.pretrained, "form": config.form}
     return record.model_copy(
         update={
@@ -201,7 +262,8 @@ def score(config: ScoreConfig, input_manifest: str, output_manifest: str) -> str
     """Score every record of `input_manifest` and write them to `output_manifest` (idempotent).
 
     Records without a readable image are left out of the output and counted in the stats' rejects
-    by reason ("no image_uri", "image missing", "image not decodable", "non-finite score").
+    by reason ("no image_uri", "image missing", "image not decodable", "non-finite score"). With
+    `save_embeddings`, the image embeddings go to the sidecar `<output_manifest>.image_embeddings.npy`.
     """
     if is_done(output_manifest):
         logger.info("%s is already done; skipping", output_manifest)
@@ -213,11 +275,20 @@ def score(config: ScoreConfig, input_manifest: str, output_manifest: str) -> str
     model, preprocess, tokenizer = load_clip(config.model, config.pretrained, device, dtype)
     rejects = _Rejects(stats, input_manifest)
     scored: list[Record] = []
+    embeddings: list[torch.Tensor] = []
     with ThreadPoolExecutor(max_workers=config.read_workers) as pool:
         for batch, loaded in _prefetched_batches(pool, records, config.batch_size, preprocess):
-            scored.extend(_score_loaded(model, tokenizer, batch, loaded, config, rejects))
+            batch_scored, batch_embeddings = _score_loaded(model, tokenizer, batch, loaded, config, rejects)
+            scored.extend(batch_scored)
+            if batch_scored:
+                embeddings.append(batch_embeddings.half())  # what the sidecar stores: half the memory
             done = len(scored) + sum(stats.rejects.values())
             logger.info("%s: scored %d/%d", input_manifest, done, len(records))
+    if config.save_embeddings:  # before the manifest and its done marker: a done manifest has its sidecar
+        width = embeddings[0].shape[1] if embeddings else 0
+        write_embeddings(
+            output_manifest, torch.cat(embeddings).numpy() if embeddings else np.empty((0, width))
+        )
     write_manifest(output_manifest, scored)
     stats.count_out = len(scored)
     stats.extra.update(_summary(config, device, dtype, scored, rejects.examples))
@@ -232,7 +303,8 @@ def _score_loaded(
     loaded: list[tuple[torch.Tensor | None, str | None]],
     config: ScoreConfig,
     rejects: _Rejects,
-) -> list[Record]:
+) -> tuple[list[Record], torch.Tensor]:
+    """(scored records, their image embeddings, one row each)."""
     good: list[tuple[Record, torch.Tensor]] = []
     for record, (pixels, reason) in zip(batch, loaded, strict=True):
         if pixels is None:
@@ -240,15 +312,18 @@ def _score_loaded(
         else:
             good.append((record, pixels))
     if not good:
-        return []
-    cosines = cosine_batch(model, tokenizer, torch.stack([p for _, p in good]), [r.caption for r, _ in good])
+        return [], torch.empty(0, 0)
+    pixels = torch.stack([p for _, p in good])
+    cosines, embeddings = cosine_and_embeddings(model, tokenizer, pixels, [r.caption for r, _ in good])
     out: list[Record] = []
-    for (record, _), cosine in zip(good, cosines.tolist(), strict=True):
+    rows: list[int] = []
+    for row, ((record, _), cosine) in enumerate(zip(good, cosines.tolist(), strict=True)):
         if not math.isfinite(cosine):
             rejects.add(record, REJECT_NON_FINITE)
             continue
-        out.append(_scored(record, apply_form(cosine, config.form), config))
-    return out
+        out.append(with_score(record, apply_form(cosine, config.form), config))
+        rows.append(row)
+    return out, embeddings[rows]
 
 
 def _summary(

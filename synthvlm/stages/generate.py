@@ -1,20 +1,35 @@
-"""Image generation: one SDXL image per caption, sharded, batched, resumable.
+"""Image generation: SDXL images per caption, sharded, batched, resumable.
 
-Each record gets its own seed, derived from (global seed, record id), and its own torch.Generator,
-so its image depends neither on the shard layout nor on its batch neighbours. Work is committed
-per batch as a small part manifest with a done marker; a rerun skips finished parts (by record id,
-so a different batch size on rerun is fine) and finally publishes the union as the shard manifest.
-Images go straight to `{output_dir}/images/{id}.{ext}` (a local folder or gs://).
+Each image gets its own seed, derived from (global seed, image id, attempt), and its own
+torch.Generator, so it depends neither on the shard layout nor on its batch neighbours. With
+`images_per_prompt` N > 1 a caption `c` yields images `c~0` ... `c~{N-1}` (provenance.source_id = c), for
+best-of-N selection downstream; with N = 1 (SynthVLM §3.1) ids stay the caption ids.
+
+Work is committed per batch as a small part manifest with a done marker, written only after the
+batch's images: a rerun skips finished parts (by image id, so another batch size on rerun is fine),
+regenerates the rest, and finally publishes the union as the shard manifest. A finished shard is
+skipped outright. Images go straight to `{output_dir}/images/{id}.{ext}` (a local folder or gs://);
+dropped ids and their reasons to `{output_dir}/rejects/shard-*.jsonl`.
+
+Encoding and upload run on background threads while the next batch denoises (a bounded queue of
+parts; an error there stops the stage, and parts already handed over are still committed). Optional:
+an SDXL refiner for the last (1 - high_noise_frac) of the steps, a prompt blocklist and an image
+safety checker (`synthvlm.safety`), CLIP scoring of the decoded tensors in the same pod
+(`score_in_pod`), and GPU speed settings (compile, fused QKV, channels-last, VAE precision) that are
+ignored, with a log line, on a CPU.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import diffusers
@@ -25,16 +40,30 @@ from pydantic import Field
 
 from synthvlm import devices, stage, storage
 from synthvlm.config import StageConfig
-from synthvlm.errors import ConfigError
-from synthvlm.models.sdxl import SchedulerName, load_sdxl
-from synthvlm.records import Record, read_manifest, write_manifest
+from synthvlm.errors import ConfigError, InputError
+from synthvlm.models.sdxl import SchedulerName, load_sdxl, load_sdxl_refiner
+from synthvlm.records import Record, check_id, read_manifest, write_manifest
+from synthvlm.safety import (
+    REJECT_BLOCKED_PROMPT,
+    REJECT_UNSAFE_IMAGE,
+    PromptBlocklist,
+    SafetyConfig,
+    check_images,
+    load_image_checker,
+)
+from synthvlm.stages.clip_score import REJECT_NON_FINITE, ScoreConfig, TensorScorer, with_score
+from synthvlm.stages.select import SOURCE_ID_KEY, embeddings_uri, read_embeddings, write_embeddings
 
 log = logging.getLogger(__name__)
 
 STAGE = "generate"
 ImageFormat = Literal["jpeg", "png", "webp"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+REJECT_NAN = "nan_image"
+REJECT_BLACK = "black_image"
+VARIANT_SEPARATOR = "~"  # image id = f"{caption id}~{n}" when images_per_prompt > 1
+MAX_REJECT_EXAMPLES = 10  # our choice: ids per reject reason in the shard's stats; all are in the sidecar
 _EXTENSIONS: dict[str, str] = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-_IO_THREADS = 16  # our choice: object-store writes/reads are latency bound; overlap them
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -56,29 +85,64 @@ class GenerateConfig(StageConfig):
     width: int = Field(1024, ge=8, multiple_of=8)
     # Our choice: 8 doubles throughput over batch 1 on an H100 (design.md reference figures).
     batch_size: int = Field(8, ge=1)
-    # Our choice: the global seed from which every record's seed is derived.
+    # Our choice: the global seed from which every image's seed is derived.
     seed: int = Field(0, ge=0)
     # Our choice: none; an empty prompt keeps SDXL's zeroed negative conditioning.
     negative_prompt: str = ""
     # Our choice: Euler, the sampler SDXL base ships with; dpmpp_2m = DPM-Solver++(2M).
     scheduler: SchedulerName = "euler"
-    # Our choice: bfloat16 on GPU (no fp16 overflow in the SDXL VAE), float32 on CPU.
+    # Our choice: bfloat16 on GPU (no fp16 overflow in the SDXL VAE), float32 on CPU (half precision
+    # is ignored there, with a log line).
     dtype: devices.DtypeName = "auto"
     # Our choice: CUDA when present, else CPU.
     device: devices.DeviceName = "auto"
     # Our choice: JPEG at quality 95 keeps 1M 1024^2 images near 300 GB with no visible loss.
     image_format: ImageFormat = "jpeg"
     quality: int = Field(95, ge=1, le=100)
+    # SynthVLM §3.1: one image per caption. N > 1 makes ids "{id}~{n}" for best-of-N selection.
+    images_per_prompt: int = Field(1, ge=1)
+    # Our choice: none (SynthVLM §3.1 uses SDXL base only); e.g. stabilityai/stable-diffusion-xl-refiner-1.0.
+    refiner_model: str | None = None
+    # Our choice: the hub's default branch; pin a commit hash for a reproducible dataset.
+    refiner_revision: str | None = None
+    # diffusers SDXL docs (ensemble of expert denoisers): the base runs the first 80% of the steps.
+    high_noise_frac: float = Field(0.8, gt=0, lt=1)
+    # GPU speed settings (ignored on CPU). Off by default: our choice until measured on the target GPU
+    # (benchmarks/generation.py); design.md: compile gains ~25% at batch 8 after a ~150 s warm-up.
+    compile: bool = False
+    # design.md reference figures use torch.compile's default mode (max-autotune warms up far longer).
+    compile_mode: CompileMode = "default"
+    # Our choice: off; diffusers' fuse_qkv_projections (one matmul for q, k, v) is marked experimental.
+    fuse_qkv: bool = False
+    # Our choice: off; channels-last UNet/VAE memory layout (diffusers' SDXL speed-up guide).
+    channels_last: bool = False
+    # diffusers' default: True (an fp16 SDXL VAE decodes in float32; it overflows in fp16). False sets
+    # force_upcast off, honoured only when the VAE is not float16 (bf16 has float32's range).
+    vae_upcast: bool = True
+    # Our choice: parts waiting for or in encode/upload while the next batch denoises (bounds memory).
+    pending_parts: int = Field(2, ge=1)
+    # Our choice: object-store writes are latency bound; 16 parallel uploads keep up with an H100.
+    write_workers: int = Field(16, ge=1)
+    # Our choice: none (scoring is its own stage). Set to CLIP-score decoded images on the generation
+    # device, no JPEG round trip; the shard manifest then carries scores and an embeddings sidecar.
+    score_in_pod: ScoreConfig | None = None
+    # Our choice: everything off (the papers filter no prompts or images).
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
 
 
 def record_seed(global_seed: int, record_id: str, repeat: int = 0) -> int:
-    """Seed of one record's image (attempt `repeat`): a hash, the same whatever the sharding/batching."""
+    """Seed of one image (attempt `repeat`): a hash, the same whatever the sharding/batching."""
     digest = hashlib.sha256(f"{global_seed}\0{record_id}\0{repeat}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1  # < 2**63: fits int64 manifests and torch seeds
 
 
 def shard_manifest_uri(output_dir: str, rank: int, world_size: int) -> str:
     return storage.join(output_dir, "shards", f"shard-{rank:05d}-of-{world_size:05d}.jsonl")
+
+
+def rejects_uri(output_dir: str, rank: int, world_size: int) -> str:
+    """Every dropped image id of a shard with its reason (JSONL), outside shards/ (which holds manifests)."""
+    return storage.join(output_dir, "rejects", f"shard-{rank:05d}-of-{world_size:05d}.jsonl")
 
 
 def image_uri(output_dir: str, record_id: str, image_format: ImageFormat) -> str:
@@ -88,9 +152,9 @@ def image_uri(output_dir: str, record_id: str, image_format: ImageFormat) -> str
 def image_problem(image: np.ndarray) -> str | None:
     """Why a decoded image (HxWx3 floats in [0, 1]) is unusable, or None when it is fine."""
     if not np.isfinite(image).all():
-        return "nan_image"  # e.g. fp16 overflow in the VAE
+        return REJECT_NAN  # e.g. fp16 overflow in the VAE
     if image.max() < 0.5 / 255:
-        return "black_image"  # every pixel rounds to 0 in 8 bits
+        return REJECT_BLACK  # every pixel rounds to 0 in 8 bits
     return None
 
 
@@ -104,16 +168,116 @@ def encode_image(image: np.ndarray, image_format: ImageFormat, quality: int) -> 
     return buf.getvalue()
 
 
-class _Painter:
-    """The loaded pipeline plus the settings of every call: prompts + seeds -> decoded images."""
+def image_records(records: Sequence[Record], images_per_prompt: int, source: str) -> list[Record]:
+    """One record per image to make: the captions themselves, or N variants "{id}~{n}" of each."""
+    if images_per_prompt == 1:
+        return list(records)
+    out = []
+    for rec in records:
+        for n in range(images_per_prompt):
+            variant_id = f"{rec.id}{VARIANT_SEPARATOR}{n}"
+            try:
+                check_id(variant_id)
+            except ValueError as exc:
+                raise InputError(source, f"record {rec.id!r}: image id {exc}", field="id") from None
+            provenance = {**rec.provenance, SOURCE_ID_KEY: rec.id, "image_index": n}
+            out.append(rec.model_copy(update={"id": variant_id, "provenance": provenance}))
+    return out
+
+
+# --- device, precision and GPU speed settings ---------------------------------------------------
+
+
+def resolve_runtime(config: GenerateConfig) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype; half precision on a CPU becomes float32 (slow there, fp16 partly unsupported)."""
+    device = devices.resolve_device(config.device)
+    dtype = devices.resolve_dtype(config.dtype, device)
+    if device.type != "cuda" and dtype != torch.float32:
+        log.info("dtype %s is a GPU setting: using float32 on %s", config.dtype, device)
+        dtype = torch.float32
+    return device, dtype
+
+
+def _requested_speed_settings(config: GenerateConfig) -> list[str]:
+    requested = [name for name in ("compile", "fuse_qkv", "channels_last") if getattr(config, name)]
+    return requested + ([] if config.vae_upcast else ["vae_upcast=False"])
+
+
+def apply_speed_settings(
+    pipe: Any, config: GenerateConfig, device: torch.device, *, vae: bool = True
+) -> list[str]:
+    """Apply the GPU speed settings to a (base or refiner) pipeline; returns those applied.
+
+    On anything but CUDA nothing is applied: the settings only pay off there (and torch.compile would
+    need a C++ toolchain on a CPU node). `vae=False` leaves the VAE alone (a refiner shares the base's).
+    """
+    requested = _requested_speed_settings(config)
+    if device.type != "cuda":
+        if requested:
+            log.info("ignoring GPU speed settings on %s: %s", device, ", ".join(requested))
+        return []
+    applied = []
+    if config.fuse_qkv:
+        pipe.fuse_qkv_projections(unet=True, vae=vae)
+        applied.append("fuse_qkv")
+    if config.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        if vae:
+            pipe.vae.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if not config.vae_upcast and vae:
+        if pipe.vae.dtype == torch.float16:
+            log.warning("vae_upcast=False ignored: SDXL's VAE overflows in float16 (use bfloat16)")
+        else:
+            pipe.vae.register_to_config(force_upcast=False)
+            applied.append("vae_upcast=False")
+    if config.compile:
+        # In place (nn.Module.compile): the pipeline keeps its UNet object, config and dtype checks.
+        pipe.unet.compile(mode=config.compile_mode)
+        applied.append(f"compile={config.compile_mode}")
+    return applied
+
+
+class Painter:
+    """The loaded models plus the settings of every call: prompts + seeds -> decoded images.
+
+    Loads the SDXL base (and refiner), the image safety checker and the in-pod CLIP scorer once; a
+    benchmark or a caller generating several shards in one process can pass it to `generate`.
+    """
 
     def __init__(self, config: GenerateConfig):
-        device = devices.resolve_device(config.device)
-        self.dtype = devices.resolve_dtype(config.dtype, device)
         self.config = config
-        log.info("loading %s (revision %s) on %s as %s", config.model, config.revision, device, self.dtype)
-        self.pipe = load_sdxl(config.model, config.revision, self.dtype, device, config.scheduler)
-        self.provenance: dict[str, Any] = {
+        self.device, self.dtype = resolve_runtime(config)
+        log.info(
+            "loading %s (revision %s) on %s as %s", config.model, config.revision, self.device, self.dtype
+        )
+        self.pipe = load_sdxl(config.model, config.revision, self.dtype, self.device, config.scheduler)
+        self.refiner = None
+        if config.refiner_model:
+            log.info("loading refiner %s (revision %s)", config.refiner_model, config.refiner_revision)
+            self.refiner = load_sdxl_refiner(
+                config.refiner_model,
+                self.pipe,
+                config.refiner_revision,
+                self.dtype,
+                self.device,
+                config.scheduler,
+            )
+        self.speed_settings = apply_speed_settings(self.pipe, config, self.device)
+        if self.refiner is not None:
+            apply_speed_settings(self.refiner, config, self.device, vae=False)
+        if self.speed_settings:
+            log.info("GPU speed settings: %s", ", ".join(self.speed_settings))
+        # A compiled UNet recompiles for every new batch shape: pad short batches to the full size.
+        compiled = any(name.startswith("compile") for name in self.speed_settings)
+        self.fixed_batch = config.batch_size if compiled else None
+        self.image_checker = load_image_checker(config.safety, self.device, self.dtype)
+        self.scorer = TensorScorer(config.score_in_pod, self.device) if config.score_in_pod else None
+        self.provenance = self._provenance()
+
+    def _provenance(self) -> dict[str, Any]:
+        config = self.config
+        provenance: dict[str, Any] = {
             "model": config.model,
             "revision": config.revision,
             "scheduler": config.scheduler,
@@ -125,89 +289,235 @@ class _Painter:
             "negative_prompt": config.negative_prompt,
             "diffusers_version": diffusers.__version__,
         }
+        if config.refiner_model:
+            provenance["refiner"] = config.refiner_model
+            provenance["refiner_revision"] = config.refiner_revision
+            provenance["high_noise_frac"] = config.high_noise_frac
+        return provenance
 
-    def __call__(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+    def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Images N x 3 x H x W in [0, 1], on the generation device."""
+        count = len(prompts)
+        if self.fixed_batch and count < self.fixed_batch:
+            padding = self.fixed_batch - count
+            prompts, seeds = prompts + [prompts[-1]] * padding, seeds + [seeds[-1]] * padding
         # CPU generators: the initial noise of a seed is the same on every device.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        return self.pipe(
-            prompt=prompts,
+        common: dict[str, Any] = {
+            "prompt": prompts,
             # None (not "") keeps SDXL's zeroed negative conditioning (force_zeros_for_empty_prompt).
-            negative_prompt=self.config.negative_prompt or None,
-            num_inference_steps=self.config.steps,
-            guidance_scale=self.config.guidance_scale,
-            height=self.config.height,
-            width=self.config.width,
-            generator=generators,
-            output_type="np",
-        ).images
+            "negative_prompt": self.config.negative_prompt or None,
+            "num_inference_steps": self.config.steps,
+            "guidance_scale": self.config.guidance_scale,
+            "generator": generators,
+        }
+        size = {"height": self.config.height, "width": self.config.width}
+        if self.refiner is None:
+            return self.pipe(**common, **size, output_type="pt").images[:count]
+        # Ensemble of experts: the base denoises the high-noise part and hands over its latents; the
+        # refiner starts where the base ended (denoising_start, not denoising_end as in the papers' code).
+        frac = self.config.high_noise_frac
+        latents = self.pipe(**common, **size, denoising_end=frac, output_type="latent").images
+        return self.refiner(**common, image=latents, denoising_start=frac, output_type="pt").images[:count]
 
 
-def _io_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        return list(pool.map(fn, items))
+# --- one batch ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PaintedPart:
+    """One batch after generation and checks, before it is written."""
+
+    records: list[Record]  # kept records: seed, image_uri, provenance (and scores) set
+    images: list[np.ndarray]  # HxWx3 floats in [0, 1], one per kept record
+    embeddings: np.ndarray | None  # in-pod CLIP image embeddings, one row per kept record
+    stats: stage.StageStats  # extra: ids (all of the batch), rejected {id: reason}, retried, paint_seconds
+
+
+@dataclass
+class _Painted:
+    image: np.ndarray
+    tensor: torch.Tensor
+    seed: int
+    repeat: int
+
+
+def _to_numpy(images: torch.Tensor) -> np.ndarray:
+    return images.detach().float().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _reject(stats: stage.StageStats, record_id: str, reason: str) -> None:
+    stats.rejects[reason] += 1
+    stats.extra["rejected"][record_id] = reason
 
 
 def _paint_with_retry(
-    painter: _Painter, batch: Sequence[Record], global_seed: int, stats: stage.StageStats
-) -> dict[str, tuple[np.ndarray, int, int]]:
-    """id -> (image, seed, repeat) of the records with a usable image; one retry with a new seed."""
-    good: dict[str, tuple[np.ndarray, int, int]] = {}
+    painter: Painter, batch: Sequence[Record], global_seed: int, stats: stage.StageStats
+) -> dict[str, _Painted]:
+    """id -> painted image of the records with a usable image; one retry with a new seed."""
+    good: dict[str, _Painted] = {}
     pending = list(batch)
     for repeat in (0, 1):
         if not pending:
             break
         seeds = [record_seed(global_seed, rec.id, repeat) for rec in pending]
-        images = painter([rec.caption for rec in pending], seeds)
+        tensors = painter([rec.caption for rec in pending], seeds)
         failed = []
-        for rec, seed, image in zip(pending, seeds, images, strict=True):
+        for rec, seed, image, tensor in zip(pending, seeds, _to_numpy(tensors), tensors, strict=True):
             problem = image_problem(image)
             if problem is None:
-                good[rec.id] = (image, seed, repeat)
+                good[rec.id] = _Painted(image, tensor, seed, repeat)
             elif repeat == 0:
                 failed.append(rec)
             else:
                 log.warning("dropping %s: %s again with a second seed", rec.id, problem)
-                stats.rejects[problem] += 1
+                _reject(stats, rec.id, problem)
         stats.extra["retried"] += len(failed)
         pending = failed
     return good
 
 
-def _generate_part(
-    painter: _Painter, batch: Sequence[Record], config: GenerateConfig, output_dir: str, part_uri: str
-) -> dict[str, Any]:
-    """Generate one batch, write its images, then its part manifest and done marker (listing all ids).
+def _check_safety(
+    painter: Painter, batch: Sequence[Record], good: dict[str, _Painted], stats: stage.StageStats
+) -> None:
+    """Drop (from `good`) the images the configured image checker flags."""
+    ids = [rec.id for rec in batch if rec.id in good]
+    if painter.image_checker is None or not ids:
+        return
+    flags = check_images(painter.image_checker, torch.stack([good[i].tensor for i in ids]))
+    for record_id, flagged in zip(ids, flags, strict=True):
+        if flagged:
+            log.info("dropping %s: flagged by the image safety checker", record_id)
+            _reject(stats, record_id, REJECT_UNSAFE_IMAGE)
+            del good[record_id]
 
-    Returns the part's statistics (what its done marker holds).
-    """
+
+def paint_part(
+    painter: Painter, batch: Sequence[Record], config: GenerateConfig, output_dir: str
+) -> PaintedPart:
+    """Generate one batch: retry bad images once, drop unsafe ones, score in pod if configured."""
     stats = stage.StageStats(
-        stage=STAGE, count_in=len(batch), extra={"ids": [rec.id for rec in batch], "retried": 0}
+        stage=STAGE,
+        count_in=len(batch),
+        extra={"ids": [rec.id for rec in batch], "rejected": {}, "retried": 0},
     )
+    started = time.monotonic()
     good = _paint_with_retry(painter, batch, config.seed, stats)
-    out: list[Record] = []
-    for rec in batch:
-        if rec.id not in good:
-            continue
-        _, seed, repeat = good[rec.id]
-        provenance = {**painter.provenance, "seed_repeat": repeat}
-        out.append(
-            rec.model_copy(
-                update={
-                    "seed": seed,
-                    "image_uri": image_uri(output_dir, rec.id, config.image_format),
-                    "provenance": {**rec.provenance, "generation": provenance},
-                }
-            )
+    _check_safety(painter, batch, good, stats)
+    kept = [rec for rec in batch if rec.id in good]
+    records = [
+        rec.model_copy(
+            update={
+                "seed": good[rec.id].seed,
+                "image_uri": image_uri(output_dir, rec.id, config.image_format),
+                "provenance": {
+                    **rec.provenance,
+                    "generation": {**painter.provenance, "seed_repeat": good[rec.id].repeat},
+                },
+            }
         )
+        for rec in kept
+    ]
+    embeddings = None
+    if painter.scorer is not None and config.score_in_pod is not None:
+        records, embeddings = _score(painter.scorer, records, good, config.score_in_pod, stats)
+    stats.extra["paint_seconds"] = round(time.monotonic() - started, 3)
+    return PaintedPart(records, [good[rec.id].image for rec in records], embeddings, stats)
 
-    def write_image(rec: Record) -> None:
-        data = encode_image(good[rec.id][0], config.image_format, config.quality)
-        storage.write_bytes(rec.image_uri, data, content_type=f"image/{config.image_format}")
 
-    _io_map(write_image, out)
-    write_manifest(part_uri, out)
-    stats.count_out = len(out)
-    return stage.mark_done(part_uri, stats)
+def _score(
+    scorer: TensorScorer,
+    records: list[Record],
+    good: dict[str, _Painted],
+    config: ScoreConfig,
+    stats: stage.StageStats,
+) -> tuple[list[Record], np.ndarray]:
+    """CLIP-score the decoded tensors: (scored records, their image embeddings)."""
+    if not records:
+        return [], np.empty((0, 0), np.float32)
+    tensors = torch.stack([good[rec.id].tensor for rec in records])
+    scores, embeddings = scorer(tensors, [rec.caption for rec in records])
+    scored, rows = [], []
+    for row, (rec, value) in enumerate(zip(records, scores, strict=True)):
+        if not np.isfinite(value):
+            _reject(stats, rec.id, REJECT_NON_FINITE)
+            continue
+        scored.append(with_score(rec, value, config))
+        rows.append(row)
+    return scored, embeddings[rows]
+
+
+def commit_part(
+    part: PaintedPart,
+    part_uri: str,
+    config: GenerateConfig,
+    io_map: Callable[[Callable[[int], None], Iterable[int]], Any],
+) -> dict[str, Any]:
+    """Write a part's images, then its embeddings, manifest and done marker; returns the marker's stats."""
+
+    def write_image(i: int) -> None:
+        data = encode_image(part.images[i], config.image_format, config.quality)
+        storage.write_bytes(part.records[i].image_uri, data, content_type=f"image/{config.image_format}")
+
+    io_map(write_image, range(len(part.records)))
+    if part.embeddings is not None:
+        write_embeddings(part_uri, part.embeddings)
+    write_manifest(part_uri, part.records)
+    part.stats.count_out = len(part.records)
+    return stage.mark_done(part_uri, part.stats)
+
+
+class PartCommitter:
+    """Commits parts on a background thread while the caller paints the next batch.
+
+    At most `max_pending` parts wait or are being written: a bounded queue, so painting waits when
+    writing falls behind. A commit's error is raised in the caller at its next `submit` or at the end;
+    parts handed over before an error are still committed, so no finished image is lost.
+    """
+
+    def __init__(self, max_pending: int, write_workers: int):
+        self.max_pending = max_pending
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit-part")
+        self._writers = ThreadPoolExecutor(write_workers, thread_name_prefix="write-image")
+        self._pending: deque[tuple[int, Future[dict[str, Any]]]] = deque()
+        self.results: dict[int, dict[str, Any]] = {}
+
+    def io_map(self, fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
+        return list(self._writers.map(fn, items))
+
+    def submit(self, index: int, commit: Callable[[], dict[str, Any]]) -> None:
+        self._pending.append((index, self._committer.submit(commit)))
+        while len(self._pending) > self.max_pending:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        index, future = self._pending.popleft()
+        self.results[index] = future.result()
+
+    def __enter__(self) -> PartCommitter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            while self._pending:
+                if exc is None:
+                    self._wait_oldest()
+                    continue
+                # Already failing: finish the other commits, log (not raise) their errors.
+                index, future = self._pending.popleft()
+                if future.exception() is not None:
+                    log.error("part %d failed too: %s", index, future.exception())
+        finally:
+            self._committer.shutdown(wait=True)
+            self._writers.shutdown(wait=True)
+
+
+# --- the shard ----------------------------------------------------------------------------------
+
+
+def _io_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int = 16) -> list[_R]:
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def _done_parts(parts_dir: str) -> dict[int, str]:
@@ -220,56 +530,164 @@ def _done_parts(parts_dir: str) -> dict[int, str]:
     }
 
 
+def _read_part(uri: str) -> tuple[list[Record], np.ndarray | None]:
+    records = read_manifest(uri)
+    has_embeddings = storage.exists(embeddings_uri(uri))
+    return records, read_embeddings(uri, len(records)) if has_embeddings else None
+
+
+def _reject_examples(rejected: dict[str, str]) -> dict[str, list[str]]:
+    examples: dict[str, list[str]] = {}
+    for record_id, reason in rejected.items():
+        ids = examples.setdefault(reason, [])
+        if len(ids) < MAX_REJECT_EXAMPLES:
+            ids.append(record_id)
+    return examples
+
+
 def _finish_shard(
-    records: Sequence[Record], part_uris: list[str], part_stats: list[dict[str, Any]], shard_uri: str
+    items: Sequence[Record],
+    blocked: dict[str, str],
+    part_uris: list[str],
+    part_stats: list[dict[str, Any]],
+    shard_uri: str,
+    shard_rejects_uri: str,
+    config: GenerateConfig,
 ) -> dict[str, Any]:
-    """Union of the part manifests in shard order, then the shard's done marker with summed stats."""
-    by_id = {rec.id: rec for recs in _io_map(read_manifest, part_uris) for rec in recs}
-    kept = [by_id[rec.id] for rec in records if rec.id in by_id]
-    stats = stage.StageStats(stage=STAGE, count_in=len(records), count_out=len(kept))
+    """Union of the part manifests in shard order, the sidecars, then the shard's done marker."""
+    parts = _io_map(_read_part, part_uris)
+    by_id = {rec.id: rec for recs, _ in parts for rec in recs}
+    kept = [by_id[rec.id] for rec in items if rec.id in by_id]
+    rejected = {**blocked}
     for part in part_stats:
-        stats.rejects.update(part["rejects"])
+        rejected.update(part.get("rejected", {}))
+    stats = stage.StageStats(stage=STAGE, count_in=len(items) + len(blocked), count_out=len(kept))
+    stats.rejects.update(rejected.values())
     stats.extra = {
+        "images_per_prompt": config.images_per_prompt,
         "retried": sum(part["retried"] for part in part_stats),
-        "generate_seconds": round(sum(part["seconds"] for part in part_stats), 3),
+        "generate_seconds": round(sum(part.get("paint_seconds", part["seconds"]) for part in part_stats), 3),
+        "reject_examples": _reject_examples(rejected),
     }
+    lines = "".join(json.dumps({"id": rid, "reason": why}) + "\n" for rid, why in rejected.items())
+    storage.write_text(shard_rejects_uri, lines, content_type="application/jsonl")
+    if config.score_in_pod is not None:
+        _write_shard_embeddings(parts, kept, shard_uri)
     write_manifest(shard_uri, kept)
     return stage.mark_done(shard_uri, stats)
 
 
+def _write_shard_embeddings(
+    parts: list[tuple[list[Record], np.ndarray | None]], kept: list[Record], shard_uri: str
+) -> None:
+    rows: dict[str, np.ndarray] = {}
+    for records, embeddings in parts:
+        if embeddings is not None and len(records):
+            rows.update(zip((rec.id for rec in records), embeddings, strict=True))
+    if len(rows) < len(kept):
+        log.warning("%s: some parts were made without score_in_pod; no embeddings sidecar", shard_uri)
+        return
+    if kept:
+        write_embeddings(shard_uri, np.stack([rows[rec.id] for rec in kept]))
+    else:
+        write_embeddings(shard_uri, np.empty((0, 0), np.float32))
+
+
+def _split_blocked(
+    records: list[Record], config: GenerateConfig, source: str
+) -> tuple[list[Record], dict[str, str]]:
+    """(records to generate, image id -> reject reason of blocked prompts)."""
+    blocklist = PromptBlocklist.from_config(config.safety)
+    if not blocklist:
+        return records, {}
+    allowed, blocked = [], {}
+    for rec in records:
+        term = blocklist.match(rec.caption)
+        if term is None:
+            allowed.append(rec)
+            continue
+        log.info("skipping %s: prompt contains blocked term %r", rec.id, term)
+        for image in image_records([rec], config.images_per_prompt, source):
+            blocked[image.id] = REJECT_BLOCKED_PROMPT
+    return allowed, blocked
+
+
 def generate(
-    config: GenerateConfig, input_manifest: str, output_dir: str, rank: int = 0, world_size: int = 1
+    config: GenerateConfig,
+    input_manifest: str,
+    output_dir: str,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    painter: Painter | None = None,
 ) -> str:
-    """Generate this shard's images (records i with i % world_size == rank); return the shard manifest."""
+    """Generate this shard's images (records i with i % world_size == rank); return the shard manifest.
+
+    `painter`: already loaded models to reuse (must have been built from an equivalent config).
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     shard_uri = shard_manifest_uri(output_dir, rank, world_size)
     if stage.is_done(shard_uri):
         log.info("%s is already done; nothing to generate", shard_uri)
         return shard_uri
-    records = read_manifest(input_manifest)[rank::world_size]
+    captions = read_manifest(input_manifest)[rank::world_size]
+    allowed, blocked = _split_blocked(captions, config, input_manifest)
+    items = image_records(allowed, config.images_per_prompt, input_manifest)
     parts_dir = shard_uri.removesuffix(".jsonl") + ".parts"
     part_uris = _done_parts(parts_dir)
     part_stats = dict(zip(part_uris, _io_map(stage.read_stats, part_uris.values()), strict=True))
     done_ids = {rid for stats in part_stats.values() for rid in stats["ids"]}
-    todo = [rec for rec in records if rec.id not in done_ids]
+    todo = [rec for rec in items if rec.id not in done_ids]
     log.info(
-        "shard %d/%d: %d records, %d done earlier, %d to generate",
-        *(rank, world_size, len(records), len(records) - len(todo), len(todo)),
+        "shard %d/%d: %d images, %d done earlier, %d to generate",
+        *(rank, world_size, len(items), len(items) - len(todo), len(todo)),
     )
     if todo:
-        painter = _Painter(config)
-        batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
-        # Numbered after the parts already done, so a rerun with another batch size overwrites none.
-        first_index = max(part_uris, default=-1) + 1
+        _generate_parts(
+            painter or Painter(config), todo, config, output_dir, parts_dir, part_uris, part_stats
+        )
+    order = sorted(part_uris)
+    stats = _finish_shard(
+        items,
+        blocked,
+        [part_uris[i] for i in order],
+        [part_stats[i] for i in order],
+        shard_uri,
+        rejects_uri(output_dir, rank, world_size),
+        config,
+    )
+    log.info(
+        "shard %d/%d done: %s", rank, world_size, {k: v for k, v in stats.items() if k != "reject_examples"}
+    )
+    return shard_uri
+
+
+def _generate_parts(
+    painter: Painter,
+    todo: list[Record],
+    config: GenerateConfig,
+    output_dir: str,
+    parts_dir: str,
+    part_uris: dict[int, str],
+    part_stats: dict[int, dict[str, Any]],
+) -> None:
+    """Paint `todo` batch by batch while earlier batches are written; adds the new parts to the dicts."""
+    batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
+    # Numbered after the parts already done, so a rerun with another batch size overwrites none.
+    first_index = max(part_uris, default=-1) + 1
+    with PartCommitter(config.pending_parts, config.write_workers) as committer:
         for n, batch in enumerate(batches):
             started = time.monotonic()
             index = first_index + n
-            part_uris[index] = storage.join(parts_dir, f"part-{index:06d}.jsonl")
-            part_stats[index] = _generate_part(painter, batch, config, output_dir, part_uris[index])
+            uri = storage.join(parts_dir, f"part-{index:06d}.jsonl")
+            part = paint_part(painter, batch, config, output_dir)
+
+            def commit(part: PaintedPart = part, uri: str = uri) -> dict[str, Any]:
+                return commit_part(part, uri, config, committer.io_map)
+
+            committer.submit(index, commit)
+            part_uris[index] = uri
             rate = len(batch) / max(time.monotonic() - started, 1e-9)
-            log.info("shard %d/%d: batch %d/%d, %.2f images/s", rank, world_size, n + 1, len(batches), rate)
-    order = sorted(part_uris)
-    stats = _finish_shard(records, [part_uris[i] for i in order], [part_stats[i] for i in order], shard_uri)
-    log.info("shard %d/%d done: %s", rank, world_size, stats)
-    return shard_uri
+            log.info("batch %d/%d painted, %.2f images/s", n + 1, len(batches), rate)
+    part_stats.update(committer.results)

@@ -4,6 +4,14 @@ Selection is global over all shard manifests (fan-in after sharded scoring): the
 is the top-k of their union. Ranking is deterministic: score descending, then id ascending, so ties
 at the cut are broken the same way on every run. The output lists kept records in that order.
 
+Two optional steps come before the cut:
+- best_of_n: of the images generated for one caption (same `provenance.source_id`; a record without
+  one is its own source) only the best-scored is a candidate.
+- near-duplicate removal (`dedup_threshold`): walking the ranking best first, a record is dropped when
+  the cosine similarity of its image embedding with an image already kept exceeds the threshold
+  (greedy by score). The embeddings come from the sidecar `<manifest>.image_embeddings.npy` that the
+  scoring stage writes next to each scored manifest (rows in manifest order), so nothing is recomputed.
+
 top_fraction keeps ceil(fraction * n) records, with the fraction taken as the decimal it is written
 as (0.1 of 30 keeps 3, not 4 from 0.1 * 30 = 3.0000000000000004 in binary floating point); ceil so
 that any fraction > 0 of a non-empty input keeps at least one record.
@@ -11,14 +19,17 @@ that any fraction > 0 of a non-empty input keeps at least one record.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, field_validator
 
+from synthvlm import storage
 from synthvlm.config import StageConfig
 from synthvlm.errors import ConfigError, InputError
 from synthvlm.records import Record, read_manifest, write_manifest
@@ -30,6 +41,12 @@ SelectMode = Literal["top_k", "top_fraction", "threshold"]
 
 REJECT_BELOW_THRESHOLD = "below threshold"
 REJECT_NOT_IN_TOP_K = "not in top-k"
+REJECT_NOT_BEST_OF_N = "not best of n"
+REJECT_NEAR_DUPLICATE = "near duplicate"
+
+SOURCE_ID_KEY = "source_id"  # provenance key naming the caption record an image was generated from
+EMBEDDINGS_SUFFIX = ".image_embeddings.npy"
+_DEDUP_BLOCK = 1024  # our choice: rows compared per matrix product; bounds memory at any scale
 
 
 class SelectConfig(StageConfig):
@@ -41,6 +58,10 @@ class SelectConfig(StageConfig):
     fraction: float = Field(0.1, gt=0, le=1)
     threshold: float = 0.25  # StableLLaVA §4 "Alignment Check": keep CLIP score >= gamma = 0.25
     score_key: str = "clip"  # our choice: the key clip_score writes by default
+    # Our choice: off (SynthVLM §3.1 makes one image per caption); on = keep the best image per caption.
+    best_of_n: bool = False
+    # Our choice: off. Else drop a record whose image embedding has cosine > this with a better kept one.
+    dedup_threshold: float | None = Field(None, gt=-1, le=1)
 
     @field_validator("score_key")
     @classmethod
@@ -79,14 +100,120 @@ def _ranked(records: Iterable[Record], score_key: str) -> list[Record]:
     return sorted(records, key=lambda rec: (-record_score(rec, score_key), rec.id))
 
 
-def select_records(records: Sequence[Record], config: SelectConfig) -> list[Record]:
-    """The kept records, best first (score descending, then id ascending)."""
-    ranked = _ranked(records, config.score_key)
+def source_id(record: Record) -> str:
+    """The id of the caption record this record's image was generated from (itself if not recorded)."""
+    return str(record.provenance.get(SOURCE_ID_KEY, record.id))
+
+
+def best_per_source(records: Iterable[Record], score_key: str) -> list[Record]:
+    """The best record of each source id (score descending, then id ascending), best first."""
+    best: dict[str, Record] = {}
+    for rec in _ranked(records, score_key):
+        best.setdefault(source_id(rec), rec)
+    return list(best.values())
+
+
+def embeddings_uri(manifest_uri: str) -> str:
+    """The image-embedding sidecar of a scored manifest (row i = record i)."""
+    return manifest_uri + EMBEDDINGS_SUFFIX
+
+
+def write_embeddings(manifest_uri: str, embeddings: np.ndarray) -> None:
+    """Store L2-normalised image embeddings (float16: cosines to ~1e-3) next to `manifest_uri`."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(embeddings, dtype=np.float16), allow_pickle=False)
+    storage.write_bytes(embeddings_uri(manifest_uri), buf.getvalue(), content_type="application/octet-stream")
+
+
+def read_embeddings(manifest_uri: str, count: int) -> np.ndarray:
+    """The sidecar of `manifest_uri`; it must have one row per record."""
+    uri = embeddings_uri(manifest_uri)
+    if not storage.exists(uri):
+        raise InputError(
+            manifest_uri,
+            f"no image embeddings ({uri} missing): score with save_embeddings on, or unset dedup_threshold",
+        )
+    embeddings = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+    if embeddings.ndim != 2 or len(embeddings) != count:
+        raise InputError(uri, f"expected {count} rows (one per record), got shape {embeddings.shape}")
+    return embeddings
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    vectors = vectors.astype(np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def drop_near_duplicates(
+    ranked: Sequence[Record], embeddings: Mapping[str, np.ndarray], threshold: float, limit: int | None = None
+) -> tuple[list[Record], int]:
+    """Greedy by rank: keep a record unless its cosine with a kept one is > threshold; stop at `limit` kept.
+
+    Returns (kept records in rank order, number dropped as near duplicates).
+    """
+    kept: list[Record] = []
+    kept_vectors: np.ndarray | None = None  # rows [0, len(kept)) are the kept records' embeddings
+    dropped = 0
+    for start in range(0, len(ranked), _DEDUP_BLOCK):
+        if limit is not None and len(kept) >= limit:
+            break
+        block = ranked[start : start + _DEDUP_BLOCK]
+        vectors = _normalised(np.stack([embeddings[rec.id] for rec in block]))
+        if kept_vectors is None:
+            kept_vectors = np.empty((min(limit or len(ranked), len(ranked)), vectors.shape[1]), np.float32)
+        earlier = kept_vectors[: len(kept)]
+        max_earlier = (vectors @ earlier.T).max(axis=1) if len(kept) else np.full(len(block), -np.inf)
+        # Within the block, each row is checked against the rows of the block kept before it.
+        within = vectors @ vectors.T
+        chosen: list[int] = []
+        for i, rec in enumerate(block):
+            if limit is not None and len(kept) >= limit:
+                break
+            if max_earlier[i] > threshold or (chosen and within[i, chosen].max() > threshold):
+                dropped += 1
+                continue
+            chosen.append(i)
+            kept_vectors[len(kept)] = vectors[i]
+            kept.append(rec)
+    return kept, dropped
+
+
+def _cut(config: SelectConfig, n_candidates: int) -> int | None:
+    """How many of the ranked candidates the mode keeps at most (None: all at or above the threshold)."""
     if config.mode == "top_k":
-        return ranked[: config.k]
+        return config.k
     if config.mode == "top_fraction":
-        return ranked[: fraction_count(len(ranked), config.fraction)]
-    return [rec for rec in ranked if record_score(rec, config.score_key) >= config.threshold]
+        return fraction_count(n_candidates, config.fraction)
+    return None
+
+
+def select_records(
+    records: Sequence[Record], config: SelectConfig, embeddings: Mapping[str, np.ndarray] | None = None
+) -> list[Record]:
+    """The kept records, best first (score descending, then id ascending).
+
+    `embeddings` (id -> image embedding) is needed when `config.dedup_threshold` is set.
+    """
+    return _select(records, config, embeddings)[0]
+
+
+def _select(
+    records: Sequence[Record], config: SelectConfig, embeddings: Mapping[str, np.ndarray] | None = None
+) -> tuple[list[Record], int]:
+    """(kept records best first, number dropped as near duplicates)."""
+    if config.best_of_n:
+        ranked = best_per_source(records, config.score_key)
+    else:
+        ranked = _ranked(records, config.score_key)
+    limit = _cut(config, len(ranked))
+    if config.mode == "threshold":
+        ranked = [rec for rec in ranked if record_score(rec, config.score_key) >= config.threshold]
+    if config.dedup_threshold is None:
+        return ranked[:limit], 0
+    if embeddings is None:
+        raise ConfigError("dedup_threshold needs image embeddings (the scoring stage's sidecar .npy)")
+    return drop_near_duplicates(ranked, embeddings, config.dedup_threshold, limit)
 
 
 def _read_checked(uri: str, score_key: str, seen: dict[str, str]) -> list[Record]:
@@ -100,6 +227,20 @@ def _read_checked(uri: str, score_key: str, seen: dict[str, str]) -> list[Record
     return records
 
 
+def _prune(candidates: list[Record], records: list[Record], config: SelectConfig) -> list[Record]:
+    """Candidates after adding one shard's records, dropping only what can never be kept."""
+    if config.dedup_threshold is not None or config.mode == "top_fraction":
+        # Near-duplicate removal may reach past any bound, and k of top_fraction depends on the total.
+        return candidates + records
+    if config.mode == "top_k":
+        # The global top-k (of the best per source, with best_of_n) is within the top-k of any subset
+        # that contains it, and the k-th best score only rises as shards are added: pruning as we go
+        # bounds memory by k without changing the result.
+        return select_records(candidates + records, config)
+    # Threshold: a record below it is never kept (nor is any other image of its source better for it).
+    return candidates + [rec for rec in records if record_score(rec, config.score_key) >= config.threshold]
+
+
 def select(config: SelectConfig, input_manifests: list[str], output_manifest: str) -> str:
     """Select globally over all `input_manifests` and write the kept records (idempotent)."""
     if is_done(output_manifest):
@@ -110,38 +251,57 @@ def select(config: SelectConfig, input_manifests: list[str], output_manifest: st
     stats = StageStats(stage="select")
     seen: dict[str, str] = {}
     total_score = 0.0
+    sources: set[str] = set()
+    embeddings: dict[str, np.ndarray] | None = {} if config.dedup_threshold is not None else None
     candidates: list[Record] = []
     for uri in input_manifests:
         records = _read_checked(uri, config.score_key, seen)
         stats.count_in += len(records)
         total_score += sum(rec.scores[config.score_key] for rec in records)
-        if config.mode == "top_k":
-            # The global top-k is within the union of the per-shard top-k, so pruning as we go
-            # bounds memory by k without changing the result.
-            candidates = select_records(candidates + records, config)
-        elif config.mode == "threshold":
-            candidates.extend(select_records(records, config))
-        else:
-            candidates.extend(records)  # k depends on the total count: keep all until the end
+        sources.update(source_id(rec) for rec in records)
+        if embeddings is not None:
+            embeddings.update(
+                zip((rec.id for rec in records), read_embeddings(uri, len(records)), strict=True)
+            )
+        candidates = _prune(candidates, records, config)
         logger.info("%s: read %d records (%d so far)", uri, len(records), stats.count_in)
-    kept = select_records(candidates, config)
+    kept, near_duplicates = _select(candidates, config, embeddings)
     write_manifest(output_manifest, kept)
     stats.count_out = len(kept)
-    reason = REJECT_BELOW_THRESHOLD if config.mode == "threshold" else REJECT_NOT_IN_TOP_K
-    if stats.count_in > stats.count_out:
-        stats.rejects[reason] = stats.count_in - stats.count_out
-    stats.extra.update(_summary(config, stats.count_in, total_score, kept, len(input_manifests)))
+    not_best = stats.count_in - len(sources) if config.best_of_n else 0
+    for reason, count in (
+        (REJECT_NOT_BEST_OF_N, not_best),
+        (REJECT_NEAR_DUPLICATE, near_duplicates),
+        (
+            REJECT_BELOW_THRESHOLD if config.mode == "threshold" else REJECT_NOT_IN_TOP_K,
+            stats.count_in - stats.count_out - not_best - near_duplicates,
+        ),
+    ):
+        if count:
+            stats.rejects[reason] = count
+    n_candidates = len(sources) if config.best_of_n else stats.count_in
+    stats.extra.update(
+        _summary(config, stats.count_in, n_candidates, total_score, kept, len(input_manifests))
+    )
+    stats.extra["near_duplicates"] = near_duplicates
     mark_done(output_manifest, stats)
     return output_manifest
 
 
 def _summary(
-    config: SelectConfig, count_in: int, total_score: float, kept: list[Record], shards: int
+    config: SelectConfig,
+    count_in: int,
+    n_candidates: int,
+    total_score: float,
+    kept: list[Record],
+    shards: int,
 ) -> dict[str, Any]:
     kept_scores = [rec.scores[config.score_key] for rec in kept]
     summary: dict[str, Any] = {
         "mode": config.mode,
         "score_key": config.score_key,
+        "best_of_n": config.best_of_n,
+        "dedup_threshold": config.dedup_threshold,
         "shards": shards,
         "kept_fraction": len(kept) / count_in if count_in else None,
         "mean_score_in": total_score / count_in if count_in else None,
@@ -152,7 +312,7 @@ def _summary(
         summary["k"] = config.k
     elif config.mode == "top_fraction":
         summary["fraction"] = config.fraction
-        summary["k"] = fraction_count(count_in, config.fraction)
+        summary["k"] = fraction_count(n_candidates, config.fraction)  # of the candidates after best_of_n
     else:
         summary["threshold"] = config.threshold
     return summary

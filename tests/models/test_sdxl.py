@@ -3,9 +3,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 
-from synthvlm.models.sdxl import TINY_SDXL, build_tiny_sdxl, load_sdxl
+from synthvlm.models import sdxl
+from synthvlm.models.sdxl import (
+    TINY_SDXL,
+    TINY_SDXL_REFINER,
+    build_tiny_sdxl,
+    build_tiny_sdxl_refiner,
+    load_sdxl,
+    load_sdxl_refiner,
+    register_builder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +98,50 @@ def test_load_from_local_folder(tmp_path, tiny: StableDiffusionXLPipeline) -> No
 def test_load_casts_to_dtype() -> None:
     pipe = load_sdxl(TINY_SDXL, dtype=torch.bfloat16)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder_2.dtype == torch.bfloat16
+
+
+def test_tiny_refiner_has_the_sdxl_refiner_structure(tiny: StableDiffusionXLPipeline) -> None:
+    refiner = build_tiny_sdxl_refiner(tiny)
+    assert isinstance(refiner, StableDiffusionXLImg2ImgPipeline)
+    assert refiner.text_encoder is None and refiner.tokenizer is None  # text encoder 2 only
+    assert refiner.text_encoder_2 is tiny.text_encoder_2 and refiner.vae is tiny.vae  # shared
+    assert refiner.config.requires_aesthetics_score and not refiner.config.force_zeros_for_empty_prompt
+    assert refiner.unet.config.cross_attention_dim == tiny.text_encoder_2.config.hidden_size
+    # Time ids: original size (2), crop offset (2), aesthetic score (1) instead of the target size.
+    time_ids = (
+        refiner.unet.config.projection_class_embeddings_input_dim - tiny.text_encoder_2.config.projection_dim
+    )
+    assert time_ids == 5 * refiner.unet.config.addition_time_embed_dim
+    base_unet = torch.nn.utils.parameters_to_vector(tiny.unet.parameters())
+    assert base_unet.numel() != torch.nn.utils.parameters_to_vector(refiner.unet.parameters()).numel()
+
+
+def test_base_latents_refined_from_denoising_start(tiny: StableDiffusionXLPipeline) -> None:
+    refiner = load_sdxl_refiner(TINY_SDXL_REFINER, tiny, scheduler="dpmpp_2m")
+    assert isinstance(refiner.scheduler, DPMSolverMultistepScheduler)
+
+    def refined(seed: int) -> np.ndarray:
+        generator = torch.Generator().manual_seed(seed)
+        common = dict(prompt=["a cat"], num_inference_steps=4, generator=generator)
+        latents = tiny(**common, height=64, width=64, denoising_end=0.75, output_type="latent").images
+        return refiner(**common, image=latents, denoising_start=0.75, output_type="np").images
+
+    first = refined(0)
+    assert first.shape == (1, 64, 64, 3) and np.isfinite(first).all()
+    np.testing.assert_array_equal(refined(0), first)
+    base_only = _images(tiny, ["a cat"], [0])
+    assert np.abs(first - base_only).mean() > 1e-3  # the refiner changed the image
+
+
+def test_registered_builder_is_used_by_load_sdxl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sdxl, "_BUILDERS", dict(sdxl._BUILDERS))
+    calls = []
+
+    def builder(dtype: torch.dtype, device: torch.device) -> StableDiffusionXLPipeline:
+        calls.append((dtype, device))
+        return build_tiny_sdxl(seed=7)
+
+    register_builder("test/random-sdxl", builder)
+    pipe = load_sdxl("test/random-sdxl", dtype=torch.bfloat16, scheduler="dpmpp_2m")
+    assert calls == [(torch.bfloat16, torch.device("cpu"))]
+    assert pipe.unet.dtype == torch.bfloat16 and isinstance(pipe.scheduler, DPMSolverMultistepScheduler)

@@ -130,3 +130,19 @@ def test_bad_parameter_fails_before_anything_runs(tmp_path: Path):
     assert proc.returncode == 2
     assert "config field 'select.mode'" in proc.stderr and "'top_k'" in proc.stderr
     assert not (tmp_path / "run" / "kfp-local").exists()
+
+
+def test_validation_step_rejects_bad_parameters_before_gpu_work(tmp_path: Path):
+    from components.validate import validate_synthvlm_config
+    from synthvlm.errors import ConfigError
+
+    good = to_pipeline_arguments(SynthVLMRunConfig(data_root=str(tmp_path)))
+    validate_synthvlm_config.python_func(**good)  # passes
+    generate = json.loads(good["generate_config"])
+    generate["safety"]["blocklist_file"] = str(tmp_path / "missing-blocklist.txt")
+    with pytest.raises(ConfigError, match="safety.blocklist_file"):
+        validate_synthvlm_config.python_func(**{**good, "generate_config": json.dumps(generate)})
+    with pytest.raises(ConfigError, match="config field 'data_root': required"):
+        validate_synthvlm_config.python_func(**{**good, "data_root": ""})
+    with pytest.raises(ConfigError, match="pipeline parameter 'select_config': not valid JSON"):
+        validate_synthvlm_config.python_func(**{**good, "select_config": "{mode: top_k"})

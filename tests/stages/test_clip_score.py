@@ -16,7 +16,15 @@ from synthvlm.models.clip import TINY_CLIP, load_clip
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stage import is_done, read_stats
 from synthvlm.stages import clip_score
-from synthvlm.stages.clip_score import ScoreConfig, apply_form, clip_scores, score
+from synthvlm.stages.clip_score import (
+    ScoreConfig,
+    TensorScorer,
+    apply_form,
+    clip_scores,
+    score,
+    tensor_transform,
+)
+from synthvlm.stages.select import embeddings_uri, read_embeddings
 
 
 @pytest.fixture(autouse=True)
@@ -224,3 +232,62 @@ def test_low_precision_scores_are_float32_and_close_to_full_precision(tiny_clip)
     assert cosines.dtype == torch.float32
     full = clip_scores(*tiny_clip, images, texts)
     assert cosines.tolist() == pytest.approx(full, abs=0.05)
+
+
+def direct_image_embedding(model, preprocess, image: Image.Image) -> np.ndarray:
+    with torch.no_grad():
+        features = model.encode_image(preprocess(image)[None])[0]
+    return (features / features.norm()).numpy()
+
+
+def test_score_stores_image_embeddings_in_manifest_order(tmp_path: Path, tiny_clip) -> None:
+    records, images = write_images(tmp_path)
+    manifest = str(tmp_path / "manifest.jsonl")
+    write_manifest(manifest, records)  # 3 good records among 4 rejects
+    output = str(tmp_path / "scored.jsonl")
+    score(tiny_config(), manifest, output)
+
+    scored = read_manifest(output)
+    embeddings = read_embeddings(output, len(scored))
+    assert embeddings.shape == (3, 16) and embeddings.dtype == np.float16
+    model, preprocess, _ = tiny_clip
+    for rec, row in zip(scored, embeddings, strict=True):
+        expected = direct_image_embedding(model, preprocess, images[rec.id])
+        np.testing.assert_allclose(row.astype(np.float32), expected, atol=2e-3)
+
+
+def test_embeddings_sidecar_can_be_turned_off(tmp_path: Path) -> None:
+    records, _ = write_images(tmp_path)
+    manifest = str(tmp_path / "manifest.jsonl")
+    write_manifest(manifest, records[:1])
+    output = str(tmp_path / "scored.jsonl")
+    score(tiny_config(save_embeddings=False), manifest, output)
+    assert is_done(output) and not storage.exists(embeddings_uri(output))
+
+
+def test_tensor_scorer_matches_file_scoring(tiny_clip) -> None:
+    model, preprocess, tokenizer = tiny_clip
+    images = [red_square(), noise_image(7, size=(64, 48))]
+    texts = ["a red square", "static noise"]
+    # Tensors of exactly the 8-bit images, so only PIL vs tensor resizing differs.
+    tensors = [torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1) for img in images]
+    scorer = TensorScorer(tiny_config(form="clipscore"), torch.device("cpu"))
+    for image, tensor, text in zip(images, tensors, texts, strict=True):
+        (value,), embedding = scorer(tensor[None], [text])
+        assert value == pytest.approx(
+            clip_scores(model, preprocess, tokenizer, [image], [text], form="clipscore")[0], abs=0.02
+        )
+        np.testing.assert_allclose(embedding[0], direct_image_embedding(model, preprocess, image), atol=0.03)
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        scorer(torch.stack([tensors[0], tensors[0]]), ["one caption"])
+
+
+def test_tensor_transform_keeps_resize_crop_normalise(tiny_clip) -> None:
+    _, preprocess, _ = tiny_clip
+    transform = tensor_transform(preprocess)
+    assert [type(step).__name__ for step in transform.transforms] == ["Resize", "CenterCrop", "Normalize"]
+    assert transform(torch.rand(2, 3, 40, 60)).shape == (2, 3, 32, 32)
+    from torchvision import transforms
+
+    with pytest.raises(ConfigError, match="no tensor equivalent"):
+        tensor_transform(transforms.Compose([transforms.Grayscale(), transforms.ToTensor()]))

@@ -1,20 +1,39 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import threading
+import time
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers.models.attention_processor import FusedAttnProcessor2_0
 from PIL import Image
 
-from synthvlm import stage, storage
+from synthvlm import safety, stage, storage
 from synthvlm.config import validate
-from synthvlm.errors import ConfigError
-from synthvlm.models.sdxl import TINY_SDXL
+from synthvlm.errors import ConfigError, InputError
+from synthvlm.models.clip import TINY_CLIP
+from synthvlm.models.sdxl import TINY_SDXL, TINY_SDXL_REFINER, build_tiny_sdxl
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stages import generate as gen
-from synthvlm.stages.generate import GenerateConfig, encode_image, generate, record_seed, shard_manifest_uri
+from synthvlm.stages.clip_score import ScoreConfig, score
+from synthvlm.stages.generate import (
+    GenerateConfig,
+    PartCommitter,
+    apply_speed_settings,
+    encode_image,
+    generate,
+    image_records,
+    record_seed,
+    rejects_uri,
+    shard_manifest_uri,
+)
+from synthvlm.stages.select import read_embeddings
 
 CAPTIONS = [
     "a red car on a bridge",
@@ -42,11 +61,16 @@ def write_captions(uri: str, n: int = len(CAPTIONS)) -> list[Record]:
 class SpyPipe:
     """Wraps a pipeline: records the prompts of every call and overwrites the images of spoiled seeds."""
 
-    def __init__(self, pipe: Any, spoil: dict[int, float]):
-        self.pipe, self.spoil, self.prompts = pipe, spoil, []
+    def __init__(self, pipe: Any, spoil: dict[int, float], on_call: Any = None):
+        self.pipe, self.spoil, self.prompts, self.on_call = pipe, spoil, [], on_call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
 
     def __call__(self, **kwargs: Any) -> Any:
         self.prompts.extend(kwargs["prompt"])
+        if self.on_call is not None:
+            self.on_call()
         out = self.pipe(**kwargs)
         for i, generator in enumerate(kwargs["generator"]):
             out.images[i] = self.spoil.get(generator.initial_seed(), out.images[i])
@@ -57,10 +81,10 @@ class LoadSpy:
     """Stands in for `load_sdxl`: loads the real pipeline, keeps a SpyPipe of each load."""
 
     def __init__(self, real_load: Any):
-        self.real_load, self.pipes, self.spoil = real_load, [], {}
+        self.real_load, self.pipes, self.spoil, self.on_call = real_load, [], {}, None
 
     def __call__(self, *args: Any, **kwargs: Any) -> SpyPipe:
-        self.pipes.append(SpyPipe(self.real_load(*args, **kwargs), self.spoil))
+        self.pipes.append(SpyPipe(self.real_load(*args, **kwargs), self.spoil, self.on_call))
         return self.pipes[-1]
 
 
@@ -275,3 +299,264 @@ def test_invalid_config_names_the_field(field: str, value: Any) -> None:
 def test_invalid_shard_is_a_config_error(tmp_path, rank: int, world_size: int) -> None:
     with pytest.raises(ConfigError, match="rank"):
         generate(tiny_config(), str(tmp_path / "missing.jsonl"), str(tmp_path / "run"), rank, world_size)
+
+
+def test_image_records_make_n_variants_per_caption() -> None:
+    captions = [
+        Record(id="c1", caption="a cat", provenance={"source": "web"}),
+        Record(id="c2", caption="a dog"),
+    ]
+    assert image_records(captions, 1, "in.jsonl") == captions
+    variants = image_records(captions, 3, "in.jsonl")
+    assert [r.id for r in variants] == ["c1~0", "c1~1", "c1~2", "c2~0", "c2~1", "c2~2"]
+    assert variants[1].caption == "a cat"
+    assert variants[1].provenance == {"source": "web", "source_id": "c1", "image_index": 1}
+    with pytest.raises(InputError, match="in.jsonl, field 'id': record 'x+'.*longer than 200"):
+        image_records([Record(id="x" * 199, caption="long id")], 2, "in.jsonl")
+
+
+def test_images_per_prompt_gives_distinct_seeded_variants(tmp_path, spy) -> None:
+    write_captions(str(tmp_path / "captions.jsonl"), n=2)
+    config = tiny_config(images_per_prompt=2, image_format="png", width=96)
+    shard = generate(config, str(tmp_path / "captions.jsonl"), str(tmp_path / "run"))
+    records = read_manifest(shard)
+    assert decode(records[0].image_uri).size == (96, 64)  # (width, height) as configured
+    assert [r.id for r in records] == ["cap-000~0", "cap-000~1", "cap-001~0", "cap-001~1"]
+    for rec in records:
+        assert rec.seed == record_seed(0, rec.id)
+        assert rec.provenance["source_id"] == rec.id.split("~")[0]
+        assert rec.image_uri.endswith(f"/images/{rec.id}.png")
+    first, second = (np.asarray(decode(r.image_uri), dtype=int) for r in records[:2])
+    assert np.abs(first - second).mean() > 1  # same caption, other seed: another image
+    assert sorted(spy.pipes[0].prompts) == sorted([CAPTIONS[0]] * 2 + [CAPTIONS[1]] * 2)
+    stats = stage.read_stats(shard)
+    assert (stats["count_in"], stats["count_out"], stats["images_per_prompt"]) == (4, 4, 2)
+
+
+class CallSpy:
+    """Replaces a pipeline class's __call__ (looked up on the type) and records each call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cls: type):
+        self.calls: list[tuple[dict[str, Any], Any]] = []
+        real = cls.__call__
+
+        def spy(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+            out = real(pipe, *args, **kwargs)
+            self.calls.append((kwargs, out.images))
+            return out
+
+        monkeypatch.setattr(cls, "__call__", spy)
+
+
+def test_refiner_takes_over_the_base_latents_at_high_noise_frac(tmp_path, monkeypatch) -> None:
+    write_captions(str(tmp_path / "captions.jsonl"), n=3)
+    base = CallSpy(monkeypatch, StableDiffusionXLPipeline)
+    refiner = CallSpy(monkeypatch, StableDiffusionXLImg2ImgPipeline)
+    config = tiny_config(refiner_model=TINY_SDXL_REFINER, high_noise_frac=0.75, steps=4, batch_size=3)
+    shard = generate(config, str(tmp_path / "captions.jsonl"), str(tmp_path / "run"))
+
+    assert len(base.calls) == len(refiner.calls) == 1
+    (base_kwargs, latents), (refiner_kwargs, images) = base.calls[0], refiner.calls[0]
+    assert base_kwargs["denoising_end"] == 0.75 and base_kwargs["output_type"] == "latent"
+    assert "denoising_start" not in base_kwargs
+    assert latents.shape == (3, 4, 16, 16)  # latents, not pixels
+    assert refiner_kwargs["image"] is latents  # handed over as they are
+    assert refiner_kwargs["denoising_start"] == 0.75 and "denoising_end" not in refiner_kwargs
+    for key in ("prompt", "num_inference_steps", "guidance_scale", "generator"):
+        assert refiner_kwargs[key] is base_kwargs[key]
+    assert images.shape == (3, 3, 64, 64)
+    records = read_manifest(shard)
+    assert len(records) == 3 and decode(records[0].image_uri).size == (64, 64)
+    generation = records[0].provenance["generation"]
+    assert (generation["refiner"], generation["high_noise_frac"]) == (TINY_SDXL_REFINER, 0.75)
+
+
+def test_gpu_settings_are_ignored_on_cpu_with_a_note(tmp_path, spy, caplog) -> None:
+    write_captions(str(tmp_path / "captions.jsonl"), n=1)
+    config = tiny_config(dtype="bfloat16", compile=True, fuse_qkv=True, channels_last=True, vae_upcast=False)
+    with caplog.at_level(logging.INFO, logger=gen.__name__):
+        shard = generate(config, str(tmp_path / "captions.jsonl"), str(tmp_path / "run"))
+    assert "using float32 on cpu" in caplog.text
+    assert (
+        "ignoring GPU speed settings on cpu: compile, fuse_qkv, channels_last, vae_upcast=False"
+        in caplog.text
+    )
+    pipe = spy.pipes[0].pipe
+    assert pipe.unet.dtype == torch.float32 and pipe.unet._compiled_call_impl is None
+    assert not isinstance(next(iter(pipe.unet.attn_processors.values())), FusedAttnProcessor2_0)
+    assert read_manifest(shard)[0].provenance["generation"]["dtype"] == "float32"
+
+
+def test_speed_settings_on_a_cuda_device(monkeypatch, caplog) -> None:
+    """The CUDA branch, run on CPU tensors: what each setting changes (torch.compile itself is spied)."""
+    compiled: list[dict[str, Any]] = []
+
+    def fake_compile(fn: Any, **kwargs: Any) -> Any:
+        compiled.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    pipe = build_tiny_sdxl()
+    pipe.set_progress_bar_config(disable=True)
+
+    def image() -> np.ndarray:
+        generator = torch.Generator().manual_seed(0)
+        return pipe(prompt="a cat", num_inference_steps=2, height=64, width=64, generator=generator).images[0]
+
+    before = np.asarray(image(), dtype=float)
+    config = tiny_config(
+        compile=True, compile_mode="max-autotune", fuse_qkv=True, channels_last=True, vae_upcast=False
+    )
+    applied = apply_speed_settings(pipe, config, torch.device("cuda"))
+    assert applied == ["fuse_qkv", "channels_last", "vae_upcast=False", "compile=max-autotune"]
+    assert compiled == [{"mode": "max-autotune"}]
+    assert all(isinstance(p, FusedAttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipe.vae.config.force_upcast is False
+    assert np.abs(np.asarray(image(), dtype=float) - before).max() <= 1  # same images, faster kernels
+
+    fp16 = build_tiny_sdxl().to(dtype=torch.float16)
+    with caplog.at_level(logging.WARNING, logger=gen.__name__):
+        assert apply_speed_settings(fp16, tiny_config(vae_upcast=False), torch.device("cuda")) == []
+    assert fp16.vae.config.force_upcast is True and "overflows in float16" in caplog.text
+
+
+def test_short_batches_are_padded_for_a_compiled_unet(spy) -> None:
+    painter = gen.Painter(tiny_config(batch_size=4))
+    assert painter.fixed_batch is None  # no compile on a CPU
+    seeds = [record_seed(0, "p"), record_seed(0, "q")]
+    plain = painter(["a cat", "a dog"], seeds)
+    painter.fixed_batch = 4  # what a compiled UNet on a GPU sets
+    padded = painter(["a cat", "a dog"], seeds)
+    assert spy.pipes[0].prompts[2:] == ["a cat", "a dog", "a dog", "a dog"]  # one shape: the full batch
+    assert padded.shape == plain.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(padded, plain, atol=2 / 255, rtol=0)
+
+
+def test_encoding_overlaps_with_the_next_batch(tmp_path, spy) -> None:
+    """Batch 0's images are encoded only once batch 1 is being painted: writing runs behind painting."""
+    write_captions(str(tmp_path / "captions.jsonl"), n=4)
+    second_batch = threading.Event()
+    calls = []
+    spy.on_call = lambda: (calls.append(1), len(calls) == 2 and second_batch.set())
+    waited = []
+    real_encode = gen.encode_image
+
+    def slow_encode(*args: Any) -> bytes:
+        waited.append(second_batch.wait(timeout=20))
+        return real_encode(*args)
+
+    gen_encode = pytest.MonkeyPatch()
+    gen_encode.setattr(gen, "encode_image", slow_encode)
+    try:
+        shard = generate(
+            tiny_config(pending_parts=1), str(tmp_path / "captions.jsonl"), str(tmp_path / "run")
+        )
+    finally:
+        gen_encode.undo()
+    assert waited == [True] * 4
+    assert len(read_manifest(shard)) == 4
+
+
+def test_part_committer_is_bounded_and_raises_errors() -> None:
+    in_flight, peak = [0], [0]
+    lock = threading.Lock()
+
+    def commit(value: int) -> dict[str, Any]:
+        time.sleep(0.02)
+        with lock:
+            in_flight[0] -= 1
+        if value == 3:
+            raise OSError("upload failed")
+        return {"value": value}
+
+    with (
+        pytest.raises(OSError, match="upload failed"),
+        PartCommitter(max_pending=2, write_workers=2) as committer,
+    ):
+        for value in range(6):
+            with lock:
+                in_flight[0] += 1
+                peak[0] = max(peak[0], in_flight[0])
+            committer.submit(value, lambda value=value: commit(value))
+    assert peak[0] <= 3  # two pending + the one just handed over
+    assert in_flight[0] == 0  # everything handed over was committed, even after the error
+    assert committer.results[0] == {"value": 0} and 3 not in committer.results
+
+
+def test_failed_upload_stops_the_stage_and_a_rerun_redoes_only_that_part(tmp_path, spy, monkeypatch) -> None:
+    inputs = write_captions(str(tmp_path / "captions.jsonl"))
+    out = str(tmp_path / "run")
+    real_write = storage.write_bytes
+
+    def flaky_write(uri: str, data: bytes, content_type: str | None = None) -> None:
+        if uri.endswith("cap-003.jpg"):
+            raise OSError("connection reset")
+        real_write(uri, data, content_type)
+
+    monkeypatch.setattr(storage, "write_bytes", flaky_write)
+    with pytest.raises(OSError, match="connection reset"):
+        generate(tiny_config(), str(tmp_path / "captions.jsonl"), out)
+    shard = shard_manifest_uri(out, 0, 1)
+    assert not stage.is_done(shard)
+    parts = f"{out}/shards/shard-00000-of-00001.parts"
+    assert [stage.is_done(f"{parts}/part-{i:06d}.jsonl") for i in range(3)] == [True, False, True]
+
+    monkeypatch.setattr(storage, "write_bytes", real_write)
+    generate(tiny_config(), str(tmp_path / "captions.jsonl"), out)
+    assert spy.pipes[1].prompts == [inputs[2].caption, inputs[3].caption]
+    assert [r.id for r in read_manifest(shard)] == [r.id for r in inputs]
+
+
+def test_score_in_pod_matches_the_scoring_stage(tmp_path) -> None:
+    write_captions(str(tmp_path / "captions.jsonl"), n=3)
+    clip = ScoreConfig(model=TINY_CLIP, pretrained=None, device="cpu")
+    config = tiny_config(image_format="png", score_in_pod=clip)
+    shard = generate(config, str(tmp_path / "captions.jsonl"), str(tmp_path / "run"))
+    in_pod = read_manifest(shard)
+    embeddings = read_embeddings(shard, len(in_pod))
+    assert embeddings.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(embeddings.astype(float), axis=1), 1, atol=1e-3)
+
+    from_files = str(tmp_path / "scored.jsonl")
+    score(clip, shard, from_files)
+    file_scores = {r.id: r.scores["clip"] for r in read_manifest(from_files)}
+    for rec in in_pod:
+        assert rec.provenance["clip_scorer"]["model"] == TINY_CLIP
+        # Only the 8-bit rounding of the PNG (and PIL vs tensor resizing) separates the two.
+        assert rec.scores["clip"] == pytest.approx(file_scores[rec.id], abs=0.02)
+    file_embeddings = read_embeddings(from_files, 3)
+    assert np.abs(file_embeddings.astype(float) - embeddings.astype(float)).max() < 0.05
+
+
+def test_blocked_prompts_and_unsafe_images_are_dropped_with_reasons(tmp_path, spy, monkeypatch) -> None:
+    inputs = write_captions(str(tmp_path / "captions.jsonl"))  # cap-002 is "two dogs in the snow"
+    blocklist = tmp_path / "blocklist.txt"
+    blocklist.write_text("# one term per line\nSOUP\n")
+    spy.spoil = {record_seed(0, "cap-000"): 0.25}  # a flat grey image the checker below flags
+    flagged_batches = []
+
+    def flat_image_checker(config: Any, device: Any, dtype: Any) -> Any:
+        def check(images: torch.Tensor) -> list[bool]:
+            flagged_batches.append(len(images))
+            return [bool(image.std() == 0) for image in images]
+
+        return check
+
+    monkeypatch.setitem(safety._FACTORIES, "flat", flat_image_checker)
+    config = tiny_config(
+        safety={"blocklist": ["Dogs"], "blocklist_file": str(blocklist), "image_checker": "flat"}
+    )
+    shard = generate(config, str(tmp_path / "captions.jsonl"), str(tmp_path / "run"))
+
+    assert [r.id for r in read_manifest(shard)] == ["cap-001", "cap-004"]
+    assert "two dogs in the snow" not in spy.pipes[0].prompts and "a bowl of soup" not in spy.pipes[0].prompts
+    stats = stage.read_stats(shard)
+    assert stats["rejects"] == {"blocked_prompt": 2, "unsafe_image": 1}
+    assert stats["count_in"] == len(inputs) == stats["count_out"] + sum(stats["rejects"].values())
+    assert stats["reject_examples"] == {"blocked_prompt": ["cap-002", "cap-003"], "unsafe_image": ["cap-000"]}
+    assert rejects_uri(str(tmp_path / "run"), 0, 1) == f"{tmp_path}/run/rejects/shard-00000-of-00001.jsonl"
+    lines = storage.read_text(rejects_uri(str(tmp_path / "run"), 0, 1)).splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines) == ["cap-000", "cap-002", "cap-003"]
+    assert not storage.exists(str(tmp_path / "run" / "images" / "cap-000.jpg"))
+    assert sum(flagged_batches) == 3

@@ -3,13 +3,24 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from synthvlm.config import validate
 from synthvlm.errors import ConfigError, InputError
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stage import is_done, read_stats
-from synthvlm.stages.select import SelectConfig, fraction_count, select, select_records
+from synthvlm.stages.select import (
+    SelectConfig,
+    drop_near_duplicates,
+    embeddings_uri,
+    fraction_count,
+    read_embeddings,
+    select,
+    select_records,
+    source_id,
+    write_embeddings,
+)
 
 
 def rec(rec_id: str, score: float | None, key: str = "clip") -> Record:
@@ -202,3 +213,191 @@ def test_empty_shards_give_an_empty_selection(tmp_path: Path) -> None:
     stats = read_stats(output)
     assert (stats["count_in"], stats["count_out"], stats["rejects"]) == (0, 0, {})
     assert stats["mean_score_kept"] is None
+
+
+def variant(source: str, n: int, score: float) -> Record:
+    """Image n of caption `source`, as the generation stage names it with images_per_prompt > 1."""
+    return Record(
+        id=f"{source}~{n}",
+        caption=f"caption {source}",
+        scores={"clip": score},
+        provenance={"source_id": source, "image_index": n},
+    )
+
+
+VARIANTS = [
+    variant("a", 0, 0.20),
+    variant("a", 1, 0.35),
+    variant("a", 2, 0.30),
+    variant("b", 0, 0.32),
+    variant("b", 1, 0.10),
+    rec("c", 0.31),  # one image generated, no source_id: its own source
+]
+
+
+def test_source_id_falls_back_to_the_record_id() -> None:
+    assert source_id(VARIANTS[1]) == "a" and source_id(VARIANTS[5]) == "c"
+
+
+def test_best_of_n_keeps_the_best_image_per_caption() -> None:
+    everything = SelectConfig(mode="top_fraction", fraction=1.0, best_of_n=True)
+    assert ids(select_records(VARIANTS, everything)) == ["a~1", "b~0", "c"]
+    assert ids(select_records(VARIANTS, SelectConfig(k=4, best_of_n=True))) == ["a~1", "b~0", "c"]
+    # Without best_of_n a second image of caption a takes the fourth place.
+    assert ids(select_records(VARIANTS, SelectConfig(k=4))) == ["a~1", "b~0", "c", "a~2"]
+
+
+def test_best_of_n_with_threshold_and_fraction_of_captions() -> None:
+    kept = select_records(VARIANTS, SelectConfig(mode="threshold", threshold=0.315, best_of_n=True))
+    assert ids(kept) == ["a~1", "b~0"]
+    # The fraction is of the captions left (3), not of the images (6): ceil(0.5 * 3) = 2.
+    half = SelectConfig(mode="top_fraction", fraction=0.5, best_of_n=True)
+    assert ids(select_records(VARIANTS, half)) == ["a~1", "b~0"]
+
+
+def unit(*values: float) -> np.ndarray:
+    vector = np.array(values, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def test_near_duplicates_are_dropped_greedily_by_score() -> None:
+    ranked = [rec("p", 0.9), rec("q", 0.8), rec("r", 0.7), rec("s", 0.6)]
+    embeddings = {
+        "p": unit(1, 0, 0),
+        "q": unit(1, 0.1, 0),  # cosine 0.995 with p: a near duplicate of a better image
+        "r": unit(0, 1, 0),
+        "s": unit(0.7, 0.7, 0),  # cosine 0.71 with p and r: different enough at 0.9
+    }
+    kept, dropped = drop_near_duplicates(ranked, embeddings, threshold=0.9)
+    assert (ids(kept), dropped) == (["p", "r", "s"], 1)
+    kept, dropped = drop_near_duplicates(ranked, embeddings, threshold=0.7)
+    assert (ids(kept), dropped) == (["p", "r"], 2)
+    # With a limit the walk stops once enough are kept: s is never looked at.
+    kept, dropped = drop_near_duplicates(ranked, embeddings, threshold=0.9, limit=2)
+    assert (ids(kept), dropped) == (["p", "r"], 1)
+
+
+def test_dedup_fills_top_k_from_further_down_the_ranking() -> None:
+    records = [rec(f"r{i}", 1 - i / 10) for i in range(6)]
+    # r0..r2 are the same picture; r3..r5 are all different.
+    embeddings = {f"r{i}": unit(1, 0, 0) for i in range(3)}
+    embeddings |= {"r3": unit(0, 1, 0), "r4": unit(0, 0, 1), "r5": unit(0, -1, 0)}
+    config = SelectConfig(k=3, dedup_threshold=0.95)
+    assert ids(select_records(records, config, embeddings)) == ["r0", "r3", "r4"]
+    with pytest.raises(ConfigError, match="needs image embeddings"):
+        select_records(records, config)
+
+
+def test_dedup_blocks_check_within_and_across_blocks(monkeypatch) -> None:
+    from synthvlm.stages import select as select_module
+
+    monkeypatch.setattr(select_module, "_DEDUP_BLOCK", 3)
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(20, 8))
+    records = [rec(f"x{i:02d}", 1 - i / 100) for i in range(40)]
+    # Each base vector appears twice, the copy at a random later rank: 20 duplicates to find.
+    order = list(range(20)) + list(rng.permutation(20))
+    embeddings = {
+        r.id: unit(*(base[j] + 1e-3 * rng.normal(size=8))) for r, j in zip(records, order, strict=True)
+    }
+    kept, dropped = drop_near_duplicates(records, embeddings, threshold=0.99)
+    assert ids(kept) == ids(records[:20]) and dropped == 20
+
+
+def write_scored_with_embeddings(root: Path) -> tuple[list[str], list[Record], dict[str, np.ndarray]]:
+    """Two shards of 3 captions x 3 images; images of a caption are near duplicates of each other
+    except variant 2 of each, which is a picture of its own."""
+    rng = np.random.default_rng(1)
+    uris, union, vectors = [], [], {}
+    for shard, sources in enumerate((["s0", "s1", "s2"], ["s3", "s4", "s5"])):
+        records, rows = [], []
+        for source in sources:
+            picture = rng.normal(size=16)
+            for n in range(3):
+                record = variant(source, n, round(float(rng.uniform(0.1, 0.4)), 3))
+                vector = picture + 0.01 * rng.normal(size=16) if n < 2 else rng.normal(size=16)
+                records.append(record)
+                rows.append(unit(*vector))
+                vectors[record.id] = rows[-1]
+        uri = str(root / f"scored-{shard}.jsonl")
+        write_manifest(uri, records)
+        write_embeddings(uri, np.stack(rows))
+        uris.append(uri)
+        union += records
+    return uris, union, vectors
+
+
+def test_select_removes_near_duplicates_with_the_sidecars(tmp_path: Path) -> None:
+    uris, union, vectors = write_scored_with_embeddings(tmp_path)
+    np.testing.assert_allclose(
+        read_embeddings(uris[0], 9), np.stack([vectors[r.id] for r in union[:9]]), atol=1e-3
+    )
+    output = str(tmp_path / "selected.jsonl")
+    config = SelectConfig(mode="threshold", threshold=0.0, dedup_threshold=0.9)
+    select(config, uris, output)
+
+    kept = read_manifest(output)
+    expected, _ = drop_near_duplicates(sorted(union, key=lambda r: (-r.scores["clip"], r.id)), vectors, 0.9)
+    assert ids(kept) == ids(expected)
+    # Of each caption's two look-alike images only one survives; the distinct third image stays.
+    for source in ("s0", "s1", "s2", "s3", "s4", "s5"):
+        assert sum(r.id in (f"{source}~0", f"{source}~1") for r in kept) == 1
+        assert f"{source}~2" in ids(kept)
+    stats = read_stats(output)
+    assert stats["rejects"] == {"near duplicate": 6} and stats["near_duplicates"] == 6
+    assert stats["count_in"] == 18 == stats["count_out"] + 6
+
+
+def test_best_of_n_and_dedup_over_shards_account_for_every_record(tmp_path: Path) -> None:
+    uris, union, _ = write_scored_with_embeddings(tmp_path)
+    output = str(tmp_path / "selected.jsonl")
+    select(SelectConfig(k=4, best_of_n=True, dedup_threshold=0.9), uris, output)
+    kept = read_manifest(output)
+    best = {}
+    for r in sorted(union, key=lambda r: (-r.scores["clip"], r.id)):
+        best.setdefault(source_id(r), r)
+    assert ids(kept) == ids(sorted(best.values(), key=lambda r: (-r.scores["clip"], r.id))[:4])
+    stats = read_stats(output)
+    assert stats["rejects"] == {"not best of n": 12, "not in top-k": 2}
+    assert stats["count_in"] == 18 and stats["count_out"] == 4 and stats["best_of_n"] is True
+
+
+def test_dedup_needs_the_sidecar(tmp_path: Path) -> None:
+    shard = str(tmp_path / "scored.jsonl")
+    write_manifest(shard, [rec("a", 0.3), rec("b", 0.2)])
+    with pytest.raises(
+        InputError, match=r"no image embeddings .*scored\.jsonl\.image_embeddings\.npy missing"
+    ):
+        select(SelectConfig(dedup_threshold=0.9), [shard], str(tmp_path / "out.jsonl"))
+    write_embeddings(shard, np.ones((3, 4)))
+    with pytest.raises(InputError, match=r"expected 2 rows \(one per record\), got shape \(3, 4\)"):
+        select(SelectConfig(dedup_threshold=0.9), [shard], str(tmp_path / "out.jsonl"))
+    assert embeddings_uri(shard) == shard + ".image_embeddings.npy"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streamed_best_of_n_top_k_equals_the_brute_force(tmp_path: Path, seed: int) -> None:
+    """Per-shard pruning with best_of_n, with a caption's images spread over several shards."""
+    rng = random.Random(seed)
+    records = [variant(f"s{i:02d}", n, round(rng.random(), 2)) for i in range(15) for n in range(4)]
+    rng.shuffle(records)
+    uris = []
+    for shard in range(3):
+        uri = str(tmp_path / f"shard-{shard}.jsonl")
+        write_manifest(uri, records[shard::3])
+        uris.append(uri)
+    output = str(tmp_path / "out.jsonl")
+    select(SelectConfig(k=5, best_of_n=True), uris, output)
+    best = {}
+    for r in sorted(records, key=lambda r: (-r.scores["clip"], r.id)):
+        best.setdefault(source_id(r), r)
+    assert ids(read_manifest(output)) == ids(list(best.values())[:5])
+    assert read_stats(output)["rejects"] == {"not best of n": 45, "not in top-k": 10}
+
+
+@pytest.mark.parametrize(
+    ("data", "field"), [({"dedup_threshold": 1.5}, "dedup_threshold"), ({"best_of_n": "x"}, "best_of_n")]
+)
+def test_new_fields_are_validated(data: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        validate(SelectConfig, data)

@@ -4,7 +4,6 @@ starts processes (torchrun for several GPUs, a PyTorchJob for several nodes)."""
 import json
 
 import pytest
-import torch
 from transformers import LlavaForConditionalGeneration
 
 from synthvlm import storage
@@ -17,14 +16,6 @@ from synthvlm.train.kubeflow import PyTorchJobFailed
 from synthvlm.train.sync import download_folder, remote_checkpoints
 from synthvlm.train.trainer import LlavaTrainer
 from tests.train.helpers import caption_samples, tiny_config, write_json
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: OpenMP over busy cores costs more than it saves
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
