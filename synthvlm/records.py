@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -119,25 +119,28 @@ def _record_or_error(uri: str, line: int, data: Any, unit: str) -> Record:
         raise InputError(uri, msg, line=line, field=field, unit=unit) from None
 
 
+def iter_jsonl(uri: str, raw: bytes) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line; bad UTF-8 or JSON raises an InputError naming
+    the file and the line."""
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                uri, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", line=lineno
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise InputError(uri, f"malformed JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
+
+
 def read_manifest(uri: str) -> list[Record]:
     """Read and validate a manifest; errors name the file, line (1-based; Parquet: row) and field."""
     numbered: list[tuple[int, Record]] = []
     if _fmt(uri) == "jsonl":
         unit = "line"
-        raw = storage.read_bytes(uri)
-        for lineno, line in enumerate(raw.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise InputError(
-                    uri, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", line=lineno
-                ) from None
-            except json.JSONDecodeError as exc:
-                raise InputError(
-                    uri, f"malformed JSON: {exc.msg} (column {exc.colno})", line=lineno
-                ) from None
+        for lineno, data in iter_jsonl(uri, storage.read_bytes(uri)):
             numbered.append((lineno, _record_or_error(uri, lineno, data, unit)))
     else:
         import pyarrow.parquet as pq

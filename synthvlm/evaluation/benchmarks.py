@@ -14,7 +14,6 @@ benchmark file. Every problem is reported with the file, the line and the field.
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from synthvlm import storage
 from synthvlm.errors import InputError
-from synthvlm.records import check_id
+from synthvlm.records import check_id, iter_jsonl
 
 # How an answer is scored (metrics.py):
 #   vqa              normalized exact match; with several answers VQAv2's min(#matching answers / 3, 1)
@@ -213,17 +212,7 @@ def parse_benchmark(uri: str, raw: bytes, name: str) -> list[BenchmarkItem]:
     """Validate the JSONL bytes of a benchmark; the first problem raises an InputError naming the line."""
     items: list[BenchmarkItem] = []
     first_line: dict[str, int] = {}
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise InputError(
-                uri, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", line=lineno
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise InputError(uri, f"malformed JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
+    for lineno, data in iter_jsonl(uri, raw):
         item = _item_or_error(uri, lineno, data, name)
         assert item.id is not None
         if item.id in first_line:
