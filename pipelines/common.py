@@ -1,13 +1,16 @@
 """Pieces both recipes share: GPU placement, the LLM key, and sharded generation + CLIP scoring."""
 
+import os
+
 from kfp import dsl, kubernetes
 
 from components.clip_score import clip_score
 from components.generate import generate_images
 from components.plan_shards import plan_shards
 
-# KFP needs ParallelFor's parallelism at compile time: the most GPU pods generating at once.
-MAX_PARALLEL_GPU_PODS = 8  # SynthVLM §3.1: 8 A100
+# KFP needs ParallelFor's parallelism at compile time: the most GPU pods generating at once, set with
+# `synthvlm compile --max-parallel-gpus N`. Default 8: SynthVLM §3.1 generated on 8 A100.
+MAX_PARALLEL_GPU_PODS = int(os.environ.get("SYNTHVLM_MAX_PARALLEL_GPU_PODS", "8"))
 GPU_RETRIES = 2  # preemptible GPU nodes: a retried shard resumes from its finished batches
 LLM_KEY_ENV = "OPENAI_API_KEY"  # env var the LLM stages read (LLMConfig.api_key_env) and the Secret's key
 

@@ -175,6 +175,8 @@ def cmd_compare_evals(args: argparse.Namespace) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
+    if args.max_parallel_gpus is not None:  # read when pipelines/common.py is imported, below
+        os.environ["SYNTHVLM_MAX_PARALLEL_GPU_PODS"] = str(args.max_parallel_gpus)
     if args.image_registry or args.image_tag:
         from synthvlm.images import set_image_overrides
 
@@ -405,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image-registry", help="override the component image registry")
     p.add_argument("--image-tag", help="override the component image tag")
+    p.add_argument(
+        "--max-parallel-gpus",
+        type=int,
+        metavar="N",
+        help="most GPU pods generating at once (ParallelFor; default 8)",
+    )
 
     p = add("run", cmd_run, "run a pipeline (locally with --local, through kfp.local)")
     p.add_argument("pipeline", choices=PIPELINES, help="pipeline name")

@@ -146,3 +146,20 @@ def test_validation_step_rejects_bad_parameters_before_gpu_work(tmp_path: Path):
         validate_synthvlm_config.python_func(**{**good, "data_root": ""})
     with pytest.raises(ConfigError, match="pipeline parameter 'select_config': not valid JSON"):
         validate_synthvlm_config.python_func(**{**good, "select_config": "{mode: top_k"})
+
+
+def test_max_parallel_gpu_pods_is_a_compile_option(tmp_path: Path):
+    cmd = [
+        *SYNTHVLM,
+        "compile",
+        "--output-dir",
+        str(tmp_path),
+        "--pipeline",
+        "synthvlm",
+        "--max-parallel-gpus",
+        "32",
+    ]
+    subprocess.run(cmd, check=True, env=_clean_env(), cwd=REPO)
+    spec, _ = yaml.safe_load_all((tmp_path / "synthvlm.yaml").read_text())
+    [loop] = [t for name, t in spec["root"]["dag"]["tasks"].items() if name.startswith("for-loop-")]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 32
