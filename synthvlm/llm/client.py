@@ -186,6 +186,27 @@ class _Batch:
         return max(1, self.total // 10)
 
 
+METRIC_COUNTS = (
+    "items",
+    "produced",
+    "rejected",
+    "requests",
+    "retries",
+    "cache_hits",
+    "repairs",
+    "prompt_tokens",
+    "completion_tokens",
+)
+
+
+def metrics_from_counts(counts: Mapping[str, int], cost_usd: float) -> dict[str, int | float]:
+    """Stage metrics of an LLM backend: the METRIC_COUNTS, the cost, and one count per reject kind."""
+    out: dict[str, int | float] = {f"llm_{name}": counts[name] for name in METRIC_COUNTS}
+    out["llm_cost_usd"] = round(cost_usd, 6)
+    out.update({f"llm_{k}": v for k, v in sorted(counts.items()) if k.startswith("rejected_")})
+    return out
+
+
 class LLMClient:
     """Batch chat completions with bounded concurrency, validation, repair, caching and accounting."""
 
@@ -231,23 +252,7 @@ class LLMClient:
             counts["prompt_tokens"] * self.config.price_per_1k_input
             + counts["completion_tokens"] * self.config.price_per_1k_output
         ) / 1000.0
-        out: dict[str, int | float] = {
-            f"llm_{name}": counts[name]
-            for name in (
-                "items",
-                "produced",
-                "rejected",
-                "requests",
-                "retries",
-                "cache_hits",
-                "repairs",
-                "prompt_tokens",
-                "completion_tokens",
-            )
-        }
-        out["llm_cost_usd"] = round(cost, 6)
-        out.update({f"llm_{k}": v for k, v in sorted(counts.items()) if k.startswith("rejected_")})
-        return out
+        return metrics_from_counts(counts, cost)
 
     # ---- internals ----------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from synthvlm.llm.client import LLMRequest, LLMResult, RejectKind
+from synthvlm.llm.client import LLMRequest, LLMResult, RejectKind, metrics_from_counts
 
 TEMPLATE_BACKEND = "template"
 TEMPLATE_MODEL = "template"
@@ -273,23 +273,8 @@ class TemplateBackend:
     def metrics(self) -> dict[str, int | float]:
         """The same keys as `LLMClient.metrics` (no requests, tokens or cost), plus llm_template_backend=1."""
         counts = self._counts
-        out: dict[str, int | float] = {
-            f"llm_{name}": counts[name]
-            for name in (
-                "items",
-                "produced",
-                "rejected",
-                "requests",
-                "retries",
-                "cache_hits",
-                "repairs",
-                "prompt_tokens",
-                "completion_tokens",
-            )
-        }
-        out["llm_cost_usd"] = 0.0
+        out = metrics_from_counts(counts, 0.0)
         out["llm_template_backend"] = 1
-        out.update({f"llm_{k}": v for k, v in sorted(counts.items()) if k.startswith("rejected_")})
         return out
 
     def describe(self) -> dict[str, str]:
