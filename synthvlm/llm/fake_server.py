@@ -30,6 +30,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from synthvlm.testing.loopback import LoopbackServer
+
 # Scripted actions for one request:
 #   ok            normal reply
 #   429           HTTP 429 with Retry-After: <retry_after_s>
@@ -41,7 +43,7 @@ from typing import Any
 FAULTS = ("ok", "429", "500", "hang", "truncated", "invalid_json", "wrong_schema")
 
 
-class FakeLLMServer:
+class FakeLLMServer(LoopbackServer):
     def __init__(
         self,
         *,
@@ -52,6 +54,7 @@ class FakeLLMServer:
         json_reply: Callable[[str], Any] | None = None,
         text_reply: Callable[[str], str] | None = None,
     ):
+        super().__init__()
         self.latency_s = latency_s
         self.json_reply = json_reply
         self.text_reply = text_reply
@@ -69,41 +72,19 @@ class FakeLLMServer:
         self._hold_after: int | None = None
         self._released = threading.Event()
         self._lock = threading.Lock()
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     # ---- control ------------------------------------------------------------------------------------
 
     @property
     def base_url(self) -> str:
-        if self._httpd is None:
-            raise RuntimeError("server not started")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"{self.root_url}/v1"
 
-    def start(self, port: int = 0) -> FakeLLMServer:
-        httpd = _Server(("127.0.0.1", port), _Handler)
-        httpd.fake = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
+    def _bind(self, port: int) -> ThreadingHTTPServer:
+        return _Server(("127.0.0.1", port), _Handler)
 
     def stop(self) -> None:
-        self.release()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeLLMServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.release()  # stalled handlers answer, so shutdown does not wait on them
+        super().stop()
 
     def script(self, prompt: str, *actions: str) -> None:
         """The next requests for `prompt` get these actions in order; later ones are answered normally."""

@@ -39,6 +39,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
+from synthvlm.testing.loopback import LoopbackServer
+
 API = "/apis/v2beta1"
 
 # grpc status codes the API server puts in its error bodies.
@@ -92,7 +94,7 @@ class _Store:
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # by run_id
 
 
-class FakeKFPServer:
+class FakeKFPServer(LoopbackServer):
     def __init__(
         self,
         *,
@@ -101,6 +103,7 @@ class FakeKFPServer:
         multi_user: bool = False,
         auth_failure_status: int = 401,
     ):
+        super().__init__()
         self.token = token
         self.public_healthz = public_healthz
         self.multi_user = multi_user
@@ -109,8 +112,6 @@ class FakeKFPServer:
         self.store = _Store()
         self._last_time = dt.datetime.min.replace(tzinfo=dt.UTC)
         self._lock = threading.Lock()
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._routes = [
             _Route("GET", re.compile(rf"{API}/healthz"), self._healthz),
             _Route("POST", re.compile(rf"{API}/pipelines/upload"), self._upload_pipeline),
@@ -131,33 +132,10 @@ class FakeKFPServer:
     @property
     def host(self) -> str:
         """The URL to give kfp.Client(host=...)."""
-        if self._httpd is None:
-            raise RuntimeError("server not started")
-        address, port = self._httpd.server_address[:2]
-        return f"http://{address}:{port}"
+        return self.root_url
 
-    def start(self, port: int = 0) -> FakeKFPServer:
-        httpd = _Server(("127.0.0.1", port), _Handler)
-        httpd.fake = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeKFPServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _bind(self, port: int) -> ThreadingHTTPServer:
+        return _Server(("127.0.0.1", port), _Handler)
 
     def requests_to(self, method: str, path: str) -> list[RecordedRequest]:
         with self._lock:
