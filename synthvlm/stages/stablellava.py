@@ -96,6 +96,14 @@ class Reject(BaseModel):
     ability: str | None = None
     text: str | None = None
 
+    @classmethod
+    def of(
+        cls, verdict: Verdict, *, id: str, stage: str, ability: str | None, text: str | None = None
+    ) -> Reject:
+        return cls(
+            id=id, stage=stage, reason=verdict.reason, detail=verdict.detail, ability=ability, text=text
+        )
+
 
 def rejects_uri(output_uri: str) -> str:
     """'.../prompts.jsonl' -> '.../prompts.rejects.jsonl'."""
@@ -159,28 +167,13 @@ def generate_keywords(config: KeywordsConfig, output_uri: str) -> str:
     for ability, result in zip(asked, results, strict=True):
         if not result.ok or result.parsed is None:
             verdict = _llm_verdict(result)
-            rejects.append(
-                Reject(
-                    id=result.id,
-                    stage="keywords",
-                    reason=verdict.reason,
-                    detail=verdict.detail,
-                    ability=ability.name,
-                )
-            )
+            rejects.append(Reject.of(verdict, id=result.id, stage="keywords", ability=ability.name))
             continue
         for raw in cast(KeywordReply, result.parsed).keywords:
             keyword, verdict = clean_keyword(raw, config.nonvisual_words)
             if keyword is None:
                 rejects.append(
-                    Reject(
-                        id=result.id,
-                        stage="keywords",
-                        reason=verdict.reason,
-                        detail=verdict.detail,
-                        ability=ability.name,
-                        text=raw,
-                    )
+                    Reject.of(verdict, id=result.id, stage="keywords", ability=ability.name, text=raw)
                 )
             else:
                 from_llm[ability.name].append(keyword)
@@ -266,16 +259,7 @@ class _PromptRun:
         self.pool_changes = 0
 
     def reject(self, item_id: str, verdict: Verdict, ability: Ability, text: str | None) -> None:
-        self.rejects.append(
-            Reject(
-                id=item_id,
-                stage="prompts",
-                reason=verdict.reason,
-                detail=verdict.detail,
-                ability=ability.name,
-                text=text,
-            )
-        )
+        self.rejects.append(Reject.of(verdict, id=item_id, stage="prompts", ability=ability.name, text=text))
 
     def verdict(self, parsed: ParsedPrompt, ability: Ability) -> Verdict | None:
         return check_prompt(
@@ -525,14 +509,7 @@ def generate_dialogues(config: DialoguesConfig, prompts_manifest: str, output_ur
             dialogues.append(outcome)
         else:
             rejects.append(
-                Reject(
-                    id=job.id,
-                    stage="dialogues",
-                    reason=outcome.reason,
-                    detail=outcome.detail,
-                    ability=job.ability,
-                    text=result.text,
-                )
+                Reject.of(outcome, id=job.id, stage="dialogues", ability=job.ability, text=result.text)
             )
     stats.count_in = len(jobs)
     stats.count_out = len(dialogues)
