@@ -125,9 +125,9 @@ PAPER_BENCHMARKS = [
 class TrainFields(RunConfig):
     """LLaVA-1.5 pretrain -> SFT -> eval (SynthVLM §3.4, §4.1)."""
 
-    # LLaVA-1.5 trained on one node of 8 A100; more nodes go through a PyTorchJob.
+    # LLaVA-1.5 trained on one node of 8 A100; more nodes go through a Kubeflow TrainJob (or PyTorchJob).
     gpus_per_node: int = Field(8, ge=1, le=16, description="GPUs per training pod")
-    num_nodes: int = Field(1, ge=1, description="training nodes (> 1: a Kubeflow PyTorchJob)")
+    num_nodes: int = Field(1, ge=1, description="training nodes (> 1: a Kubeflow TrainJob or PyTorchJob)")
     pretrain_datasets: str = Field(
         "[]", description="JSON list of LLaVA datasets ({uri, image_folder, ratio}) for stage 1"
     )

@@ -6,7 +6,9 @@ tokenizer) to `{output_dir}/model`, then its done marker, and returns that URI. 
 
 How the processes start depends on where it runs:
 - inside a torchrun process (LOCAL_RANK set): this process trains (synthvlm.train.trainer);
-- num_nodes > 1 outside a PyTorchJob pod: a PyTorchJob is created and followed (synthvlm.train.kubeflow);
+- num_nodes > 1 outside a job pod: a Kubeflow job is created and followed, a Trainer v2 TrainJob
+  (synthvlm.train.trainjob) or, with cluster.api "pytorchjob", a PyTorchJob (synthvlm.train.kubeflow);
+  every pod of it runs this stage again (python -m synthvlm.train), which lands in the next case;
 - several GPUs or nodes: torchrun starts one process per GPU on this node (synthvlm.train.launch);
 - otherwise: one process, here.
 """
@@ -17,14 +19,14 @@ import json
 import logging
 import subprocess
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from synthvlm import storage
 from synthvlm.errors import ConfigError
 from synthvlm.stage import StageStats, is_done, mark_done, read_stats, require_done
 from synthvlm.train.config import STAGE_DEFAULTS, TrainConfig, TrainDataset, parse_datasets
 from synthvlm.train.kubeflow import (
-    PyTorchJobConfig,
+    ClusterJobConfig,
     current_namespace,
     custom_objects_api,
     job_name,
@@ -33,13 +35,18 @@ from synthvlm.train.kubeflow import (
 )
 from synthvlm.train.launch import in_job_pod, in_worker_process, node_info, torchrun_command, worker_args
 
+if TYPE_CHECKING:
+    from kubernetes.client import Configuration
+
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+# What every pod of a multi-node job runs (synthvlm/train/__main__.py).
+ENTRYPOINT = ("python", "-m", "synthvlm.train")
 
 __all__ = [
     "STAGE_DEFAULTS",
-    "PyTorchJobConfig",
+    "ClusterJobConfig",
     "TrainConfig",
     "TrainDataset",
     "model_uri",
@@ -64,11 +71,12 @@ def train(
     datasets: Sequence[TrainDataset | str],
     output_dir: str,
     *,
-    kube_api: Any = None,
+    kube_config: Configuration | None = None,
 ) -> str:
     """Train one stage on `datasets` (LLaVA JSON files); return the URI of the saved model folder.
 
-    `kube_api` replaces the kubernetes CustomObjectsApi for a multi-node run (tests pass a stub).
+    `kube_config` is the kubernetes client configuration a multi-node run creates its job with (None: the
+    pod's service account, else kube-config); tests point it at a fake API server.
     """
     out = model_uri(output_dir)
     if is_done(out):
@@ -80,7 +88,7 @@ def train(
     if in_worker_process():
         return _train_here(config, sets, output_dir)
     if config.num_nodes > 1 and not in_job_pod():
-        return _train_on_cluster(config, sets, output_dir, kube_api)
+        return _train_on_cluster(config, sets, output_dir, kube_config)
     if config.world_size > 1:
         return _launch_torchrun(config, sets, output_dir)
     return _train_here(config, sets, output_dir)
@@ -120,24 +128,45 @@ def _launch_torchrun(config: TrainConfig, datasets: list[TrainDataset], output_d
 
 
 def _train_on_cluster(
-    config: TrainConfig, datasets: list[TrainDataset], output_dir: str, kube_api: Any
+    config: TrainConfig, datasets: list[TrainDataset], output_dir: str, kube_config: Configuration | None
 ) -> str:
+    """Create (or find) the job whose pods run this call, follow it to the end, check its output."""
     from synthvlm.images import image_for
 
     out = model_uri(output_dir)
     args = worker_args(config, datasets, output_dir)
-    name = job_name(config.stage, json.dumps(args))
     cluster = config.cluster
-    manifest = pytorchjob_manifest(
-        name,
-        ["python", "-m", "synthvlm.train", *args],
-        num_nodes=config.num_nodes,
-        gpus_per_node=config.gpus_per_node,
-        config=cluster,
-        namespace=cluster.namespace or current_namespace(),
-        image=cluster.image or image_for("train"),
-        labels={"synthvlm/stage": f"train-{config.stage}"},
-    )
-    run_pytorchjob(kube_api if kube_api is not None else custom_objects_api(), manifest, cluster)
+    # Same inputs, same name: a retried step follows the job it started instead of starting another.
+    name = job_name(config.stage, json.dumps(args))
+    namespace = cluster.namespace or current_namespace()
+    image = cluster.image or image_for("train")
+    labels = {"synthvlm/stage": f"train-{config.stage}"}
+    if cluster.api == "trainjob":
+        from synthvlm.train.trainjob import run_trainjob  # the kubeflow SDK takes ~1.5 s to import
+
+        run_trainjob(
+            name,
+            ENTRYPOINT,
+            args,
+            num_nodes=config.num_nodes,
+            gpus_per_node=config.gpus_per_node,
+            config=cluster,
+            namespace=namespace,
+            image=image,
+            labels=labels,
+            configuration=kube_config,
+        )
+    else:
+        manifest = pytorchjob_manifest(
+            name,
+            [*ENTRYPOINT, *args],
+            num_nodes=config.num_nodes,
+            gpus_per_node=config.gpus_per_node,
+            config=cluster,
+            namespace=namespace,
+            image=image,
+            labels=labels,
+        )
+        run_pytorchjob(custom_objects_api(kube_config), manifest, cluster)
     require_done(out)
     return out

@@ -1,6 +1,6 @@
 """`python -m synthvlm.train --config-json ... --datasets-json ... --output-dir ...`: one train() call.
 
-What torchrun starts once per GPU, and what every pod of a multi-node PyTorchJob runs.
+What torchrun starts once per GPU, and what every pod of a multi-node TrainJob or PyTorchJob runs.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 
 from synthvlm.config import StageConfig, validate
 from synthvlm.errors import ConfigError
-from synthvlm.train.kubeflow import PyTorchJobConfig
+from synthvlm.train.kubeflow import ClusterJobConfig
 
 Stage = Literal["pretrain", "sft"]
 TemplateName = Literal["plain", "vicuna_v1"]
@@ -40,6 +40,9 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "gradient_checkpointing": False,
         # Our choice: DDP. The frozen LLM needs no sharded optimizer state (LLaVA used ZeRO-2).
         "distributed": "ddp",
+        # LLaVA-1.5 pretrain.sh does not set --group_by_modality_length (HF default: off); every
+        # pretraining sample has one image, so there is no modality to separate.
+        "group_by_modality_length": False,
     },
     "sft": {
         # LLaVA-1.5 finetune.sh: --version v1 (Vicuna v1 conversation template).
@@ -53,6 +56,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "gradient_checkpointing": True,
         # LLaVA-1.5 finetune.sh used ZeRO-3; FSDP full sharding is its PyTorch equivalent.
         "distributed": "fsdp",
+        # LLaVA-1.5 finetune.sh: --group_by_modality_length True (LLaVA-665K mixes text-only samples in).
+        "group_by_modality_length": True,
     },
 }
 
@@ -170,6 +175,10 @@ class TrainConfig(StageConfig):
     logging_steps: int = Field(1, ge=1)
     # HF Trainer's default seed (LLaVA kept it).
     seed: int = 42
+    # None = stage default: off for pretrain, on for SFT (LLaVA-1.5 scripts). On: every global batch
+    # holds image samples only or text-only samples only, each optimizer step's samples ordered by length
+    # (see data.ModalityLengthGroupedSampler).
+    group_by_modality_length: bool | None = None
 
     # ---- parallelism (set by the pipeline: GPU count and node count per run)
     gpus_per_node: int = Field(1, ge=1)
@@ -183,8 +192,9 @@ class TrainConfig(StageConfig):
     local_work_dir: str | None = None
     # Our choice: CUDA when present, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Where the PyTorchJob of a multi-node run (num_nodes > 1) goes; unused for one node.
-    cluster: PyTorchJobConfig = Field(default_factory=PyTorchJobConfig)
+    # Where and how the Kubeflow job (TrainJob, or PyTorchJob) of a multi-node run (num_nodes > 1) runs;
+    # unused for one node.
+    cluster: ClusterJobConfig = Field(default_factory=ClusterJobConfig)
 
     @field_validator("vision_feature_layer")
     @classmethod

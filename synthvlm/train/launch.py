@@ -1,10 +1,12 @@
-"""Launching the training processes: torchrun inside one pod, and the node identity inside a PyTorchJob.
+"""Launching the training processes: torchrun inside one pod, and the node identity inside a job pod.
 
 `torchrun_command` builds the command that starts `gpus_per_node` processes of `python -m synthvlm.train`
 (each one runs the train stage with LOCAL_RANK set). One node uses torchrun's standalone rendezvous;
 several nodes use its static rendezvous on the master pod, with this node's rank and the master's address
-taken from what the Kubeflow training operator puts in every pod's environment (PET_NODE_RANK,
-PET_MASTER_ADDR, PET_MASTER_PORT on training-operator >= 1.7; RANK / MASTER_ADDR / MASTER_PORT before).
+taken from what the Kubeflow job controller puts in every pod's environment: PET_NODE_RANK,
+PET_MASTER_ADDR, PET_MASTER_PORT from Trainer v2's torch plugin (a TrainJob: rank = the Job completion
+index, master <job>-node-0-0.<job>:29500) and from training-operator >= 1.7 (a PyTorchJob); RANK /
+MASTER_ADDR / MASTER_PORT from older training operators.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ def in_worker_process(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def in_job_pod(environ: Mapping[str, str] | None = None) -> bool:
-    """True inside a pod of a PyTorchJob (the operator sets the master's address)."""
+    """True inside a pod of a TrainJob or PyTorchJob (its controller sets the master's address)."""
     env = os.environ if environ is None else environ
     return "PET_MASTER_ADDR" in env or "MASTER_ADDR" in env
 
 
 def node_info(config: TrainConfig, environ: Mapping[str, str] | None = None) -> NodeInfo:
-    """This node's rank and the rendezvous address: from the PyTorchJob environment, else node 0 locally."""
+    """This node's rank and the rendezvous address: from the job pod's environment, else node 0 locally."""
     env = os.environ if environ is None else environ
     rank = env.get("PET_NODE_RANK", env.get("RANK", "0"))
     addr = env.get("PET_MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))

@@ -1,5 +1,5 @@
 """The train stage: done marker and idempotence, gs:// checkpoints surviving a lost disk, and how it
-starts processes (torchrun for several GPUs, a PyTorchJob for several nodes)."""
+starts processes (torchrun for several GPUs, a TrainJob or PyTorchJob for several nodes)."""
 
 import json
 
@@ -10,9 +10,10 @@ from synthvlm import storage
 from synthvlm.errors import ConfigError
 from synthvlm.stage import StageStats, is_done, mark_done, read_stats
 from synthvlm.stages import train as train_stage
-from synthvlm.stages.train import PyTorchJobConfig, TrainConfig, TrainDataset, model_uri, train
+from synthvlm.stages.train import ClusterJobConfig, TrainConfig, TrainDataset, model_uri, train
+from synthvlm.testing.fake_kube import FakeKubeServer
 from synthvlm.train.config import parse_datasets
-from synthvlm.train.kubeflow import PyTorchJobFailed
+from synthvlm.train.kubeflow import TrainingJobFailed
 from synthvlm.train.sync import download_folder, remote_checkpoints
 from synthvlm.train.trainer import LlavaTrainer
 from tests.train.helpers import caption_samples, tiny_config, write_json
@@ -92,48 +93,77 @@ def test_failed_torchrun_raises(captions, tmp_path, monkeypatch):
         train(tiny_config("pretrain", gpus_per_node=2), captions, str(tmp_path / "run"))
 
 
-class JobApi:
-    """A training operator in miniature: create records the job, get reports the given final state and, on
-    success, publishes the model as the job's pods would."""
-
-    def __init__(self, final_state):
-        self.final_state = final_state
-        self.jobs = {}
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        self.jobs[body["metadata"]["name"]] = body
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        command = self.jobs[name]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][
-            0
-        ]["command"]
-        if self.final_state == "Succeeded":
-            out = model_uri(command[command.index("--output-dir") + 1])
-            storage.write_text(f"{out}/config.json", "{}")
-            mark_done(out, StageStats(stage="train_sft"))
-        reason = {"message": "worker-1 OOMKilled"} if self.final_state == "Failed" else {}
-        return {"status": {"conditions": [{"type": self.final_state, "status": "True", **reason}]}}
+def pod_command(job):
+    """What the job's pods run: a TrainJob's trainer command + args, a PyTorchJob's Master command."""
+    if job["kind"] == "TrainJob":
+        return job["spec"]["trainer"]["command"] + job["spec"]["trainer"]["args"]
+    return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
 
 
-def test_several_nodes_run_as_a_pytorchjob(captions, gcs_emulator, tmp_path, monkeypatch):
+def publish_model(job):
+    """What the job's pods would leave behind when it completes: the model and its done marker."""
+    command = pod_command(job)
+    out = model_uri(command[command.index("--output-dir") + 1])
+    storage.write_text(f"{out}/config.json", "{}")
+    mark_done(out, StageStats(stage="train_sft"))
+
+
+@pytest.fixture
+def outside_a_job_pod(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("PET_MASTER_ADDR", raising=False)
-    cluster = PyTorchJobConfig(namespace="ml", image="registry/train:1", poll_s=0.01)
-    config = tiny_config("sft", gpus_per_node=8, num_nodes=2, cluster=cluster)
-    api = JobApi("Succeeded")
-    output = f"{gcs_emulator}/job-{tmp_path.name}"
-    out = train(config, captions, output, kube_api=api)
+
+
+def multi_node(api):
+    cluster = ClusterJobConfig(api=api, namespace="ml", image="registry/train:1", poll_s=0.01)
+    return tiny_config("sft", gpus_per_node=8, num_nodes=2, cluster=cluster)
+
+
+@pytest.mark.usefixtures("outside_a_job_pod")
+def test_several_nodes_run_as_a_trainjob(captions, gcs_emulator, tmp_path):
+    config = multi_node("trainjob")
+    output = f"{gcs_emulator}/trainjob-{tmp_path.name}"
+    with FakeKubeServer(on_complete=publish_model) as kube:
+        out = train(config, captions, output, kube_config=kube.configuration())
+        (job,) = kube.created("trainjobs")
+        assert kube.created("pytorchjobs") == []
     assert is_done(out)
-    (job,) = api.jobs.values()
+    assert job["metadata"]["namespace"] == "ml" and job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    trainer = job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["image"], trainer["resourcesPerNode"]["limits"]) == (
+        2,
+        "registry/train:1",
+        {"nvidia.com/gpu": "8"},
+    )
+    command = pod_command(job)
+    assert command[:3] == ["python", "-m", "synthvlm.train"]
+    assert TrainConfig.model_validate_json(command[command.index("--config-json") + 1]) == config
+    assert parse_datasets(command[command.index("--datasets-json") + 1]) == captions
+
+    failing = FakeKubeServer(phases=("Created", "Running", "Failed"), failure_message="worker-1 OOMKilled")
+    with failing as kube, pytest.raises(TrainingJobFailed, match="TrainJob ml/synthvlm-sft-.* OOMKilled"):
+        train(config, captions, f"{output}-2", kube_config=kube.configuration())
+
+
+@pytest.mark.usefixtures("outside_a_job_pod")
+def test_several_nodes_run_as_a_pytorchjob_on_training_operator_v1(captions, gcs_emulator, tmp_path):
+    config = multi_node("pytorchjob")
+    output = f"{gcs_emulator}/pytorchjob-{tmp_path.name}"
+    with FakeKubeServer(on_complete=publish_model) as kube:
+        out = train(config, captions, output, kube_config=kube.configuration())
+        (job,) = kube.created("pytorchjobs")
+        assert kube.created("trainjobs") == []
+    assert is_done(out)
     assert (
         job["metadata"]["namespace"] == "ml" and job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
     )
-    command = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    command = pod_command(job)
     assert command[:3] == ["python", "-m", "synthvlm.train"]
     assert json.loads(command[command.index("--config-json") + 1])["num_nodes"] == 2
 
-    with pytest.raises(PyTorchJobFailed, match="OOMKilled"):
-        train(config, captions, f"{output}-2", kube_api=JobApi("Failed"))
+    failing = FakeKubeServer(phases=("Running", "Failed"), failure_message="worker-1 OOMKilled")
+    with failing as kube, pytest.raises(TrainingJobFailed, match="PyTorchJob ml/.* OOMKilled"):
+        train(config, captions, f"{output}-2", kube_config=kube.configuration())
 
 
 def test_several_nodes_need_a_shared_output(captions, tmp_path):

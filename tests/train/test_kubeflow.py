@@ -1,9 +1,10 @@
 import pytest
+from pydantic import ValidationError
 
 from synthvlm.train.kubeflow import (
     CONTAINER_NAME,
-    PyTorchJobConfig,
-    PyTorchJobFailed,
+    ClusterJobConfig,
+    TrainingJobFailed,
     create_pytorchjob,
     follow_pytorchjob,
     job_name,
@@ -57,7 +58,7 @@ def manifest(num_nodes=3, **cfg):
         ["python", "-m", "synthvlm.train", "--output-dir", "gs://b/out"],
         num_nodes=num_nodes,
         gpus_per_node=8,
-        config=PyTorchJobConfig(**cfg),
+        config=ClusterJobConfig(**cfg),
         namespace="ml",
         image="ghcr.io/synthvlm/synthvlm-train:1",
     )
@@ -102,7 +103,7 @@ def test_job_names_are_stable_dns_labels():
 def test_follow_until_succeeded():
     api = StubApi([None, "Created", "Running", "Running", "Succeeded"])
     sleeps = []
-    job = run_pytorchjob(api, manifest(), PyTorchJobConfig(poll_s=0.001))
+    job = run_pytorchjob(api, manifest(), ClusterJobConfig(poll_s=0.001))
     assert api.created[0][0] == "ml" and job_state(job) == "Succeeded"
     assert api.gets == 5
     follow_pytorchjob(api, "ml", "x", poll_s=5, sleep=sleeps.append)
@@ -111,8 +112,10 @@ def test_follow_until_succeeded():
 
 def test_failed_job_raises_with_the_operator_message():
     api = StubApi(["Running", "Failed"])
-    with pytest.raises(PyTorchJobFailed, match="exited with code 1"):
+    with pytest.raises(TrainingJobFailed, match="exited with code 1") as failed:
         follow_pytorchjob(api, "ml", "synthvlm-sft-abc", sleep=lambda s: None)
+    assert "PyTorchJob ml/synthvlm-sft-abc failed" in str(failed.value)
+    assert "kubectl delete pytorchjob -n ml synthvlm-sft-abc" in str(failed.value)
 
 
 def test_existing_job_is_followed_not_duplicated_and_other_errors_propagate():
@@ -123,7 +126,7 @@ def test_existing_job_is_followed_not_duplicated_and_other_errors_propagate():
 
 
 def test_deleted_job_and_timeout():
-    with pytest.raises(PyTorchJobFailed, match="deleted"):
+    with pytest.raises(TrainingJobFailed, match="deleted"):
         follow_pytorchjob(StubApi([ApiError(404)]), "ml", "x", sleep=lambda s: None)
     now = [0.0]
 
@@ -134,3 +137,12 @@ def test_deleted_job_and_timeout():
         follow_pytorchjob(
             StubApi(["Running"]), "ml", "x", poll_s=10, timeout_s=25, sleep=sleep, clock=lambda: now[0]
         )
+
+
+def test_cluster_config_defaults_to_a_trainjob_and_keeps_rendezvous_variables_out():
+    config = ClusterJobConfig()
+    assert (config.api, config.runtime) == ("trainjob", "torch-distributed")
+    with pytest.raises(ValidationError, match="PET_MASTER_ADDR"):
+        ClusterJobConfig(env={"PET_MASTER_ADDR": "x", "NCCL_DEBUG": "WARN"})
+    with pytest.raises(ValidationError):
+        ClusterJobConfig(api="mpijob")

@@ -22,7 +22,7 @@ def test_single_node_command_starts_one_process_per_gpu():
     assert _arg(cmd, "--output-dir") == "gs://b/out"
 
 
-def test_multi_node_command_uses_the_pytorchjob_environment():
+def test_multi_node_command_uses_the_job_pod_environment():
     config = TrainConfig(stage="sft", gpus_per_node=8, num_nodes=4)
     env = {"PET_NODE_RANK": "2", "PET_MASTER_ADDR": "job-master-0", "PET_MASTER_PORT": "23456", "RANK": "9"}
     assert node_info(config, env) == NodeInfo(2, "job-master-0", 23456)
@@ -30,6 +30,22 @@ def test_multi_node_command_uses_the_pytorchjob_environment():
     assert "--standalone" not in cmd
     for flag in ("--nnodes=4", "--node-rank=2", "--master-addr=job-master-0", "--master-port=23456"):
         assert flag in cmd
+
+
+def test_trainjob_pods_are_job_pods():
+    """Trainer v2's torch plugin: rank = Job completion index, master = node 0 of the JobSet, port 29500."""
+    config = TrainConfig(stage="sft", gpus_per_node=8, num_nodes=3)
+    env = {
+        "PET_NNODES": "3",
+        "PET_NPROC_PER_NODE": "auto",  # ignored: --nproc-per-node comes from gpus_per_node
+        "PET_NODE_RANK": "1",
+        "PET_MASTER_ADDR": "job-node-0-0.job",
+        "PET_MASTER_PORT": "29500",
+    }
+    assert in_job_pod(env) and node_info(config, env) == NodeInfo(1, "job-node-0-0.job", 29500)
+    assert "--nproc-per-node=8" in torchrun_command(
+        config, DATASETS, "gs://b/out", node=node_info(config, env)
+    )
 
 
 def test_older_operator_variables_and_local_defaults():
