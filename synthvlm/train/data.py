@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +151,11 @@ def _load_objects(uri: str) -> list[Any]:
     return data
 
 
+def word_count(sample: LlavaSample) -> int:
+    """Whitespace-separated words of all turns, `<image>` markers excluded (LLaVA's length estimate)."""
+    return sum(len(turn.text.replace(IMAGE_TOKEN, " ").split()) for turn in sample.turns)
+
+
 class SampleTable:
     """The validated samples of one LLaVA JSON, packed into one byte buffer.
 
@@ -162,9 +167,13 @@ class SampleTable:
         self.uri = uri
         blobs = []
         num_turns = []
+        num_words = []
+        num_images = []
         for index, obj in enumerate(_load_objects(uri)):
             sample = parse_sample(obj, uri, index)
             num_turns.append(len(sample.turns))
+            num_words.append(word_count(sample))
+            num_images.append(len(sample.images))
             blobs.append(
                 json.dumps(
                     [sample.id, list(sample.images), [[t.role, t.text] for t in sample.turns]],
@@ -176,6 +185,9 @@ class SampleTable:
         self._offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
         self._buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8)
         self.num_turns = np.array(num_turns, dtype=np.int32)
+        # Per-sample length and modality for length grouping, known without tokenising or loading images.
+        self.num_words = np.array(num_words, dtype=np.int32)
+        self.num_images = np.array(num_images, dtype=np.int32)
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -328,6 +340,21 @@ class LlavaMixture(torch.utils.data.Dataset):
         per_source = np.bincount(self.index[:, 0], minlength=len(self.datasets))
         return {d.display_name(): int(n) for d, n in zip(self.datasets, per_source, strict=True)}
 
+    def modality_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(estimated tokens, has image) for every position of this epoch's sample list.
+
+        The estimate is words + tokens_per_image per image: it only has to order samples of one modality
+        by length, and needs neither the tokenizer (665K conversations on every rank) nor the images.
+        """
+        sources, rows = self.index[:, 0], self.index[:, 1]
+        words = np.zeros(len(self.index), dtype=np.int64)
+        images = np.zeros(len(self.index), dtype=np.int64)
+        for source, table in enumerate(self.tables):
+            here = sources == source
+            words[here] = table.num_words[rows[here]]
+            images[here] = table.num_images[rows[here]]
+        return words + images * self.tokens_per_image, images > 0
+
     def sample(self, i: int) -> tuple[int, LlavaSample]:
         source, row = (int(x) for x in self.index[i])
         return source, self.tables[source][row]
@@ -361,6 +388,92 @@ class LlavaMixture(torch.utils.data.Dataset):
                 "pixel_values"
             ]
         return item
+
+
+# ---------------------------------------------------------------- grouping by modality and length
+
+
+def _longest_first(indices: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    return indices[np.argsort(-lengths[indices], kind="stable")]
+
+
+def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
+    """Consecutive pieces of `size` (the last one shorter when len(indices) is not a multiple)."""
+    return [indices[start : start + size] for start in range(0, len(indices), size)]
+
+
+def modality_grouped_order(
+    lengths: np.ndarray, has_image: np.ndarray, batch_size: int, group_batches: int, seed: Sequence[int]
+) -> np.ndarray:
+    """One epoch's sample order in which every global batch of `batch_size` has a single modality.
+
+    Per modality: shuffle, cut into steps of batch_size x group_batches samples (one optimizer step),
+    order each step longest first so that its consecutive global batches hold similar lengths. Sorting
+    inside a step leaves each step's sample set a random draw: only the split into micro-batches (and so
+    the padding) changes. The steps of both modalities are shuffled together; what is left of each
+    modality follows as whole single-modality batches, and the last partial batch of each modality is
+    merged into the final one or two batches (the only ones that can mix modalities).
+    """
+    rng = np.random.default_rng(list(seed))
+    step = batch_size * group_batches
+    steps: list[np.ndarray] = []
+    batches: list[np.ndarray] = []
+    remnants: list[np.ndarray] = []
+    for modality in (np.flatnonzero(has_image), np.flatnonzero(~has_image)):
+        shuffled = rng.permutation(modality)
+        whole = len(shuffled) // step * step
+        steps += [_longest_first(chunk, lengths) for chunk in _chunks(shuffled[:whole], step)]
+        rest = _longest_first(shuffled[whole:], lengths)
+        full = len(rest) // batch_size * batch_size
+        batches += _chunks(rest[:full], batch_size)
+        remnants.append(rest[full:])
+    ordered = [steps[i] for i in rng.permutation(len(steps))]
+    ordered += [batches[i] for i in rng.permutation(len(batches))]
+    ordered.append(_longest_first(np.concatenate(remnants), lengths))
+    return np.concatenate(ordered).astype(np.int64)
+
+
+class ModalityLengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """LLaVA-1.5's group_by_modality_length as a sampler of the *global* order of one epoch.
+
+    `batch_size` is the global batch of one micro-step (per-device batch x processes) and `group_batches`
+    the accumulation steps. Each rank must see the same order: it depends only on (seed, epoch), and
+    each process's DataLoader takes its share of it (see trainer.LlavaTrainer._get_train_sampler).
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        has_image: np.ndarray,
+        *,
+        batch_size: int,
+        group_batches: int = 1,
+        seed: int = 0,
+    ):
+        if len(lengths) != len(has_image):
+            raise ValueError("lengths and has_image must describe the same samples")
+        if batch_size < 1 or group_batches < 1:
+            raise ValueError("batch_size and group_batches must be positive")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.has_image = np.asarray(has_image, dtype=bool)
+        self.batch_size = batch_size
+        self.group_batches = group_batches
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> np.ndarray:
+        # (seed, epoch) as entropy: a new order every epoch, the same one for a resumed run.
+        seed = (self.seed % 2**32, self.epoch)
+        return modality_grouped_order(self.lengths, self.has_image, self.batch_size, self.group_batches, seed)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
 
 
 @dataclass

@@ -26,11 +26,12 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainingArguments, set_seed
 
 from synthvlm import storage
 from synthvlm.train.config import TrainConfig, TrainDataset
-from synthvlm.train.data import LlavaCollator, LlavaMixture
+from synthvlm.train.data import LlavaCollator, LlavaMixture, ModalityLengthGroupedSampler
 from synthvlm.train.model import (
     build_llava,
     build_tiny_llava,
@@ -128,6 +129,17 @@ def fsdp_settings(model: torch.nn.Module, activation_checkpointing: bool) -> dic
     }
 
 
+def check_fsdp_enabled(mode: str, enabled: bool, device: torch.device) -> None:
+    """FSDP that accelerate did not turn on: an error on GPUs (a 7B SFT replicated per GPU would run out
+    of memory or silently train another way), a warning on CPU, where accelerate has no FSDP at all
+    (it enables FSDP only for accelerator backends) and DDP over gloo is the honest stand-in."""
+    if mode != "fsdp" or enabled:
+        return
+    if device.type != "cpu":
+        raise RuntimeError(f"FSDP was requested but accelerate did not enable it on {device}")
+    log.warning("FSDP was requested but accelerate has no FSDP on cpu; training with DDP instead")
+
+
 # ---------------------------------------------------------------- model
 
 
@@ -196,12 +208,52 @@ class LlavaTrainer(Trainer):
     instead of the full model; resuming loads them into the freshly built model. Other non-FSDP
     checkpoints keep module key names (see _save). `save_full_model` writes the final output: a complete
     HF model in the format from_pretrained expects.
+
+    With `group_by_modality_length` (LLaVA-1.5 SFT), the training order comes from
+    ModalityLengthGroupedSampler: every global batch is image samples only or text-only samples only.
     """
 
-    def __init__(self, *args: Any, trainable_only_checkpoints: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        trainable_only_checkpoints: bool = False,
+        group_by_modality_length: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.trainable_only_checkpoints = trainable_only_checkpoints
+        self.group_by_modality_length = group_by_modality_length
+        self.modality_sampler: ModalityLengthGroupedSampler | None = None
         self.saving_final_model = False
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
+        if not self.group_by_modality_length:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not isinstance(dataset, LlavaMixture):
+            raise TypeError(f"group_by_modality_length needs a LlavaMixture, got {type(dataset).__name__}")
+        lengths, has_image = dataset.modality_lengths()
+        # The sampler yields the global order. The DataLoader cuts it into per-device batches of
+        # train_batch_size; with several processes accelerate's prepare() wraps that batch sampler in
+        # BatchSamplerShard (split_batches=False, the Trainer's default), which hands batch k to rank
+        # k % world_size. Micro-step j of all ranks thus reads the consecutive slice [j*G, (j+1)*G),
+        # G = train_batch_size x world_size: the sampler's global batches are what the ranks train on.
+        self.modality_sampler = ModalityLengthGroupedSampler(
+            lengths,
+            has_image,
+            batch_size=self.args.train_batch_size * self.args.world_size,
+            group_batches=self.args.gradient_accumulation_steps,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
+        return self.modality_sampler
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # accelerate forwards set_epoch to the sampler, except when a run resumes mid-epoch on several
+        # processes: its SkipBatchSampler around BatchSamplerShard hides the sampler, which would replay
+        # epoch 0's order. Set the epoch here, before the epoch's iterator is made.
+        if self.modality_sampler is not None:
+            self.modality_sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def save_full_model(self, output_dir: str) -> None:
         self.saving_final_model = True
@@ -346,9 +398,9 @@ def run_training(config: TrainConfig, datasets: list[TrainDataset], output_dir: 
         processing_class=processor,
         callbacks=callbacks if paths.remote_checkpoints else None,
         trainable_only_checkpoints=config.stage == "pretrain" and mode != "fsdp",
+        group_by_modality_length=bool(config.group_by_modality_length),
     )
-    if mode == "fsdp" and not trainer.is_fsdp_enabled:
-        log.warning("FSDP was requested but accelerate did not enable it on %s; training without it", device)
+    check_fsdp_enabled(mode, trainer.is_fsdp_enabled, device)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_full_model(paths.final_model)
     if trainer.is_world_process_zero() and paths.remote_model:
@@ -361,6 +413,7 @@ def run_training(config: TrainConfig, datasets: list[TrainDataset], output_dir: 
         "last_logged_loss": float(losses[-1]) if losses else None,
         "samples_per_epoch": len(dataset),
         "samples_per_dataset": dataset.counts(),
+        "group_by_modality_length": trainer.group_by_modality_length,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "world_size": world_size,

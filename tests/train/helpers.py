@@ -79,6 +79,20 @@ def chat_samples(folder: Path) -> list[dict[str, Any]]:
     ]
 
 
+def text_samples(count: int) -> list[dict[str, Any]]:
+    """Text-only samples of growing length (the ShareGPT part of LLaVA-665K)."""
+    return [
+        {
+            "id": f"text-{i}",
+            "conversations": [
+                {"from": "human", "value": f"Say sheep {3 * (i + 1)} times."},
+                {"from": "gpt", "value": " ".join(["sheep"] * 3 * (i + 1))},
+            ],
+        }
+        for i in range(count)
+    ]
+
+
 def write_json(path: Path, samples: list[dict[str, Any]]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(samples))

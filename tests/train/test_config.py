@@ -15,6 +15,14 @@ def test_stage_defaults_follow_llava_1_5():
     assert (pre.vision_tower, pre.llm) == ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5")
     assert (pre.distributed, sft.distributed) == ("ddp", "fsdp")
     assert sft.gradient_checkpointing and not pre.gradient_checkpointing
+    assert sft.group_by_modality_length is True and pre.group_by_modality_length is False
+
+
+def test_group_by_modality_length_can_be_set_either_way():
+    sft_off = TrainConfig(stage="sft", group_by_modality_length=False).resolved()
+    pretrain_on = TrainConfig(stage="pretrain", group_by_modality_length=True).resolved()
+    assert sft_off.group_by_modality_length is False and pretrain_on.group_by_modality_length is True
+    assert TrainConfig(stage="sft").group_by_modality_length is None  # unresolved: the stage decides
 
 
 def test_explicit_values_win_and_a_dumped_config_does_not_leak_stage_values():

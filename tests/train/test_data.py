@@ -3,6 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from accelerate.data_loader import BatchSamplerShard
+from torch.utils.data import BatchSampler
 
 from synthvlm.errors import InputError
 from synthvlm.train.config import TrainDataset
@@ -11,13 +13,15 @@ from synthvlm.train.data import (
     IGNORE_INDEX,
     LlavaCollator,
     LlavaMixture,
+    ModalityLengthGroupedSampler,
     SampleTable,
     encode_sample,
     mixture_indices,
     parse_sample,
+    word_count,
 )
 from synthvlm.train.model import build_tiny_llava, num_image_tokens
-from tests.train.helpers import caption_samples, chat_samples, write_json
+from tests.train.helpers import caption_samples, chat_samples, text_samples, write_json
 
 QUESTION = {"from": "human", "value": "q"}
 ANSWER = {"from": "gpt", "value": "A"}
@@ -220,3 +224,130 @@ def test_plain_template_refuses_conversations_and_missing_images_fail_clearly(tm
     mixture = LlavaMixture(missing, processor, template="plain", **kwargs)
     with pytest.raises(InputError, match="cannot read image"):
         mixture[0]
+
+
+# ---------------------------------------------------------------- grouping by modality and length
+
+
+def mixed_data(n: int = 203, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, has_image) of n samples, ~60% with an image (576 tokens + text), the rest text-only."""
+    rng = np.random.default_rng(seed)
+    has_image = rng.random(n) < 0.6
+    return rng.integers(5, 800, n) + 576 * has_image, has_image
+
+
+def batches_of(order, size: int) -> list[np.ndarray]:
+    order = np.asarray(order)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def padding(order, lengths: np.ndarray, batch_size: int) -> int:
+    """Pad tokens a right-padding collator adds over the epoch's batches."""
+    return sum(int(lengths[b].max() * len(b) - lengths[b].sum()) for b in batches_of(order, batch_size))
+
+
+def is_mixed(batch: np.ndarray, has_image: np.ndarray) -> bool:
+    return len(set(has_image[batch].tolist())) > 1
+
+
+def test_every_global_batch_has_one_modality_and_every_sample_comes_once():
+    lengths, has_image = mixed_data()
+    sampler = ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, group_batches=3, seed=42)
+    order = list(sampler)
+    assert len(sampler) == len(order) and sorted(order) == list(range(len(lengths)))
+    batches = batches_of(order, 4)
+    mixed = [i for i, b in enumerate(batches) if is_mixed(b, has_image)]
+    assert set(mixed) <= {len(batches) - 2, len(batches) - 1}  # only the leftovers, at the very end
+    modality = [bool(has_image[b[0]]) for b in batches[:-2]]
+    assert sum(a != b for a, b in zip(modality, modality[1:], strict=False)) > 5  # modalities interleave
+    # whole optimizer steps (3 batches of 4) first: one modality each, longest sample first
+    whole_steps = int(has_image.sum()) // 12 + int((~has_image).sum()) // 12
+    for step in batches_of(order[: whole_steps * 12], 12):
+        assert not is_mixed(step, has_image)
+        assert (np.diff(lengths[step]) <= 0).all()
+
+
+def test_accelerate_hands_each_rank_its_slice_of_every_global_batch():
+    """What the Trainer's DataLoader + accelerate's BatchSamplerShard do with the order under DDP/FSDP."""
+    lengths, has_image = mixed_data()
+    per_device, world = 2, 3
+    sampler = ModalityLengthGroupedSampler(lengths, has_image, batch_size=per_device * world, seed=1)
+    order = sampler.order()
+    ranks = [
+        list(BatchSamplerShard(BatchSampler(sampler, per_device, drop_last=False), world, rank))
+        for rank in range(world)
+    ]
+    steps = list(zip(*ranks, strict=True))
+    whole = len(order) // (per_device * world)
+    for j, per_rank in enumerate(steps[:whole]):
+        assert np.concatenate(per_rank).tolist() == order[j * 6 : (j + 1) * 6].tolist()
+    mixed = [j for j, per_rank in enumerate(steps) if is_mixed(np.concatenate(per_rank), has_image)]
+    assert set(mixed) <= {len(steps) - 2, len(steps) - 1}
+
+
+def test_the_order_depends_only_on_seed_and_epoch():
+    lengths, has_image = mixed_data()
+
+    def order(seed: int, epoch: int) -> list[int]:
+        sampler = ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, group_batches=2, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(42, 0) == order(42, 0)
+    assert order(42, 1) == order(42, 1) != order(42, 0)
+    assert order(7, 0) != order(42, 0)
+
+
+def test_length_grouping_cuts_padding():
+    lengths, has_image = mixed_data()
+    sampler = ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, group_batches=8, seed=3)
+    shuffled = np.random.default_rng(3).permutation(len(lengths))
+    assert padding(sampler.order(), lengths, 4) < padding(shuffled, lengths, 4) / 3
+
+
+@pytest.mark.parametrize(
+    ("n", "image_share", "batch_size", "group_batches"),
+    [(7, 1.0, 2, 3), (7, 0.0, 2, 3), (5, 0.5, 8, 2), (1, 1.0, 4, 1), (23, 0.3, 3, 2)],
+)
+def test_one_modality_and_sizes_that_do_not_divide(n, image_share, batch_size, group_batches):
+    lengths = np.arange(n) * 7 % 11
+    has_image = np.arange(n) < round(image_share * n)
+    sampler = ModalityLengthGroupedSampler(
+        lengths, has_image, batch_size=batch_size, group_batches=group_batches
+    )
+    order = sampler.order()
+    assert sorted(order.tolist()) == list(range(n))
+    batches = batches_of(order, batch_size)
+    assert all(not is_mixed(b, has_image) for b in batches[:-2])
+    step = batch_size * group_batches
+    if image_share in (0.0, 1.0) and n >= step:
+        assert (np.diff(lengths[order[:step]]) <= 0).all()
+
+
+def test_mixture_lengths_follow_the_epochs_sample_list(tmp_path, tiny):
+    model, processor = tiny
+    datasets = [
+        TrainDataset(uri=write_json(tmp_path / "chat.json", chat_samples(tmp_path)), ratio=2.0),
+        TrainDataset(uri=write_json(tmp_path / "text.json", text_samples(6)), ratio=0.5),
+    ]
+    mixture = LlavaMixture(
+        datasets,
+        processor,
+        template="vicuna_v1",
+        image_token_id=model.config.image_token_index,
+        tokens_per_image=TOKENS_PER_IMAGE,
+        max_length=2048,
+    )
+    lengths, has_image = mixture.modality_lengths()
+    assert len(lengths) == len(has_image) == len(mixture) == 11
+    samples = [mixture.sample(i)[1] for i in range(len(mixture))]
+    assert has_image.tolist() == [bool(s.images) for s in samples]
+    expected = {"two-images": 4 + 7 + 2 * TOKENS_PER_IMAGE, "text-only": 4, "single": 6 + TOKENS_PER_IMAGE}
+    for length, sample in zip(lengths, samples, strict=True):
+        assert length == expected.get(sample.id, word_count(sample) + TOKENS_PER_IMAGE * len(sample.images))
+    # within a modality the estimate orders samples as their real token counts do
+    tokens = np.array([len(mixture[i]["input_ids"]) for i in range(len(mixture))])
+    for modality in (has_image, ~has_image):
+        est, real = lengths[modality], tokens[modality]
+        longer = est[:, None] > est[None, :]
+        assert (real[:, None] > real[None, :])[longer].all()
