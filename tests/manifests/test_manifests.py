@@ -64,6 +64,7 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
         "base": kustomize(MANIFESTS / "base"),
         "gke": kustomize(MANIFESTS / "overlays" / "gke"),
         "gke+components": kustomize(overlay.parent),
+        "standalone-kfp": kustomize(MANIFESTS / "overlays" / "standalone-kfp"),
     }
 
 
@@ -128,7 +129,7 @@ def test_secret_templates_hold_only_placeholders():
 
 
 @needs_kustomize
-@pytest.mark.parametrize("variant", ["base", "gke", "gke+components"])
+@pytest.mark.parametrize("variant", ["base", "gke", "gke+components", "standalone-kfp"])
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_rendered_object_is_valid_kubernetes(rendered, variant, version):
     assert schema_errors(rendered[variant], version) == []
@@ -138,12 +139,28 @@ def test_every_rendered_object_is_valid_kubernetes(rendered, variant, version):
 @pytest.mark.parametrize("variant", ["base", "gke", "gke+components"])
 def test_everything_namespaced_lands_in_the_synthvlm_namespace(rendered, variant):
     objects = rendered[variant]
-    cluster_scoped = {"Namespace", "PriorityClass"}
+    cluster_scoped = {"Namespace", "PriorityClass", "ClusterRole", "ClusterRoleBinding"}
     assert [ns["metadata"]["name"] for ns in find(objects, "Namespace")] == [NAMESPACE]
     for obj in objects:
         expected = None if obj["kind"] in cluster_scoped else NAMESPACE
         assert obj["metadata"].get("namespace") == expected, f"{obj['kind']}/{obj['metadata']['name']}"
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "synthvlm"
+
+
+@needs_kustomize
+def test_standalone_kfp_overlay_moves_everything_to_kubeflow(rendered):
+    objects = rendered["standalone-kfp"]
+    assert [ns["metadata"]["name"] for ns in find(objects, "Namespace")] == ["kubeflow"]
+    for obj in objects:
+        if obj["kind"] not in {"Namespace", "PriorityClass", "ClusterRole", "ClusterRoleBinding"}:
+            assert obj["metadata"]["namespace"] == "kubeflow", f"{obj['kind']}/{obj['metadata']['name']}"
+    bindings = find(objects, "RoleBinding") + find(objects, "ClusterRoleBinding")
+    assert len(bindings) == 2
+    # The grants must follow the service account, or the runner in `kubeflow` gets none of them.
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "synthvlm-runner", "namespace": "kubeflow"}
+        ]
 
 
 @needs_kustomize
@@ -180,6 +197,34 @@ def test_runner_role_is_bound_to_the_runner_service_account(rendered):
         "argoproj.io",
         "workflowtaskresults",
     ) in granted  # the Argo executor cannot report outputs without it
+
+
+def granted_verbs(role: dict) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+@needs_kustomize
+def test_runner_may_create_and_follow_multi_node_training_jobs(rendered):
+    """What synthvlm.train.trainjob (kubeflow SDK) and .kubeflow (PyTorchJob) call as the runner."""
+    (role,) = find(rendered["gke"], "Role")
+    verbs = granted_verbs(role)
+    assert {"create", "get"} <= verbs[("trainer.kubeflow.org", "trainjobs")]
+    assert "get" in verbs[("trainer.kubeflow.org", "trainingruntimes")]
+    assert {"create", "get"} <= verbs[("kubeflow.org", "pytorchjobs")]
+    assert "list" in verbs[("", "pods")]  # the SDK lists a TrainJob's pods for its steps
+    # ClusterTrainingRuntimes are cluster-scoped: a ClusterRole bound to the runner account.
+    (cluster_role,) = find(rendered["gke"], "ClusterRole")
+    assert "get" in granted_verbs(cluster_role)[("trainer.kubeflow.org", "clustertrainingruntimes")]
+    (binding,) = find(rendered["gke"], "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "synthvlm-runner", "namespace": NAMESPACE}
+    ]
 
 
 @needs_kustomize
