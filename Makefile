@@ -30,8 +30,9 @@ lint: $(STAMP)
 compile: $(STAMP)
 	$(BIN)/synthvlm compile --output-dir pipelines/compiled
 
+# Every image family in synthvlm/images.py (cpu, diffusion, train, eval); DRY_RUN=1 prints the docker commands.
 images:
-	$(MAKE) -C images build push REGISTRY=$(REGISTRY) TAG=$(TAG)
+	$(MAKE) -C images $(if $(DRY_RUN),dry-run,build push) REGISTRY=$(REGISTRY) TAG=$(TAG)
 
 clean-demo:
 	rm -rf runs/demo

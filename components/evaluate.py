@@ -4,7 +4,8 @@ from kfp.dsl import HTML, Metrics, Output
 from synthvlm.images import image_for
 
 
-@dsl.component(base_image=image_for("train"), install_kfp_package=False)
+# The eval image is the train image plus lmms-eval (the `lmms_eval:<task>` benchmarks).
+@dsl.component(base_image=image_for("eval"), install_kfp_package=False)
 def evaluate_model(
     config_json: str,
     model: str,

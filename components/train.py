@@ -17,7 +17,8 @@ def pretrain(
     dataset_ratio: float = 1.0,
 ) -> str:
     """LLaVA-1.5 stage 1: train the projector. `dataset_uri` (an upstream LLaVA JSON, e.g. the export) joins
-    `datasets_json`; num_nodes > 1 submits a PyTorchJob from this (then GPU-less) pod."""
+    `datasets_json`; num_nodes > 1 submits a TrainJob (Kubeflow Trainer) or PyTorchJob from this pod, which
+    then holds no GPU (the pipeline's multi-node branch)."""
     from synthvlm import storage
     from synthvlm.kfp_support import log_stage_metrics, setup_logging
     from synthvlm.stages.train import train

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build and push the synthvlm images (cpu, diffusion, train) from images/Dockerfile.
+# Build and push the synthvlm images (cpu, diffusion, train, eval) from images/Dockerfile.
 #
 #   REGISTRY=europe-docker.pkg.dev/my-project/synthvlm TAG=0.1.0 images/build.sh [options] [family ...]
 #   options: --dry-run (print the docker commands), --no-push (build only), --no-build (push only)

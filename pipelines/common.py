@@ -64,6 +64,39 @@ def on_gpus(task, count, node_selector, tolerations) -> None:
     task.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
 
 
+# A multi-node run's train task only creates the Kubeflow job (TrainJob or PyTorchJob) and follows it: the
+# GPUs are in the job's pods, so its own pod asks for a little CPU and no GPU.
+LAUNCHER_CPU = "500m"
+LAUNCHER_MEMORY = "1Gi"
+
+
+def as_launcher(task) -> None:
+    """A CPU-only pod that submits and follows a multi-node training job; retried like a GPU task (a retry
+    re-attaches to the same job: the job's name comes from the stage and its arguments)."""
+    task.set_cpu_request(LAUNCHER_CPU).set_memory_request(LAUNCHER_MEMORY)
+    task.set_retry(num_retries=GPU_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+
+
+def train_stage(
+    component, display_name, *, num_nodes, gpus_per_node, node_selector, tolerations, after=None, **inputs
+):
+    """One training stage, placed by the runtime `num_nodes`: one node trains in this task's pod on
+    `gpus_per_node` GPUs; more nodes run `component` as a CPU-only launcher of the multi-node job.
+    Returns the stage's output (the model URI) from whichever branch ran."""
+    with dsl.If(num_nodes == 1, name=f"{display_name}: one node"):
+        here = component(gpus_per_node=gpus_per_node, num_nodes=num_nodes, **inputs)
+        here.set_display_name(display_name)
+        on_gpus(here, gpus_per_node, node_selector, tolerations)
+    with dsl.Else(name=f"{display_name}: multi-node job"):
+        launcher = component(gpus_per_node=gpus_per_node, num_nodes=num_nodes, **inputs)
+        launcher.set_display_name(f"{display_name} launcher (multi-node job)")
+        as_launcher(launcher)
+    if after is not None:
+        here.after(after)
+        launcher.after(after)
+    return dsl.OneOf(here.outputs["Output"], launcher.outputs["Output"])
+
+
 def train_and_evaluate(
     *,
     data_root,
@@ -82,43 +115,49 @@ def train_and_evaluate(
     sft_on_synthetic=False,
     after=None,
 ):
-    """LLaVA-1.5 (SynthVLM Fig. 5): pretrain the projector -> SFT projector + LLM -> evaluate."""
+    """LLaVA-1.5 (SynthVLM Fig. 5): pretrain the projector -> SFT projector + LLM -> evaluate.
+
+    Each training stage branches on `num_nodes` (train_stage): GPUs in the task's pod for one node, a
+    CPU-only launcher of a Kubeflow job for more; dsl.OneOf hands the model URI on from either branch."""
     from components.evaluate import evaluate_model
     from components.train import pretrain, sft
 
-    stage1 = pretrain(
+    placement = dict(
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        node_selector=node_selector,
+        tolerations=tolerations,
+    )
+    pretrained = train_stage(
+        pretrain,
+        "LLaVA pretrain (projector)",
+        **placement,
+        after=after,
         config_json=pretrain_config,
         datasets_json=pretrain_datasets,
         data_root=data_root,
-        gpus_per_node=gpus_per_node,
-        num_nodes=num_nodes,
         dataset_uri=synthetic_dataset,
         image_folder=image_folder,
     )
-    stage1.set_display_name("LLaVA pretrain (projector)")
-    if after is not None:
-        stage1.after(after)
-    stage2 = sft(
+    fine_tuned = train_stage(
+        sft,
+        "LLaVA SFT (projector + LLM)",
+        **placement,
         config_json=sft_config,
-        init_from=stage1.outputs["Output"],
+        init_from=pretrained,
         datasets_json=sft_datasets,
         data_root=data_root,
-        gpus_per_node=gpus_per_node,
-        num_nodes=num_nodes,
         dataset_uri=synthetic_dataset,
         image_folder=image_folder,
         use_dataset_uri=sft_on_synthetic,
     )
-    stage2.set_display_name("LLaVA SFT (projector + LLM)")
     evaluation = evaluate_model(
         config_json=eval_config,
-        model=stage2.outputs["Output"],
+        model=fine_tuned,
         model_name="sft",
         benchmarks=benchmarks,
         data_root=data_root,
     )
     evaluation.set_display_name("evaluate")
-    for task in (stage1, stage2):
-        on_gpus(task, gpus_per_node, node_selector, tolerations)
     on_gpus(evaluation, 1, node_selector, tolerations)
     return evaluation

@@ -12,6 +12,46 @@ from synthvlm.run_config import EndToEndRunConfig, to_pipeline_arguments
 _DEFAULTS = to_pipeline_arguments(EndToEndRunConfig.model_construct())
 
 
+# Training runs as a nested pipeline, like the data: its dsl.If/Else groups (one node or a multi-node job)
+# would otherwise be numbered like the SynthVLM data pipeline's own (condition-2, ...), and kfp 2.17 then
+# looks up the wrong component for them ("component_input_parameter ... not found"). Nested pipelines are
+# merged with their components renamed apart.
+@dsl.pipeline(name="llava-training", description="LLaVA-1.5: pretrain the projector -> SFT -> evaluate.")
+def llava_training(
+    data_root: str,
+    gpu_node_selector: dict,
+    gpu_tolerations: list,
+    gpus_per_node: int,
+    num_nodes: int,
+    pretrain_datasets: str,
+    sft_datasets: str,
+    benchmarks: list,
+    pretrain_config: str,
+    sft_config: str,
+    eval_config: str,
+    synthetic_dataset: str,
+    sft_on_synthetic: bool,
+) -> str:
+    evaluation = train_and_evaluate(
+        data_root=data_root,
+        gpus_per_node=gpus_per_node,
+        num_nodes=num_nodes,
+        pretrain_config=pretrain_config,
+        sft_config=sft_config,
+        eval_config=eval_config,
+        pretrain_datasets=pretrain_datasets,
+        sft_datasets=sft_datasets,
+        benchmarks=benchmarks,
+        node_selector=gpu_node_selector,
+        tolerations=gpu_tolerations,
+        synthetic_dataset=synthetic_dataset,
+        image_folder=data_root,
+        sft_on_synthetic=sft_on_synthetic,
+    )
+    evaluation.set_display_name("evaluate SFT model")
+    return evaluation.outputs["Output"]
+
+
 @dsl.pipeline(name="end-to-end", description=__doc__)
 def pipeline(
     data_root: str = _DEFAULTS["data_root"],
@@ -46,7 +86,7 @@ def pipeline(
         gpu_tolerations: Tolerations for GPU pods (list of Kubernetes toleration objects).
         llm_secret: Kubernetes Secret with the LLM API key (LLM-judge evaluation; curation).
         gpus_per_node: GPUs per training pod (LLaVA-1.5: 8).
-        num_nodes: Training nodes; > 1 runs a Kubeflow PyTorchJob.
+        num_nodes: Training nodes; > 1 runs a TrainJob (Kubeflow Trainer) or PyTorchJob.
         pretrain_datasets: Stage-1 LLaVA datasets, JSON: [{"uri": ..., "image_folder": ..., "ratio": 1}].
         sft_datasets: JSON list of LLaVA datasets for stage 2 (SynthVLM §4.1: LLaVA-665K). Required.
         benchmarks: Benchmark JSONL URIs or lmms_eval:<task> (default: SynthVLM Table 4 via lmms-eval).
@@ -108,20 +148,19 @@ def pipeline(
         report_config=report_config,
     ).after(cfg)
     data.set_display_name("SynthVLM data")
-    evaluation = train_and_evaluate(
+    training = llava_training(
         data_root=data_root,
+        gpu_node_selector=gpu_node_selector,
+        gpu_tolerations=gpu_tolerations,
         gpus_per_node=gpus_per_node,
         num_nodes=num_nodes,
-        pretrain_config=pretrain_config,
-        sft_config=sft_config,
-        eval_config=eval_config,
         pretrain_datasets=pretrain_datasets,
         sft_datasets=sft_datasets,
         benchmarks=benchmarks,
-        node_selector=gpu_node_selector,
-        tolerations=gpu_tolerations,
+        pretrain_config=pretrain_config,
+        sft_config=sft_config,
+        eval_config=eval_config,
         synthetic_dataset=data.output,
-        image_folder=data_root,
         sft_on_synthetic=sft_on_synthetic,
     )
-    evaluation.set_display_name("evaluate SFT model")
+    training.set_display_name("LLaVA-1.5 training + evaluation")

@@ -34,7 +34,7 @@ def pipeline(
         gpu_tolerations: Tolerations for GPU pods (list of Kubernetes toleration objects).
         llm_secret: Kubernetes Secret with the LLM API key (LLM-judge evaluation; curation).
         gpus_per_node: GPUs per training pod (LLaVA-1.5: 8).
-        num_nodes: Training nodes; > 1 runs a Kubeflow PyTorchJob.
+        num_nodes: Training nodes; > 1 runs a TrainJob (Kubeflow Trainer) or PyTorchJob.
         pretrain_datasets: Stage-1 LLaVA datasets, JSON: [{"uri": ..., "image_folder": ..., "ratio": 1}].
         sft_datasets: JSON list of LLaVA datasets for stage 2 (SynthVLM §4.1: LLaVA-665K). Required.
         benchmarks: Benchmark JSONL URIs or lmms_eval:<task> (default: SynthVLM Table 4 via lmms-eval).

@@ -17,7 +17,8 @@ import sys
 from synthvlm import __version__
 from synthvlm.errors import ConfigError
 
-FAMILIES = ("cpu", "diffusion", "train")
+# cpu: light stages; diffusion: SDXL + CLIP; train: LLaVA training; eval: train + lmms-eval (evaluation).
+FAMILIES = ("cpu", "diffusion", "train", "eval")
 DEFAULT_REGISTRY = "ghcr.io/synthvlm"  # our choice: the project's public registry
 # Docker's tag grammar; a PEP 440 local version ("0.1.0+abc") is not a valid tag.
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")

@@ -27,6 +27,7 @@ def test_defaults_use_project_registry_and_package_version():
     assert images.image_for("cpu") == f"ghcr.io/synthvlm/synthvlm-cpu:{synthvlm.__version__}"
     assert images.image_for("diffusion") == f"ghcr.io/synthvlm/synthvlm-diffusion:{synthvlm.__version__}"
     assert images.image_for("train") == f"ghcr.io/synthvlm/synthvlm-train:{synthvlm.__version__}"
+    assert images.image_for("eval") == f"ghcr.io/synthvlm/synthvlm-eval:{synthvlm.__version__}"
 
 
 def test_environment_overrides_registry_and_tag(monkeypatch):
@@ -47,7 +48,7 @@ def test_set_image_overrides_beats_environment_and_none_falls_back(monkeypatch):
 
 
 def test_unknown_family_names_the_allowed_ones():
-    with pytest.raises(ConfigError, match=r"unknown image family 'gpu'.*cpu, diffusion, train"):
+    with pytest.raises(ConfigError, match=r"unknown image family 'gpu'.*cpu, diffusion, train, eval"):
         images.image_for("gpu")
 
 
@@ -88,6 +89,18 @@ def test_dockerfile_has_a_target_per_family():
         args[-1] for args in dockerfile_instructions("FROM") if len(args) == 3 and args[1].lower() == "as"
     }
     assert set(images.FAMILIES) <= stages
+
+
+def test_eval_image_is_the_train_image_plus_pinned_lmms_eval():
+    """The evaluate step's image: everything the train image has, and lmms-eval at one pinned version."""
+    assert ["train", "AS", "eval"] in dockerfile_instructions("FROM")
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    eval_stage = text[text.index("FROM train AS eval") :]
+    [install] = [line for line in eval_stage.splitlines() if line.startswith("RUN ") and "lmms-eval" in line]
+    assert re.search(r"\blmms-eval==\d+(\.\d+)+\b", install), install
+    # lmms-eval's llava_hf backend imports decord without declaring it
+    assert re.search(r"\bdecord==\d+(\.\d+)+\b", install), install
+    assert "-c /reqs/constraints.txt" in install and "pip check" in install
 
 
 def test_dockerfile_copies_existing_paths_and_every_package():
@@ -145,3 +158,19 @@ def test_images_makefile_passes_registry_and_tag_to_the_build_script():
     ).stdout
     pushed = [line.split()[-1] for line in out.splitlines() if line.startswith("docker push ")]
     assert pushed == [f"reg.example/m/synthvlm-{family}:t3" for family in images.FAMILIES]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_images_builds_and_pushes_every_family_including_eval():
+    """`make images` (the README's build step) goes through build.sh, so it builds every family."""
+    out = subprocess.run(
+        ["make", "-s", "-C", str(REPO), "images", "DRY_RUN=1", "REGISTRY=reg.example/m", "TAG=t4"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    commands = [shlex.split(line) for line in out.splitlines() if line.startswith("docker ")]
+    built = [c[c.index("--target") + 1] for c in commands if c[:2] == ["docker", "build"]]
+    pushed = [c[-1] for c in commands if c[:2] == ["docker", "push"]]
+    assert built == list(images.FAMILIES) and "eval" in built
+    assert pushed == [f"reg.example/m/synthvlm-{family}:t4" for family in images.FAMILIES]
