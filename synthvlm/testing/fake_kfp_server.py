@@ -25,46 +25,23 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import email.parser
-import email.policy
 import json
 import re
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from synthvlm.testing.loopback import LoopbackServer
+from synthvlm.testing.loopback import JsonAnswer, LoopbackServer, RecordedRequest, json_server
 
 API = "/apis/v2beta1"
 
 # grpc status codes the API server puts in its error bodies.
 _GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 409: 6, 501: 12}
-
-
-@dataclass
-class RecordedRequest:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body or b"null")
-
-    def param(self, name: str) -> str | None:
-        values = self.query.get(name)
-        return values[0] if values else None
-
-    def form_parts(self) -> dict[str, tuple[str | None, bytes]]:
-        """A multipart/form-data body as {field name: (file name, content)}."""
-        return _parse_multipart(self.headers.get("content-type", ""), self.body)
 
 
 class ApiError(Exception):
@@ -74,9 +51,6 @@ class ApiError(Exception):
 
 
 LOGIN_LOCATION = "/dex/auth?client_id=kubeflow-oidc-authservice&state=fake"
-
-# (status, JSON payload, extra headers)
-_Answer = tuple[int, dict[str, Any], dict[str, str]]
 
 
 @dataclass
@@ -135,7 +109,7 @@ class FakeKFPServer(LoopbackServer):
         return self.root_url
 
     def _bind(self, port: int) -> ThreadingHTTPServer:
-        return _Server(("127.0.0.1", port), _Handler)
+        return json_server(port)
 
     def requests_to(self, method: str, path: str) -> list[RecordedRequest]:
         with self._lock:
@@ -143,7 +117,7 @@ class FakeKFPServer(LoopbackServer):
 
     # ---- dispatch (handler threads) -------------------------------------------------------------------
 
-    def handle(self, request: RecordedRequest) -> _Answer:
+    def handle(self, request: RecordedRequest) -> JsonAnswer:
         with self._lock:
             self.requests.append(request)
             try:
@@ -388,67 +362,9 @@ def _json_body(request: RecordedRequest) -> dict[str, Any]:
     return body
 
 
-def _parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
-    if not content_type.startswith("multipart/form-data"):
-        return {}
-    head = f"Content-Type: {content_type}\r\n\r\n".encode()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    parts: dict[str, tuple[str | None, bytes]] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        parts[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
-    return parts
-
-
 def _stem(file_name: str | None) -> str:
     base = (file_name or "pipeline").rsplit("/", 1)[-1]
     return base.split(".", 1)[0]
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeKFPServer
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"  # keep-alive, as urllib3's pool expects of real servers
-    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms ACK stalls
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read their own logs
-        pass
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        url = urlsplit(self.path)
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-        request = RecordedRequest(
-            method=self.command,
-            path=url.path,
-            query=parse_qs(url.query, keep_blank_values=True),
-            headers={name.lower(): value for name, value in self.headers.items()},
-            body=body,
-        )
-        status, payload, headers = self.server.fake.handle(request)
-        data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
 
 
 def main(argv: list[str] | None = None) -> None:

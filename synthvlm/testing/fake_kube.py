@@ -35,11 +35,10 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
 
-from synthvlm.testing.loopback import LoopbackServer
+from synthvlm.testing.loopback import JsonAnswer, LoopbackServer, RecordedRequest, json_server
 
 if TYPE_CHECKING:
     from kubernetes.client import Configuration
@@ -89,17 +88,6 @@ def torch_distributed_runtime(name: str = "torch-distributed") -> dict[str, Any]
             },
         },
     }
-
-
-@dataclass
-class RecordedRequest:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body or b"null")
 
 
 @dataclass
@@ -201,7 +189,7 @@ class FakeKubeServer(LoopbackServer):
     # ---- control ------------------------------------------------------------------------------------
 
     def _bind(self, port: int) -> ThreadingHTTPServer:
-        return _Server(("127.0.0.1", port), _Handler)
+        return json_server(port)
 
     def configuration(self) -> Configuration:
         """A kubernetes client Configuration pointing at this server (plain HTTP, no credentials)."""
@@ -239,7 +227,11 @@ class FakeKubeServer(LoopbackServer):
 
     # ---- dispatch (handler threads) -------------------------------------------------------------------
 
-    def handle(self, request: RecordedRequest) -> tuple[int, dict[str, Any]]:
+    def handle(self, request: RecordedRequest) -> JsonAnswer:
+        status, payload = self._answer(request)
+        return status, payload, {}
+
+    def _answer(self, request: RecordedRequest) -> tuple[int, dict[str, Any]]:
         finished: dict[str, Any] | None = None
         with self._lock:
             self.requests.append(request)
@@ -526,41 +518,3 @@ def _json_object(request: RecordedRequest) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise KubeError(400, "BadRequest", "request body must be a JSON object")
     return body
-
-
-# ---- HTTP plumbing -----------------------------------------------------------------------------------
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeKubeServer
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"  # keep-alive, as urllib3's pool expects of real servers
-    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms ACK stalls
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read their own logs
-        pass
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        url = urlsplit(self.path)
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-        request = RecordedRequest(self.command, url.path, parse_qs(url.query, keep_blank_values=True), body)
-        status, payload = self.server.fake.handle(request)
-        data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
