@@ -101,6 +101,23 @@ def test_eval_image_is_the_train_image_plus_pinned_lmms_eval():
     # lmms-eval's llava_hf backend imports decord without declaring it
     assert re.search(r"\bdecord==\d+(\.\d+)+\b", install), install
     assert "-c /reqs/constraints.txt" in install and "pip check" in install
+    # Everything lmms-eval pulls in beyond constraints.txt is pinned too: a rebuild gets the same image.
+    assert "-c /reqs/constraints-eval.txt" in install
+    assert "images/constraints-eval.txt" in [s for args in dockerfile_instructions("COPY") for s in args[:-1]]
+    assert "!images/constraints-eval.txt" in (REPO / "images" / "Dockerfile.dockerignore").read_text()
+
+
+def test_eval_constraints_pin_lmms_eval_and_add_only_new_packages():
+    def pins(path: Path) -> dict[str, str]:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        entries = [line for line in lines if line and not line.startswith("#")]
+        assert all(re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+", e) for e in entries), path
+        return {re.sub(r"[-_.]+", "-", e.split("==")[0]).lower(): e.split("==")[1] for e in entries}
+
+    base = pins(REPO / "constraints.txt")
+    extra = pins(REPO / "images" / "constraints-eval.txt")
+    assert extra["lmms-eval"] == "0.7.3" and "decord" in extra
+    assert set(extra) & set(base) == set()  # one pin per package across both files
 
 
 def test_dockerfile_copies_existing_paths_and_every_package():
