@@ -201,6 +201,14 @@ def local_model_folder(uri: str) -> str:
 # ---------------------------------------------------------------- Trainer
 
 
+def innermost_sampler(loader: Any) -> Any:
+    """The index sampler under a DataLoader's (accelerate-wrapped) batch samplers, or None."""
+    batches = getattr(loader, "batch_sampler", None)
+    while hasattr(batches, "batch_sampler"):  # BatchSamplerShard, SkipBatchSampler
+        batches = batches.batch_sampler
+    return getattr(batches, "sampler", None)
+
+
 class LlavaTrainer(Trainer):
     """transformers.Trainer with checkpoints that resume correctly and, in stage 1, stay small.
 
@@ -223,7 +231,6 @@ class LlavaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.trainable_only_checkpoints = trainable_only_checkpoints
         self.group_by_modality_length = group_by_modality_length
-        self.modality_sampler: ModalityLengthGroupedSampler | None = None
         self.saving_final_model = False
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
@@ -238,21 +245,22 @@ class LlavaTrainer(Trainer):
         # BatchSamplerShard (split_batches=False, the Trainer's default), which hands batch k to rank
         # k % world_size. Micro-step j of all ranks thus reads the consecutive slice [j*G, (j+1)*G),
         # G = train_batch_size x world_size: the sampler's global batches are what the ranks train on.
-        self.modality_sampler = ModalityLengthGroupedSampler(
+        return ModalityLengthGroupedSampler(
             lengths,
             has_image,
             batch_size=self.args.train_batch_size * self.args.world_size,
             group_batches=self.args.gradient_accumulation_steps,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
-        return self.modality_sampler
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         # accelerate forwards set_epoch to the sampler, except when a run resumes mid-epoch on several
-        # processes: its SkipBatchSampler around BatchSamplerShard hides the sampler, which would replay
-        # epoch 0's order. Set the epoch here, before the epoch's iterator is made.
-        if self.modality_sampler is not None:
-            self.modality_sampler.set_epoch(kwargs["epoch"])
+        # processes: its SkipBatchSampler around BatchSamplerShard hides the sampler, which would then
+        # replay epoch 0's order (samples of the resumed epoch seen twice, others never). Set the epoch
+        # on the innermost sampler here, before the Trainer wraps the loader to skip the trained batches.
+        sampler = innermost_sampler(kwargs["train_dataloader"])
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
 
     def save_full_model(self, output_dir: str) -> None:

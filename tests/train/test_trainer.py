@@ -11,7 +11,13 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from synthvlm.train.config import TrainDataset
 from synthvlm.train.data import LlavaCollator, LlavaMixture, ModalityLengthGroupedSampler
 from synthvlm.train.model import build_tiny_llava
-from synthvlm.train.trainer import TRAINABLE_WEIGHTS, LlavaTrainer, check_fsdp_enabled, run_training
+from synthvlm.train.trainer import (
+    TRAINABLE_WEIGHTS,
+    LlavaTrainer,
+    check_fsdp_enabled,
+    innermost_sampler,
+    run_training,
+)
 from tests.train.helpers import caption_samples, chat_samples, text_samples, tiny_config, write_json
 
 
@@ -174,8 +180,10 @@ def test_stage_defaults_turn_grouping_on_for_sft_only(stage1):
     assert stats["group_by_modality_length"] is False
 
 
-def test_resume_mid_epoch_keeps_the_grouped_order(data, tmp_path, monkeypatch):
-    config = mixed_config(save_steps=2)  # checkpoint-4: one optimizer step into the second epoch
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "random-order"])
+def test_resume_mid_epoch_keeps_the_epoch_order(grouped, data, tmp_path, monkeypatch):
+    # checkpoint-4: one optimizer step into the second epoch
+    config = mixed_config(save_steps=2, group_by_modality_length=grouped)
     reference = run_training(config, data["mixed"], str(tmp_path / "reference"))
 
     original = LlavaTrainer.training_step
@@ -216,3 +224,16 @@ def test_fsdp_that_accelerate_did_not_enable_fails_on_a_gpu_and_warns_on_cpu(cap
     assert "no FSDP on cpu" in caplog.text
     check_fsdp_enabled("fsdp", True, torch.device("cuda", 0))
     check_fsdp_enabled("ddp", False, torch.device("cuda", 0))
+
+
+def test_innermost_sampler_is_found_under_accelerates_shard_and_skip_wrappers():
+    """The multi-process resume layout: SkipBatchSampler(BatchSamplerShard(BatchSampler(sampler)))."""
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, SkipBatchSampler
+    from torch.utils.data import BatchSampler, DataLoader
+
+    sampler = ModalityLengthGroupedSampler([3, 1, 2, 5], [True, False, True, False], batch_size=2, seed=0)
+    shard = BatchSamplerShard(BatchSampler(sampler, 1, False), num_processes=2, process_index=1)
+    loader = DataLoaderShard(list(range(4)), batch_sampler=SkipBatchSampler(shard, 1))
+    assert innermost_sampler(loader) is sampler
+    assert innermost_sampler(DataLoader(list(range(4)), sampler=sampler)) is sampler
+    assert innermost_sampler(object()) is None
