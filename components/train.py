@@ -19,15 +19,13 @@ def pretrain(
     """LLaVA-1.5 stage 1: train the projector. `dataset_uri` (an upstream LLaVA JSON, e.g. the export) joins
     `datasets_json`; num_nodes > 1 submits a TrainJob (Kubeflow Trainer) or PyTorchJob from this pod, which
     then holds no GPU (the pipeline's multi-node branch)."""
-    from synthvlm import storage
     from synthvlm.kfp_support import log_stage_metrics, setup_logging
-    from synthvlm.stages.train import train
-    from synthvlm.train.components import stage_inputs
+    from synthvlm.train.components import run_stage
 
     setup_logging()
-    output_dir = storage.join(data_root, "train", "pretrain")
-    config, datasets = stage_inputs(
+    out = run_stage(
         "pretrain",
+        data_root,
         config_json,
         datasets_json,
         gpus_per_node,
@@ -36,7 +34,6 @@ def pretrain(
         image_folder,
         dataset_ratio,
     )
-    out = train(config, datasets, output_dir)
     log_stage_metrics(metrics, out)
     return out
 
@@ -57,15 +54,13 @@ def sft(
 ) -> str:
     """LLaVA-1.5 stage 2: train projector + LLM from `init_from` (stage 1's model URI), e.g. on LLaVA-665K.
     `use_dataset_uri` False leaves the upstream dataset out (SynthVLM §4.1 fine-tunes on LLaVA-665K only)."""
-    from synthvlm import storage
     from synthvlm.kfp_support import log_stage_metrics, setup_logging
-    from synthvlm.stages.train import train
-    from synthvlm.train.components import stage_inputs
+    from synthvlm.train.components import run_stage
 
     setup_logging()
-    output_dir = storage.join(data_root, "train", "sft")
-    config, datasets = stage_inputs(
+    out = run_stage(
         "sft",
+        data_root,
         config_json,
         datasets_json,
         gpus_per_node,
@@ -73,8 +68,7 @@ def sft(
         dataset_uri if use_dataset_uri else "",
         image_folder,
         dataset_ratio,
-        init_from=init_from,
+        init_from,
     )
-    out = train(config, datasets, output_dir)
     log_stage_metrics(metrics, out)
     return out

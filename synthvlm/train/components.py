@@ -37,3 +37,33 @@ def stage_inputs(
     if not datasets:
         raise ConfigError(f"{stage}: no datasets (set dataset_uri and/or datasets_json)")
     return config, datasets
+
+
+def run_stage(
+    stage: str,
+    data_root: str,
+    config_json: str,
+    datasets_json: str,
+    gpus_per_node: int,
+    num_nodes: int,
+    dataset_uri: str = "",
+    image_folder: str = "",
+    dataset_ratio: float = 1.0,
+    init_from: str = "",
+) -> str:
+    """What a train component does: train `stage` into {data_root}/train/{stage}; returns the model URI."""
+    from synthvlm import storage
+    from synthvlm.stages.train import train
+
+    config, datasets = stage_inputs(
+        stage,
+        config_json,
+        datasets_json,
+        gpus_per_node,
+        num_nodes,
+        dataset_uri,
+        image_folder,
+        dataset_ratio,
+        init_from,
+    )
+    return train(config, datasets, storage.join(data_root, "train", stage))

@@ -2,7 +2,7 @@ import pytest
 
 from synthvlm.errors import ConfigError
 from synthvlm.stage import is_done
-from synthvlm.train.components import stage_inputs
+from synthvlm.train.components import run_stage, stage_inputs
 from tests.train.helpers import caption_samples, tiny_config, write_json
 
 
@@ -94,3 +94,24 @@ def test_components_compile_into_a_two_stage_pipeline(tmp_path):
     assert {"comp-pretrain", "comp-sft"} <= set(spec["components"])
     image = spec["deploymentSpec"]["executors"]["exec-pretrain"]["container"]["image"]
     assert image.split("/")[-1].startswith("synthvlm-train:")
+
+
+def test_run_stage_trains_into_the_stage_folder_of_the_data_root(monkeypatch):
+    calls = []
+
+    def fake_train(config, datasets, output_dir):
+        calls.append((config, datasets, output_dir))
+        return f"{output_dir}/model"
+
+    monkeypatch.setattr("synthvlm.stages.train.train", fake_train)
+    out = run_stage(
+        "sft", "gs://b/run", "{}", "[]", 8, 1, "x.json", init_from="gs://b/run/train/pretrain/model"
+    )
+    ((config, datasets, output_dir),) = calls
+    assert output_dir == "gs://b/run/train/sft" and out == "gs://b/run/train/sft/model"
+    assert (config.stage, config.gpus_per_node, config.init_from) == (
+        "sft",
+        8,
+        "gs://b/run/train/pretrain/model",
+    )
+    assert [d.uri for d in datasets] == ["x.json"]
