@@ -15,6 +15,16 @@ GPU_RETRIES = 2  # preemptible GPU nodes: a retried shard resumes from its finis
 LLM_KEY_ENV = "OPENAI_API_KEY"  # env var the LLM stages read (LLMConfig.api_key_env) and the Secret's key
 
 
+def named(task, display_name: str):
+    """Name a task for the UI and turn KFP's cache off for it.
+
+    Every task reads or writes the data root, which KFP's cache cannot see: a cache hit would hand back an
+    old output URI even when the data behind it was changed or deleted. What may be reused is decided by
+    the stage runner's fingerprints instead (synthvlm/runner.py), which a rerun checks in a second.
+    """
+    return task.set_display_name(display_name).set_caching_options(False)
+
+
 def on_gpu(task, node_selector, tolerations) -> None:
     """One GPU per pod on the chosen node pool; retried when the node is preempted."""
     # The resource is always nvidia.com/gpu; the node selector picks A100, H100, ...
@@ -37,7 +47,7 @@ def generate_and_score(
 ):
     """Fan a prompt/caption manifest out over GPU pods: SDXL per shard, then CLIP scores per shard."""
     plan = plan_shards(captions_manifest=manifest, num_shards=num_shards)
-    plan.set_display_name("plan shards")
+    named(plan, "plan shards")
     with dsl.ParallelFor(plan.output, parallelism=MAX_PARALLEL_GPU_PODS) as shard:
         gen = generate_images(
             config_json=generate_config,
@@ -46,12 +56,12 @@ def generate_and_score(
             shard=shard.shard,
             num_shards=shard.num_shards,
         )
-        gen.set_display_name("SDXL generate shard")
+        named(gen, "SDXL generate shard")
         on_gpu(gen, node_selector, tolerations)
         scored = clip_score(
             config_json=score_config, input_manifest=gen.outputs["Output"], data_root=data_root
         )
-        scored.set_display_name("CLIP score shard")
+        named(scored, "CLIP score shard")
         on_gpu(scored, node_selector, tolerations)
     return gen, scored
 
@@ -85,11 +95,11 @@ def train_stage(
     Returns the stage's output (the model URI) from whichever branch ran."""
     with dsl.If(num_nodes == 1, name=f"{display_name}: one node"):
         here = component(gpus_per_node=gpus_per_node, num_nodes=num_nodes, **inputs)
-        here.set_display_name(display_name)
+        named(here, display_name)
         on_gpus(here, gpus_per_node, node_selector, tolerations)
     with dsl.Else(name=f"{display_name}: multi-node job"):
         launcher = component(gpus_per_node=gpus_per_node, num_nodes=num_nodes, **inputs)
-        launcher.set_display_name(f"{display_name} launcher (multi-node job)")
+        named(launcher, f"{display_name} launcher (multi-node job)")
         as_launcher(launcher)
     if after is not None:
         here.after(after)
@@ -158,6 +168,6 @@ def train_and_evaluate(
         benchmarks=benchmarks,
         data_root=data_root,
     )
-    evaluation.set_display_name("evaluate")
+    named(evaluation, "evaluate")
     on_gpus(evaluation, 1, node_selector, tolerations)
     return evaluation

@@ -3,7 +3,7 @@
 from kfp import dsl
 
 from components.validate import validate_end_to_end_config
-from pipelines.common import train_and_evaluate
+from pipelines.common import named, train_and_evaluate
 from pipelines.synthvlm_pipeline import pipeline as synthvlm_data
 from synthvlm.run_config import EndToEndRunConfig, to_pipeline_arguments
 
@@ -48,7 +48,7 @@ def llava_training(
         image_folder=data_root,
         sft_on_synthetic=sft_on_synthetic,
     )
-    evaluation.set_display_name("evaluate SFT model")
+    named(evaluation, "evaluate SFT model")
     return evaluation.outputs["Output"]
 
 
@@ -130,7 +130,7 @@ def pipeline(
         export_config=export_config,
         report_config=report_config,
     ).set_caching_options(False)
-    cfg.set_display_name("validate parameters")
+    named(cfg, "validate parameters")
     data = synthvlm_data(
         data_root=data_root,
         gpu_node_selector=gpu_node_selector,
@@ -147,7 +147,7 @@ def pipeline(
         export_config=export_config,
         report_config=report_config,
     ).after(cfg)
-    data.set_display_name("SynthVLM data")
+    named(data, "SynthVLM data")
     training = llava_training(
         data_root=data_root,
         gpu_node_selector=gpu_node_selector,
@@ -163,4 +163,4 @@ def pipeline(
         synthetic_dataset=data.output,
         sft_on_synthetic=sft_on_synthetic,
     )
-    training.set_display_name("LLaVA-1.5 training + evaluation")
+    named(training, "LLaVA-1.5 training + evaluation")

@@ -12,7 +12,7 @@ from components.stablellava import (
     stablellava_prompts,
 )
 from components.validate import validate_stablellava_config
-from pipelines.common import generate_and_score, with_llm_key
+from pipelines.common import generate_and_score, named, with_llm_key
 from synthvlm.run_config import StableLLaVARunConfig, to_pipeline_arguments
 
 _DEFAULTS = to_pipeline_arguments(StableLLaVARunConfig())
@@ -63,19 +63,18 @@ def pipeline(
         select_config=select_config,
         export_config=export_config,
     ).set_caching_options(False)
-    cfg.set_display_name("validate parameters")
-
+    named(cfg, "validate parameters")
     keywords = stablellava_keywords(config_json=keywords_config, data_root=data_root).after(cfg)
-    keywords.set_display_name("keywords per ability")
+    named(keywords, "keywords per ability")
     prompts = stablellava_prompts(
         config_json=prompts_config, keywords=keywords.outputs["Output"], data_root=data_root
     )
-    prompts.set_display_name("SD prompts + filters")
+    named(prompts, "SD prompts + filters")
     # Dialogues need only the prompts, so they are written while the GPUs draw the images.
     dialogues = stablellava_dialogues(
         config_json=dialogues_config, prompts_manifest=prompts.outputs["Output"], data_root=data_root
     )
-    dialogues.set_display_name("dialogues")
+    named(dialogues, "dialogues")
     for task in (keywords, prompts, dialogues):
         with_llm_key(task, llm_secret)
 
@@ -93,11 +92,11 @@ def pipeline(
         scored_manifests=dsl.Collected(scored.outputs["Output"]),
         data_root=data_root,
     )
-    selected.set_display_name("CLIP check (gamma)")
+    named(selected, "CLIP check (gamma)")
     exported = stablellava_export(
         config_json=export_config,
         selected_manifest=selected.outputs["Output"],
         dialogues=dialogues.outputs["Output"],
         data_root=data_root,
     )
-    exported.set_display_name("export LLaVA SFT + eval")
+    named(exported, "export LLaVA SFT + eval")

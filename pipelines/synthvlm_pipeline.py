@@ -10,7 +10,7 @@ from components.passthrough import same_manifest
 from components.report import write_report
 from components.select import select_pairs
 from components.validate import validate_synthvlm_config
-from pipelines.common import generate_and_score, with_llm_key
+from pipelines.common import generate_and_score, named, with_llm_key
 from synthvlm.run_config import SynthVLMRunConfig, to_pipeline_arguments
 
 _DEFAULTS = to_pipeline_arguments(SynthVLMRunConfig())
@@ -67,20 +67,18 @@ def pipeline(
         export_config=export_config,
         report_config=report_config,
     ).set_caching_options(False)
-    cfg.set_display_name("validate parameters")
-
+    named(cfg, "validate parameters")
     caps = load_captions(captions=captions, max_captions=max_captions, data_root=data_root).after(cfg)
-    caps.set_display_name("load captions")
-
+    named(caps, "load captions")
     with dsl.If(curate_captions == True, name="curate captions"):  # noqa: E712 - a KFP condition, not Python
         curated = curate_captions_op(
             config_json=curate_config, captions_manifest=caps.outputs["Output"], data_root=data_root
         )
-        curated.set_display_name("curate captions (SynthVLM §3.1)")
+        named(curated, "curate captions (SynthVLM §3.1)")
         with_llm_key(curated, llm_secret)
     with dsl.Else(name="all captions"):
         uncurated = same_manifest(manifest=caps.outputs["Output"])
-        uncurated.set_display_name("use all captions")
+        named(uncurated, "use all captions")
     captions_manifest = dsl.OneOf(curated.outputs["Output"], uncurated.output)
 
     gen, scored = generate_and_score(
@@ -98,11 +96,11 @@ def pipeline(
         scored_manifests=dsl.Collected(scored.outputs["Output"]),
         data_root=data_root,
     )
-    selected.set_display_name("select (global)")
+    named(selected, "select (global)")
     exported = export_llava(
         config_json=export_config, selected_manifest=selected.outputs["Output"], data_root=data_root
     )
-    exported.set_display_name("export LLaVA pretrain JSON")
+    named(exported, "export LLaVA pretrain JSON")
     report = write_report(
         config_json=report_config,
         captions_manifest=caps.outputs["Output"],
@@ -113,5 +111,5 @@ def pipeline(
         exported=exported.outputs["Output"],
         data_root=data_root,
     )
-    report.set_display_name("report")
+    named(report, "report")
     return exported.outputs["Output"]

@@ -3,7 +3,7 @@
 from kfp import dsl
 
 from components.validate import validate_train_config
-from pipelines.common import train_and_evaluate
+from pipelines.common import named, train_and_evaluate
 from synthvlm.run_config import TrainRunConfig, to_pipeline_arguments
 
 # Defaults without validation: the paper's SFT data (LLaVA-665K) must be named by the user, and the
@@ -56,7 +56,7 @@ def pipeline(
         sft_config=sft_config,
         eval_config=eval_config,
     ).set_caching_options(False)
-    cfg.set_display_name("validate parameters")
+    named(cfg, "validate parameters")
     evaluation = train_and_evaluate(
         data_root=data_root,
         gpus_per_node=gpus_per_node,
@@ -71,4 +71,4 @@ def pipeline(
         tolerations=gpu_tolerations,
         after=cfg,
     )
-    evaluation.set_display_name("evaluate SFT model")
+    named(evaluation, "evaluate SFT model")

@@ -108,6 +108,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(export_llava(_stage_config(args, ExportConfig, "export"), args.input, args.data_root, args.output))
 
 
+def cmd_regenerate(args: argparse.Namespace) -> None:
+    from synthvlm.regenerate import regenerate
+
+    result = regenerate(args.manifest, args.id, args.output, check=args.check)
+    status = {True: "byte-identical", False: "DIFFERENT", None: "not compared (original unreadable)"}
+    print(f"{result.output}: {status[result.identical]}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from synthvlm.stages.report import ReportConfig, write_report
 
@@ -340,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard", type=_parse_shard, default=(0, 1), metavar="I/N", help="this shard of N (default 0/1)"
     )
+
+    p = add(
+        "regenerate",
+        cmd_regenerate,
+        "rebuild one image exactly from its manifest record (its generation provenance)",
+        config=False,
+    )
+    p.add_argument(
+        "--manifest", required=True, help="manifest holding the record (shard, scored, selected, export)"
+    )
+    p.add_argument("--id", required=True, help="record id")
+    p.add_argument("--output", required=True, help="image file to write; extension as recorded (e.g. .jpg)")
+    p.add_argument("--check", action="store_true", help="exit non-zero unless byte-identical to the original")
 
     p = add("score", cmd_score, "CLIP-score image/caption pairs of a manifest")
     p.add_argument("--input", required=True, help="manifest with image_uri")

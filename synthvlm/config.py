@@ -21,9 +21,14 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class StageConfig(BaseModel):
-    """Base of every stage config: strict about unknown keys, validated on assignment."""
+    """Base of every stage config: strict about unknown keys and non-finite numbers, validated on
+    assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: `nan` (or `.nan` in YAML) passes every `ge`/`le` bound, and inf/nan would
+    # reach stages (and the JSON handed to pipelines) as silently wrong thresholds.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:

@@ -25,6 +25,12 @@ PIPELINE_MODULES = {
 }
 
 
+# What the stage runner records in a marker besides the stage's statistics (synthvlm.runner).
+RUN_RECORD_KEYS = frozenset(
+    {"settings", "params", "inputs", "excluded_from_fingerprint", "format_version", "fingerprint", "output"}
+)
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("SYNTHVLM_LOG_LEVEL", "INFO"),
@@ -38,6 +44,8 @@ def numeric_metrics(stats: dict[str, Any], prefix: str = "") -> dict[str, float]
     """Flatten a stage's statistics to the numbers KFP Metrics can show (rejects.<reason> included)."""
     out: dict[str, float] = {}
     for key, value in stats.items():
+        if not prefix and key in RUN_RECORD_KEYS:
+            continue  # settings and inputs, not measurements
         name = f"{prefix}{key}"
         if isinstance(value, bool):
             continue

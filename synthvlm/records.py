@@ -18,18 +18,37 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from synthvlm import storage
 from synthvlm.errors import InputError
 
-MAX_ID_LENGTH = 200
+# Ids become file names (`<id>.jpg`, `<id>~3.webp`; local writes go through `.<name>.XXXXXXXX.tmp`) and
+# most file systems allow 255 BYTES per name, so the limit is on UTF-8 bytes, not characters: 200 bytes
+# leaves room for the extension and the temp-file affixes.
+MAX_ID_BYTES = 200
+# Caption ids also leave room for the variant suffix generate appends ("~" and up to 7 digits), so a
+# long id fails at the captions step rather than at generate.
+VARIANT_SUFFIX_BYTES = 8
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BOM = b"\xef\xbb\xbf"
 
 
-def check_id(value: Any) -> str:
-    """Return `value` if it is a safe record id, else raise ValueError saying why."""
+def strip_bom(raw: bytes) -> bytes:
+    """`raw` without a leading UTF-8 byte-order mark (Windows editors add one; it is not JSON)."""
+    return raw.removeprefix(_BOM)
+
+
+def check_id(value: Any, *, reserve_bytes: int = 0) -> str:
+    """Return `value` if it is a safe record id, else raise ValueError saying why.
+
+    `reserve_bytes`: bytes kept free for a suffix added later (VARIANT_SUFFIX_BYTES for caption ids)."""
     if not isinstance(value, str):
         raise ValueError(f"id must be a string, got {type(value).__name__}")
     if not value:
         raise ValueError("id is empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise ValueError(f"id is longer than {MAX_ID_LENGTH} characters")
+    limit = MAX_ID_BYTES - reserve_bytes
+    size = len(value.encode("utf-8", errors="surrogateescape"))
+    if size > limit:
+        raise ValueError(
+            f"id is {size} bytes in UTF-8 ({len(value)} characters), longer than the {limit}-byte limit "
+            "(ids become image file names such as <id>~3.webp; most file systems allow 255 bytes per name)"
+        )
     if "/" in value or "\\" in value:
         raise ValueError(f"id {value!r} contains a path separator")
     if ".." in value:
@@ -122,7 +141,7 @@ def _record_or_error(uri: str, line: int, data: Any, unit: str) -> Record:
 def iter_jsonl(uri: str, raw: bytes) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for each non-blank line; bad UTF-8 or JSON raises an InputError naming
     the file and the line."""
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+    for lineno, line in enumerate(strip_bom(raw).split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -135,6 +154,26 @@ def iter_jsonl(uri: str, raw: bytes) -> Iterator[tuple[int, Any]]:
             raise InputError(uri, f"malformed JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
 
 
+def read_parquet_table(uri: str):
+    """The pyarrow Table of a Parquet file; a corrupt, truncated or non-Parquet file raises an InputError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with storage.local_copy(uri) as path:
+        try:
+            table = pq.read_table(path)
+        except FileNotFoundError:
+            raise  # as for JSONL manifests: callers tell a missing input apart
+        except (pa.ArrowException, OSError) as exc:  # ArrowInvalid & co.; OSError: unreadable or a folder
+            detail = " ".join(str(exc).split())  # pyarrow's messages span lines
+            raise InputError(uri, f"not a readable Parquet file: {detail}") from None
+    names = table.column_names
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:  # to_pylist would keep only one of them, silently
+        raise InputError(uri, "duplicate column", field=duplicates[0], unit="row")
+    return table
+
+
 def read_manifest(uri: str) -> list[Record]:
     """Read and validate a manifest; errors name the file, line (1-based; Parquet: row) and field."""
     numbered: list[tuple[int, Record]] = []
@@ -143,15 +182,16 @@ def read_manifest(uri: str) -> list[Record]:
         for lineno, data in iter_jsonl(uri, storage.read_bytes(uri)):
             numbered.append((lineno, _record_or_error(uri, lineno, data, unit)))
     else:
-        import pyarrow.parquet as pq
-
         unit = "row"
-        with storage.local_copy(uri) as path:
-            table = pq.read_table(path)
+        table = read_parquet_table(uri)
         for row_no, row in enumerate(table.to_pylist(), start=1):
             for key in ("scores", "provenance"):
                 if isinstance(row.get(key), str):
-                    row[key] = json.loads(row[key])
+                    try:
+                        row[key] = json.loads(row[key])
+                    except json.JSONDecodeError as exc:
+                        msg = f"malformed JSON: {exc.msg} (column {exc.colno})"
+                        raise InputError(uri, msg, line=row_no, field=key, unit=unit) from None
             numbered.append((row_no, _record_or_error(uri, row_no, row, unit)))
     seen: dict[str, int] = {}
     for lineno, rec in numbered:

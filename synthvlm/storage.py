@@ -14,6 +14,8 @@ from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
 
+from synthvlm.errors import CredentialsError, InputError
+
 GCS_PREFIX = "gs://"
 
 
@@ -35,7 +37,8 @@ def split_gcs(uri: str) -> tuple[str, str]:
     """'gs://bucket/a/b' -> ('bucket', 'a/b')."""
     bucket, _, name = uri[len(GCS_PREFIX) :].partition("/")
     if not bucket:
-        raise ValueError(f"not a gs:// URI with a bucket: {uri!r}")
+        # An InputError (not a ValueError): a mistyped URI is bad input, shown without a traceback.
+        raise InputError(uri, "not a gs:// URI with a bucket name (expected gs://BUCKET/PATH)")
     return bucket, name
 
 
@@ -55,7 +58,20 @@ def _client():  # pragma: no cover - trivial
         from google.auth.credentials import AnonymousCredentials
 
         return storage.Client(project="emulator", credentials=AnonymousCredentials())
-    return storage.Client()
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        return storage.Client()
+    except DefaultCredentialsError as exc:  # raised before any request: say how to provide them
+        raise CredentialsError(detail=str(exc)) from None
+
+
+def _gcs_client(uri: str):
+    """The client, or a CredentialsError that names `uri`."""
+    try:
+        return _client()
+    except CredentialsError as exc:
+        raise CredentialsError(uri, detail=exc.detail) from None
 
 
 def reset_client() -> None:
@@ -65,7 +81,7 @@ def reset_client() -> None:
 
 def _blob(uri: str):
     bucket, name = split_gcs(uri)
-    return _client().bucket(bucket).blob(name)
+    return _gcs_client(uri).bucket(bucket).blob(name)
 
 
 def _retry():
@@ -152,7 +168,7 @@ def list_uris(prefix: str, suffix: str = "") -> list[str]:
     if is_gcs(prefix):
         bucket, name = split_gcs(prefix)
         name = name.rstrip("/") + "/" if name else ""
-        blobs = _client().list_blobs(bucket, prefix=name, retry=_retry())
+        blobs = _gcs_client(prefix).list_blobs(bucket, prefix=name, retry=_retry())
         return sorted(f"{GCS_PREFIX}{bucket}/{b.name}" for b in blobs if b.name.endswith(suffix))
     root = Path(prefix)
     if not root.exists():
@@ -162,3 +178,19 @@ def list_uris(prefix: str, suffix: str = "") -> list[str]:
         for p in root.rglob("*")
         if p.is_file() and p.name.endswith(suffix) and not p.name.startswith(".")
     )
+
+
+def is_remote(uri: str) -> bool:
+    """An object-store URI (no local folders, no temp files, no renames)."""
+    return is_gcs(uri)
+
+
+def copy(source: str, target: str) -> None:
+    """Copy one file/object atomically (server-side for gs:// to gs://)."""
+    if is_gcs(source) and is_gcs(target):
+        src_bucket, src_name = split_gcs(source)
+        dst_bucket, dst_name = split_gcs(target)
+        bucket = _client().bucket(src_bucket)
+        bucket.copy_blob(bucket.blob(src_name), _client().bucket(dst_bucket), dst_name, retry=_retry())
+        return
+    write_bytes(target, read_bytes(source))

@@ -1,12 +1,14 @@
 """One interface for every LLM stage, whoever answers: a real chat server or the offline templates.
 
-    backend = make_backend(config)          # config.backend: "openai" (default) or "template"
+    # config.backend: "openai" (default) or "template"; the cache: config.cache_dir, else this default
+    backend = make_backend(config, default_cache_dir=storage.join(data_root, "llm-cache"))
     results = backend.run_many(requests)    # list[LLMResult], input order, each produced or rejected
     stats.extra.update(backend.metrics())   # flat llm_* numbers for the done marker / KFP Metrics
     provenance = backend.describe()         # {"backend": "openai", "model": "gpt-4o-mini"}
 
 "openai" is `LLMClient` (OpenAI or any OpenAI-compatible server: vLLM, llama.cpp, Ollama), with its
-concurrency bound, repair turn, cache and accounting. "template" (synthvlm.llm.template_backend) answers
+concurrency bound, repair turn, response cache (on by default: `config.cache_dir`, else the
+`default_cache_dir` the stage passes) and accounting. "template" (synthvlm.llm.template_backend) answers
 offline and deterministically from templates registered per task name; it needs no key, no network and
 no model, and everything it produces says so (`backend: "template"`, `model: "template"`).
 """
@@ -53,8 +55,8 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, config: LLMConfig):
-        self.client = LLMClient(config)
+    def __init__(self, config: LLMConfig, *, default_cache_dir: str | None = None):
+        self.client = LLMClient(config, default_cache_dir=default_cache_dir)
         self.model = config.model
 
     def __repr__(self) -> str:
@@ -70,11 +72,15 @@ class OpenAIBackend:
         return {"backend": self.name, "model": self.model}
 
 
-def make_backend(config: LLMConfig) -> Backend:
-    """The backend `config` selects; a plain `LLMConfig` (no `backend` field) means "openai"."""
+def make_backend(config: LLMConfig, *, default_cache_dir: str | None = None) -> Backend:
+    """The backend `config` selects; a plain `LLMConfig` (no `backend` field) means "openai".
+
+    `default_cache_dir`: the response cache used when `config.cache_dir` is not set (stages pass
+    `<data root>/llm-cache`); the template backend takes it too, and needs no cache.
+    """
     name = getattr(config, "backend", "openai")
     if name == "template":
         from synthvlm.llm.template_backend import TemplateBackend
 
-        return TemplateBackend()
-    return OpenAIBackend(config)
+        return TemplateBackend(default_cache_dir=default_cache_dir)
+    return OpenAIBackend(config, default_cache_dir=default_cache_dir)

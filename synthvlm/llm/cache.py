@@ -1,7 +1,9 @@
 """Persistent cache of chat completions: one small JSON file per request key.
 
 A key is the SHA-256 of everything that decides the answer (model, messages, sampling parameters,
-response format / JSON schema, seed), never the endpoint or the API key. Each entry is written with
+response format / JSON schema, seed), never the endpoint URL or the API key (why: client.py's docstring).
+The cache is on by default: `LLMConfig.cache_dir`, else the stage's `<data root>/llm-cache`
+(`make_backend(..., default_cache_dir=...)`); `LLMConfig.cache=False` turns it off. Each entry is written with
 `storage.write_bytes`, which is atomic for local paths (temp file + rename) and gs:// (an object upload),
 so a run killed at any moment leaves complete entries or none. An entry that is nevertheless unreadable
 (copied by hand, truncated by another tool) counts as a miss and is overwritten by the next answer.

@@ -6,14 +6,29 @@ What it adds on top of `openai.AsyncOpenAI`:
   JSON, then a rejection with a reason,
 - `complete_many`: every request ends as a produced or a rejected `LLMResult`, in input order; only
   problems that concern the whole run (bad key, no permission, unknown model/endpoint) raise,
-- a persistent response cache (see cache.py), so a rerun re-asks nothing already answered,
+- a persistent response cache (see cache.py), on by default, so a rerun re-asks nothing already
+  answered: in `LLMConfig.cache_dir`, else in the `default_cache_dir` the stage passes
+  (`<data root>/llm-cache`); `LLMConfig.cache=False` turns it off,
 - token / request / cost accounting for stage metrics.
+
+What a cache entry is keyed on (cache.py hashes it): the model name, the messages, the sampling parameters
+(temperature, max_tokens, seed) and the response format / JSON schema: everything in the request body,
+nothing else. So a changed prompt or temperature asks again, and settings that only change how we send
+(max_concurrency, timeout_s, max_retries) do not. The endpoint URL is deliberately not in the key: it says
+where the server is, not what answers (the model name does), and one server is reached by several URLs
+(an in-cluster Service, a port-forward, replicas behind a load balancer); a rerun from elsewhere must not
+re-ask everything. The flip side: if you swap the weights behind an unchanged model name (llama.cpp's
+server ignores the name), change `llm.model` or `llm.cache_dir`, or set `llm.cache=false`. The API key is
+not in the key either (rotating a key changes no answer), nor anywhere in the cache.
 
 Retries are the openai library's own (`max_retries`): it retries connection errors, timeouts, 408, 409,
 429 and 5xx with exponential backoff (0.5 s doubling, capped at 8 s, with jitter), and when the server
 sends `Retry-After` / `retry-after-ms` of at most 2 minutes it waits exactly that long instead (a longer
 Retry-After is not retried: the item is rejected, and a rerun asks again). We count the retries it makes
 from the `x-stainless-retry-count` header it puts on every attempt. (Checked against openai 3.54.0.)
+A 200 answer that is not a usable completion (no `choices`, a choice without `message`, a message without
+content) is a server fault the library does not retry: we ask again ourselves, up to `max_retries` times
+with a short backoff, then reject the item as "api_error" ("malformed response: no choices ...").
 
 The API key is read from the environment variable named by `LLMConfig.api_key_env`; it is handed to the
 openai client only, and never logged, cached, or put in a result or metric.
@@ -25,6 +40,7 @@ import asyncio
 import functools
 import logging
 import os
+import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +62,9 @@ RejectKind = Literal["api_error", "truncated", "invalid_json", "schema", "refusa
 # Sent when no key is configured for a self-hosted server (vLLM's and llama.cpp's docs use this value).
 NO_KEY_PLACEHOLDER = "EMPTY"
 _REASON_CHARS = 500
+# Our choice: the openai library's own backoff for a malformed answer (0.5 s doubling, capped at 8 s).
+MALFORMED_BACKOFF_S = 0.5
+MALFORMED_BACKOFF_MAX_S = 8.0
 
 
 class LLMConfig(StageConfig):
@@ -70,7 +89,10 @@ class LLMConfig(StageConfig):
     # Structured replies: "json_schema" (OpenAI, vLLM, llama.cpp, Ollama >= 0.5) or plain "json_object" mode
     # for servers without schema support (the prompt must then describe the JSON and say "JSON").
     structured_output: Literal["json_schema", "json_object"] = "json_schema"
-    # Response cache directory, local path or gs:// URI; None = no cache. Our choice: on for batch runs.
+    # Our choice: on, so a rerun never pays for an answer twice; False turns the cache off (e.g. to sample
+    # fresh answers to unchanged requests).
+    cache: bool = True
+    # Response cache directory, local path or gs:// URI; None = the stage's default, <data root>/llm-cache.
     cache_dir: str | None = None
     # USD per 1,000 tokens, for cost accounting only; 0 = not tracked (self-hosted).
     price_per_1k_input: float = Field(0.0, ge=0)
@@ -130,6 +152,10 @@ class LLMAccessError(SynthVLMError):
     """The endpoint refuses every request (bad key, no permission, unknown model or URL): stop the run."""
 
 
+class _MalformedResponse(Exception):
+    """The server answered (HTTP 200) with something that is not a usable chat completion."""
+
+
 @dataclass
 class _Completion:
     """The part of one chat completion we use, as stored in the cache."""
@@ -155,14 +181,29 @@ class _Completion:
 
     @classmethod
     def from_response(cls, response: Any) -> _Completion:
-        choice = response.choices[0]
-        usage = response.usage
+        """Raises _MalformedResponse for an answer without a usable first choice (the openai library
+        builds its objects without validation: a body with `"choices": []` arrives as an empty list)."""
+        if isinstance(response, str | bytes):  # a non-JSON body (e.g. a proxy's HTML page)
+            raise _MalformedResponse("not a chat completion (a non-JSON body)")
+        choices = getattr(response, "choices", None)
+        if not choices or not isinstance(choices, list):
+            raise _MalformedResponse("no choices")
+        message = getattr(choices[0], "message", None)
+        if message is None:
+            raise _MalformedResponse("no message in the first choice")
+        content = getattr(message, "content", None)
+        refusal = getattr(message, "refusal", None)
+        finish_reason = getattr(choices[0], "finish_reason", None)
+        # None content is an answer only when something says why (a refusal, a cut-off, the filter).
+        if content is None and not refusal and finish_reason not in ("length", "content_filter"):
+            raise _MalformedResponse(f"a message without content (finish_reason={finish_reason})")
+        usage = getattr(response, "usage", None)
         return cls(
-            content=choice.message.content,
-            finish_reason=choice.finish_reason,
-            refusal=getattr(choice.message, "refusal", None),
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
+            content=content,
+            finish_reason=finish_reason,
+            refusal=refusal,
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
         )
 
 
@@ -210,11 +251,21 @@ def metrics_from_counts(counts: Mapping[str, int], cost_usd: float) -> dict[str,
 class LLMClient:
     """Batch chat completions with bounded concurrency, validation, repair, caching and accounting."""
 
-    def __init__(self, config: LLMConfig):
+    def __init__(self, config: LLMConfig, *, default_cache_dir: str | None = None):
+        """`default_cache_dir`: the cache to use when `config.cache_dir` is not set (stages pass
+        `<data root>/llm-cache`); `config.cache=False` turns the cache off either way."""
         self.config = config
         self._api_key = _read_api_key(config)
-        self._cache = ResponseCache(config.cache_dir) if config.cache_dir else None
+        cache_dir = (config.cache_dir or default_cache_dir) if config.cache else None
+        self._cache = ResponseCache(cache_dir) if cache_dir else None
         self._counts: Counter[str] = Counter()
+        # Once per client (a stage makes one): where answers are kept is what decides what a rerun re-asks.
+        if cache_dir:
+            log.info("llm: response cache %s (answers found there are not asked again)", cache_dir)
+        elif not config.cache:
+            log.info("llm: response cache off (llm.cache=false): every request is sent")
+        else:
+            log.warning("llm: no response cache directory: a rerun asks every request again")
 
     def __repr__(self) -> str:  # never show the key
         return f"LLMClient(model={self.config.model!r}, base_url={self.config.base_url!r})"
@@ -246,6 +297,7 @@ class LLMClient:
 
         requests = HTTP requests sent (retries included), retries = the library's re-sends, cache_hits =
         calls answered from the cache, repairs = repair turns, tokens = billed tokens (not cached ones).
+        retries also counts our own re-asks of malformed answers.
         """
         counts = self._counts
         cost = (
@@ -338,25 +390,48 @@ class LLMClient:
             ) from None
         except openai.APIError as exc:
             return _Problem("api_error", _describe_api_error(exc, self.config.max_retries))
+        except _MalformedResponse as exc:
+            detail = f"malformed response: {exc} (gave up after {self.config.max_retries} retries)"
+            return _Problem("api_error", _short(detail))
 
     async def _call(self, batch: _Batch, request: LLMRequest, messages: list[dict[str, Any]]) -> _Completion:
         params = self._params(request)
+        # The key is the whole request body: a changed prompt, model, sampling parameter or schema asks
+        # again; the URL, the key and how we send (concurrency, timeout, retries) are not in it (module doc).
         key = cache_key({"messages": messages, **params})
         if self._cache is not None:
             entry = await asyncio.to_thread(self._cache.get, key)
             if entry is not None:
                 self._counts["cache_hits"] += 1
                 return _Completion.from_entry(entry)
-        # The slot stays held through the library's retry sleeps: under 429s that is the backpressure we want.
-        async with batch.semaphore:
-            response = await batch.api.chat.completions.create(messages=messages, **params)
-        completion = _Completion.from_response(response)
+        completion = await self._ask(batch, request, messages, params)
         if self._cache is not None:
             await asyncio.to_thread(self._cache.put, key, completion.to_entry())
         return completion
 
+    async def _ask(
+        self, batch: _Batch, request: LLMRequest, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> _Completion:
+        """One completion from the server. A malformed answer is a transient server fault: asked again
+        up to max_retries times with backoff; then _MalformedResponse propagates (never cached)."""
+        # The slot stays held through the retry sleeps (the library's and ours): under 429s, or a server
+        # answering garbage, that is the backpressure we want.
+        async with batch.semaphore:
+            for attempt in range(self.config.max_retries + 1):
+                response = await batch.api.chat.completions.create(messages=messages, **params)
+                try:
+                    return _Completion.from_response(response)
+                except _MalformedResponse as exc:
+                    if attempt == self.config.max_retries:
+                        raise
+                    self._counts["retries"] += 1
+                    log.warning("llm request %s: malformed response (%s); asking again", request.id, exc)
+                    await asyncio.sleep(_malformed_backoff(attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")  # for type checkers
+
     def _params(self, request: LLMRequest) -> dict[str, Any]:
-        """Everything sent besides the messages; also the rest of the cache key (no URL, no key)."""
+        """Everything sent besides the messages (model, sampling parameters, response format); also the
+        rest of the cache key. No URL and no API key: see the module docstring."""
         params: dict[str, Any] = {"model": self.config.model, "temperature": self.config.temperature}
         # max_tokens rather than max_completion_tokens: every compatible server understands it.
         if self.config.max_tokens is not None:
@@ -389,6 +464,13 @@ def _strict_schema_format(schema: type[BaseModel]) -> dict[str, Any]:
     """openai's own conversion to a strict JSON schema (additionalProperties false, all fields required);
     computed once per model class (it costs ~0.7 ms, as much as the rest of a request)."""
     return dict(type_to_response_format_param(schema))
+
+
+def _malformed_backoff(attempt: int) -> float:
+    """Seconds before re-asking after a malformed answer: doubling, capped, with the library's jitter
+    (so a batch that all got garbage at once does not come back at once)."""
+    delay = min(MALFORMED_BACKOFF_S * 2**attempt, MALFORMED_BACKOFF_MAX_S)
+    return delay * (1 - 0.25 * random.random())
 
 
 def _read_api_key(config: LLMConfig) -> str:

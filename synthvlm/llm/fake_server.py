@@ -40,7 +40,19 @@ from synthvlm.testing.loopback import LoopbackServer
 #   truncated     half of the JSON reply, finish_reason "length"
 #   invalid_json  a reply that is not JSON, finish_reason "stop"
 #   wrong_schema  valid JSON without the expected fields
-FAULTS = ("ok", "429", "500", "hang", "truncated", "invalid_json", "wrong_schema")
+#   empty_choices HTTP 200 with "choices": [] (a malformed answer some proxies and servers send)
+#   no_message    HTTP 200 whose only choice has no "message"
+FAULTS = (
+    "ok",
+    "429",
+    "500",
+    "hang",
+    "truncated",
+    "invalid_json",
+    "wrong_schema",
+    "empty_choices",
+    "no_message",
+)
 
 
 class FakeLLMServer(LoopbackServer):
@@ -188,7 +200,12 @@ class _Handler(BaseHTTPRequestHandler):
         content, finish_reason = _reply(
             action, prompt, "response_format" in body, fake.json_reply, fake.text_reply
         )
-        self._send_json(200, _completion(body, content, finish_reason))
+        payload = _completion(body, content, finish_reason)
+        if action == "empty_choices":
+            payload["choices"] = []
+        elif action == "no_message":
+            del payload["choices"][0]["message"]
+        self._send_json(200, payload)
 
     def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode("utf-8")

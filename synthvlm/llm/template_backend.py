@@ -259,7 +259,10 @@ class TemplateBackend:
     name = TEMPLATE_BACKEND
     model = TEMPLATE_MODEL
 
-    def __init__(self) -> None:
+    def __init__(self, *, default_cache_dir: str | None = None) -> None:
+        # Accepted like OpenAIBackend's and ignored: a template answer is deterministic and free, so
+        # caching it would save nothing (and results must never say `cached`).
+        del default_cache_dir
         self._counts: Counter[str] = Counter()
 
     def run_many(self, requests: Iterable[LLMRequest]) -> list[LLMResult]:

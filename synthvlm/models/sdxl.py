@@ -9,12 +9,20 @@ encoder only, whose UNet is conditioned on an aesthetic score instead of the tar
 
 Other model names can be registered with a builder (`register_builder`): the GPU benchmark registers
 the full-size SDXL architecture with random weights that way, so the generation stage runs it unchanged.
+
+`model_revision` says which commit a loaded pipeline's weights are: the Hugging Face cache snapshot
+folder diffusers loaded from (a hub id or a snapshot path), a `hf download --local-dir` folder's
+metadata, or a git checkout's HEAD; a plain folder gets a content hash and the reason instead.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import torch
 from diffusers import (
@@ -237,3 +245,96 @@ def load_sdxl_refiner(
             model, revision=revision, dtype=dtype, text_encoder_2=base.text_encoder_2, vae=base.vae
         )
     return _finish(pipe, scheduler, device)
+
+
+# --- which weights were loaded --------------------------------------------------------------------
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# The HF cache layout: .../models--org--name/snapshots/<commit>/<subfolder>/...
+_SNAPSHOT = re.compile(r"(?:^|/)snapshots/([0-9a-f]{40})(?:/|$)")
+# `hf download --local-dir` keeps per-file metadata whose first line is the commit (huggingface_hub
+# _local_folder.write_download_metadata).
+_LOCAL_DIR_METADATA = Path(".cache", "huggingface", "download", "model_index.json.metadata")
+_CONFIG_SUFFIXES = (".json", ".txt", ".model", ".yaml")  # hashed by content: configs and tokenizers
+_SKIP_DIRS = {".git", ".cache"}
+
+
+def _snapshot_commit(path: str) -> str | None:
+    match = _SNAPSHOT.search(Path(path).as_posix())
+    return match.group(1) if match else None
+
+
+def _local_dir_commit(folder: Path) -> str | None:
+    try:
+        first = (folder / _LOCAL_DIR_METADATA).read_text().split("\n", 1)[0].strip()
+    except OSError:
+        return None
+    return first if _COMMIT.match(first) else None
+
+
+def _git_commit(folder: Path) -> str | None:
+    """HEAD of a git checkout (e.g. `git clone https://huggingface.co/...`), without running git."""
+    git = folder / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head.removeprefix("ref: ")
+            if (git / ref).is_file():
+                head = (git / ref).read_text().strip()
+            else:  # packed refs: "<commit> <ref>" lines
+                packed = (git / "packed-refs").read_text().splitlines()
+                head = next((line.split()[0] for line in packed if line.endswith(f" {ref}")), "")
+    except OSError:
+        return None
+    return head if _COMMIT.match(head) else None
+
+
+def folder_content_hash(folder: str | Path) -> str:
+    """sha256 over the folder's config/tokenizer file contents and the names and sizes of the other files.
+
+    Weights are not read (gigabytes): a re-saved checkpoint with the same sizes hashes the same.
+    """
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or _SKIP_DIRS.intersection(rel.parts):
+            continue
+        digest.update(rel.as_posix().encode() + b"\0")
+        if path.suffix in _CONFIG_SUFFIXES:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        else:
+            digest.update(str(path.stat().st_size).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def model_revision(pipe: Any, model: str, requested: str | None = None) -> dict[str, Any]:
+    """Which weights `pipe` (loaded by `load_sdxl(model, requested)`) has, for provenance.
+
+    {"revision": commit or None, "revision_source": how it was found, "revision_requested": requested};
+    without a commit also "revision_missing" (why) and, for a folder, "content_sha256".
+    """
+    info: dict[str, Any] = {"revision": None, "revision_requested": requested}
+    if model in _BUILDERS or model == TINY_SDXL_REFINER:
+        reason = "built in code (synthvlm.models.sdxl) from a fixed seed; no checkpoint"
+        return {**info, "revision_source": "builtin", "revision_missing": reason}
+    # diffusers records the folder each component was read from: the cache snapshot for a hub id.
+    unet = getattr(pipe, "unet", None)
+    loaded_from = str(getattr(getattr(unet, "config", None), "_name_or_path", "") or "")
+    folder = Path(model) if os.path.isdir(model) else None
+    commit = _snapshot_commit(loaded_from) or (folder and _snapshot_commit(os.path.realpath(folder)))
+    if commit:
+        return {**info, "revision": commit, "revision_source": "hf_cache"}
+    if folder is None:
+        reason = f"loaded from {loaded_from or 'an unknown place'}, not from a Hugging Face cache snapshot"
+        return {**info, "revision_source": "unknown", "revision_missing": reason}
+    for source, found in (("hf_local_dir", _local_dir_commit(folder)), ("git", _git_commit(folder))):
+        if found:
+            return {**info, "revision": found, "revision_source": source}
+    return {
+        **info,
+        "revision_source": "local_folder",
+        "revision_missing": "local folder with no commit (HF cache snapshot, hf download metadata, git)",
+        "content_sha256": folder_content_hash(folder),
+    }

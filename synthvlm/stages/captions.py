@@ -19,8 +19,16 @@ from pydantic import Field
 from synthvlm import storage
 from synthvlm.config import StageConfig
 from synthvlm.errors import InputError, SynthVLMError
-from synthvlm.records import Record, check_id, write_manifest
-from synthvlm.stage import StageStats, is_done, mark_done
+from synthvlm.records import (
+    VARIANT_SUFFIX_BYTES,
+    Record,
+    check_id,
+    read_parquet_table,
+    strip_bom,
+    write_manifest,
+)
+from synthvlm.runner import Stage, StageRun, run_stage
+from synthvlm.stage import StageStats
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +70,8 @@ def _non_utf8_field(row: dict[str, Any]) -> str | None:
 
 
 def _rows_jsonl(uri: str, raw: bytes):
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+    # A leading BOM (Windows editors) is accepted, as for CSV; json.loads would reject it.
+    for lineno, line in enumerate(strip_bom(raw).split(b"\n"), start=1):
         if not line.strip():
             continue
         text = line.decode("utf-8", errors="surrogateescape")
@@ -77,15 +86,42 @@ def _rows_jsonl(uri: str, raw: bytes):
         yield lineno, data
 
 
+def _csv_error(uri: str, exc: csv.Error, line: int) -> InputError:
+    if "unexpected end of data" in str(exc):
+        # Non-strict csv would swallow every later row into this field: rows lost without a word.
+        msg = "unterminated quoted field: a '\"' opened in the row starting here is never closed"
+    else:
+        msg = f"malformed CSV: {exc}"
+    return InputError(uri, msg, line=line)
+
+
 def _rows_csv(uri: str, raw: bytes):
     text = raw.decode("utf-8-sig", errors="surrogateescape")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
+    # strict: a stray or unterminated quote is an error rather than silently merged rows.
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as exc:
+        yield 1, _csv_error(uri, exc, 1)
+        return
+    duplicates = [f for i, f in enumerate(header) if f in header[:i]]
+    if duplicates:  # DictReader would keep the last one's value, silently
+        yield 1, InputError(uri, f"duplicate column (columns found: {header})", line=1, field=duplicates[0])
+        return
     missing = [f for f in REQUIRED_FIELDS if f not in header]
     if missing:
         yield 1, InputError(uri, f"missing column (columns found: {header})", line=1, field=missing[0])
         return
-    for row in reader:
+    while True:
+        # The row starts after the last one read (csv's line_num is not advanced when it raises).
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield start, _csv_error(uri, exc, start)
+            return  # what follows a broken quote cannot be split into rows reliably
         if None in row:  # more cells than header columns
             yield reader.line_num, InputError(uri, "more cells than header columns", line=reader.line_num)
             continue
@@ -93,10 +129,7 @@ def _rows_csv(uri: str, raw: bytes):
 
 
 def _rows_parquet(uri: str):
-    import pyarrow.parquet as pq
-
-    with storage.local_copy(uri) as path:
-        table = pq.read_table(path)
+    table = read_parquet_table(uri)  # corrupt/truncated files and duplicate columns: InputError
     missing = [f for f in REQUIRED_FIELDS if f not in table.column_names]
     if missing:
         yield 0, InputError(uri, f"missing column (columns found: {table.column_names})", field=missing[0])
@@ -118,7 +151,7 @@ def _validate_row(uri: str, lineno: int, row: dict[str, Any], what: str, source:
     if isinstance(record_id, int) and not isinstance(record_id, bool):
         record_id = str(record_id)  # numeric ids are common in CSV/Parquet exports
     try:
-        check_id(record_id)
+        check_id(record_id, reserve_bytes=VARIANT_SUFFIX_BYTES)  # room for generate's "~<n>"
     except ValueError as exc:
         return err(str(exc), "id")
     caption = row["caption"]
@@ -139,6 +172,8 @@ def resolve_captions_uri(uri: str) -> str:
 def read_captions(uri: str) -> list[Record]:
     """Parse and validate a captions file; raises InputErrors listing every problem found."""
     given, uri = uri, resolve_captions_uri(uri)
+    if not storage.is_gcs(uri) and Path(uri).is_dir():  # checked first: a folder has no format
+        raise InputError(uri, "is a directory; give a captions file (.jsonl, .csv or .parquet)")
     suffix = uri.rsplit(".", 1)[-1].lower()
     if suffix not in ("jsonl", "csv", "parquet"):
         raise InputError(uri, "unsupported captions format: use .jsonl, .csv or .parquet")
@@ -147,7 +182,10 @@ def read_captions(uri: str) -> list[Record]:
     if suffix == "parquet":
         rows, what = _rows_parquet(uri), "row"
     else:
-        raw = storage.read_bytes(uri)
+        try:
+            raw = storage.read_bytes(uri)
+        except OSError as exc:  # e.g. no read permission
+            raise InputError(uri, f"cannot read: {exc.strerror or exc}") from None
         rows, what = (_rows_jsonl(uri, raw) if suffix == "jsonl" else _rows_csv(uri, raw)), "line"
     records: list[Record] = []
     problems: list[InputError] = []
@@ -177,18 +215,24 @@ def read_captions(uri: str) -> list[Record]:
     return records
 
 
-def load_captions(config: CaptionsConfig, output_manifest: str) -> str:
-    """Validate `config.captions` and write the caption manifest (published only if all input is valid)."""
-    if is_done(output_manifest):
-        log.info("captions: %s is already complete, skipping", output_manifest)
-        return output_manifest
+def _process(config: CaptionsConfig, run: StageRun) -> StageStats:
     stats = StageStats("captions")
     records = read_captions(config.captions)
     stats.count_in = len(records)
     if config.max_records is not None:
         records = records[: config.max_records]
         stats.rejects["beyond max_records"] = stats.count_in - len(records)
-    stats.count_out = write_manifest(output_manifest, records)
-    mark_done(output_manifest, stats)
-    log.info("captions: %d captions from %s -> %s", stats.count_out, config.captions, output_manifest)
-    return output_manifest
+    stats.count_out = write_manifest(run.output, records)
+    log.info("captions: %d captions from %s", stats.count_out, config.captions)
+    return stats
+
+
+# Every setting changes the output (the file's path is in each record's provenance).
+CAPTIONS = Stage(name="captions", process=_process)
+
+
+def load_captions(config: CaptionsConfig, output_manifest: str) -> str:
+    """Validate `config.captions` and write the caption manifest (published only if all input is valid).
+
+    Returns the versioned manifest (a copy is published at `output_manifest`)."""
+    return run_stage(CAPTIONS, config, {"captions": resolve_captions_uri(config.captions)}, output_manifest)

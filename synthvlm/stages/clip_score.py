@@ -37,8 +37,9 @@ from synthvlm.devices import DeviceName, DtypeName, resolve_device, resolve_dtyp
 from synthvlm.errors import ConfigError
 from synthvlm.models.clip import input_dtype, load_clip
 from synthvlm.records import Record, read_manifest, write_manifest
-from synthvlm.stage import StageStats, is_done, mark_done
-from synthvlm.stages.select import write_embeddings
+from synthvlm.runner import Stage, StageRun, run_stage
+from synthvlm.stage import StageStats
+from synthvlm.stages.select import EMBEDDINGS_SUFFIX, write_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -258,16 +259,8 @@ def with_score(record: Record, value: float, config: ScoreConfig) -> Record:
     )
 
 
-def score(config: ScoreConfig, input_manifest: str, output_manifest: str) -> str:
-    """Score every record of `input_manifest` and write them to `output_manifest` (idempotent).
-
-    Records without a readable image are left out of the output and counted in the stats' rejects
-    by reason ("no image_uri", "image missing", "image not decodable", "non-finite score"). With
-    `save_embeddings`, the image embeddings go to the sidecar `<output_manifest>.image_embeddings.npy`.
-    """
-    if is_done(output_manifest):
-        logger.info("%s is already done; skipping", output_manifest)
-        return output_manifest
+def _process(config: ScoreConfig, run: StageRun) -> StageStats:
+    input_manifest: str = run.inputs["images"]
     stats = StageStats(stage="clip_score")
     records = read_manifest(input_manifest)
     stats.count_in = len(records)
@@ -284,16 +277,35 @@ def score(config: ScoreConfig, input_manifest: str, output_manifest: str) -> str
                 embeddings.append(batch_embeddings.half())  # what the sidecar stores: half the memory
             done = len(scored) + sum(stats.rejects.values())
             logger.info("%s: scored %d/%d", input_manifest, done, len(records))
-    if config.save_embeddings:  # before the manifest and its done marker: a done manifest has its sidecar
+    if config.save_embeddings:
         width = embeddings[0].shape[1] if embeddings else 0
-        write_embeddings(
-            output_manifest, torch.cat(embeddings).numpy() if embeddings else np.empty((0, width))
-        )
-    write_manifest(output_manifest, scored)
+        write_embeddings(run.output, torch.cat(embeddings).numpy() if embeddings else np.empty((0, width)))
+    write_manifest(run.output, scored)
     stats.count_out = len(scored)
     stats.extra.update(_summary(config, device, dtype, scored, rejects.examples))
-    mark_done(output_manifest, stats)
-    return output_manifest
+    return stats
+
+
+CLIP_SCORE = Stage(
+    name="clip_score",
+    process=_process,
+    excluded={
+        "batch_size": "each image and caption is encoded on its own; the batch only groups the work",
+        "read_workers": "parallel reads of the same images",
+    },
+    sidecars=("{name}" + EMBEDDINGS_SUFFIX,),
+)
+
+
+def score(config: ScoreConfig, input_manifest: str, output_manifest: str) -> str:
+    """Score every record of `input_manifest`; returns the versioned scored manifest (a copy is
+    published at `output_manifest`).
+
+    Records without a readable image are left out of the output and counted in the stats' rejects
+    by reason ("no image_uri", "image missing", "image not decodable", "non-finite score"). With
+    `save_embeddings`, the image embeddings go to the sidecar `<manifest>.image_embeddings.npy`.
+    """
+    return run_stage(CLIP_SCORE, config, {"images": input_manifest}, output_manifest)
 
 
 def _score_loaded(

@@ -45,9 +45,11 @@ from synthvlm.curation.heuristics import HeuristicFilter, HeuristicsConfig, word
 from synthvlm.errors import SynthVLMError
 from synthvlm.llm.backend import Backend, BackendConfig, make_backend
 from synthvlm.llm.client import LLMRequest
+from synthvlm.llm.fingerprint import llm_runtime_fields
 from synthvlm.llm.template_backend import register_template, request_text
 from synthvlm.records import Record, read_manifest, write_manifest
-from synthvlm.stage import StageStats, is_done, mark_done
+from synthvlm.runner import LLM_CACHE_DIR, Stage, StageRun, run_stage
+from synthvlm.stage import StageStats
 from synthvlm.stages.clip_score import ScoreConfig
 from synthvlm.stages.select import fraction_count
 
@@ -356,35 +358,64 @@ def _sample(records: list[Record], size: int | None, seed: int, run: _Run) -> li
 # ---- the stage -------------------------------------------------------------------------------------------
 
 
-def curate(config: CurateConfig, input_manifest: str, output_manifest: str, rejects_manifest: str) -> str:
-    """Curate the captions of `input_manifest` into `output_manifest`; every dropped caption goes to
-    `rejects_manifest` (JSONL) with its step and reason. Idempotent; returns `output_manifest`."""
-    if is_done(output_manifest):
-        log.info("curate: %s is already complete, skipping", output_manifest)
-        return output_manifest
+def _process(config: CurateConfig, run: StageRun) -> StageStats:
     stats = StageStats(STAGE)
     # Created first so that a missing API key fails before any work is done.
-    backend = make_backend(config.judge.llm) if config.judge.enabled else None
-    records = read_manifest(input_manifest)
+    backend = (
+        make_backend(config.judge.llm, default_cache_dir=storage.join(run.data_root, LLM_CACHE_DIR))
+        if config.judge.enabled
+        else None
+    )
+    records = read_manifest(run.inputs["captions"])
     stats.count_in = len(records)
-    run = _Run(stats)
+    steps = _Run(stats)
     kept = records
     if config.heuristics.enabled:
-        kept = run.step("heuristics", kept, lambda rs: _heuristics(rs, config.heuristics, run))
+        kept = steps.step("heuristics", kept, lambda rs: _heuristics(rs, config.heuristics, steps))
     if config.dedup.exact or config.dedup.near:
-        kept = run.step("dedup", kept, lambda rs: _dedup(rs, config.dedup, run))
+        kept = steps.step("dedup", kept, lambda rs: _dedup(rs, config.dedup, steps))
     if backend is not None:
-        kept = run.step("judge", kept, lambda rs: _judge(rs, config.judge, backend, run))
+        kept = steps.step("judge", kept, lambda rs: _judge(rs, config.judge, backend, steps))
     if config.clip.enabled:
-        kept = run.step("clip", kept, lambda rs: _clip(rs, config.clip, run))
-    kept = run.step("sample", kept, lambda rs: _sample(rs, config.sample_size, config.sample_seed, run))
+        kept = steps.step("clip", kept, lambda rs: _clip(rs, config.clip, steps))
+    kept = steps.step("sample", kept, lambda rs: _sample(rs, config.sample_size, config.sample_seed, steps))
 
-    storage.write_text(rejects_manifest, run.rejects_jsonl(), content_type="application/jsonl")
-    stats.count_out = write_manifest(output_manifest, [_caption_only(r) for r in kept])
-    stats.extra.update(_summary(run, backend, rejects_manifest, stats))
-    mark_done(output_manifest, stats)
-    log.info("curate: kept %d of %d captions -> %s", stats.count_out, stats.count_in, output_manifest)
-    return output_manifest
+    rejects_manifest = storage.join(run.dir, run.context["rejects_name"])
+    storage.write_text(rejects_manifest, steps.rejects_jsonl(), content_type="application/jsonl")
+    stats.count_out = write_manifest(run.output, [_caption_only(r) for r in kept])
+    stats.extra.update(_summary(steps, backend, rejects_manifest, stats))
+    log.info("curate: kept %d of %d captions", stats.count_out, stats.count_in)
+    return stats
+
+
+CURATE = Stage(
+    name=STAGE,
+    process=_process,
+    excluded={
+        **llm_runtime_fields("judge.llm"),
+        "judge.chunk_size": "requests per batch sent to the LLM, each answered on its own",
+        "clip.score.batch_size": "each image and caption is encoded on its own",
+        "clip.score.read_workers": "parallel reads of the same images",
+    },
+    sidecars=("{rejects}",),
+)
+
+
+def curate(
+    config: CurateConfig, input_manifest: str, output_manifest: str, rejects_manifest: str | None = None
+) -> str:
+    """Curate the captions of `input_manifest`; every dropped caption goes to the rejects manifest (JSONL,
+    next to the output; default `rejects.jsonl`) with its step and reason. Returns the versioned output
+    (a copy is published at `output_manifest`, the rejects beside it)."""
+    rejects_name = (rejects_manifest or "rejects.jsonl").rstrip("/").rpartition("/")[2]
+    return run_stage(
+        CURATE,
+        config,
+        {"captions": input_manifest},
+        output_manifest,
+        context={"rejects_name": rejects_name},
+        names={"rejects": rejects_name},
+    )
 
 
 def _caption_only(record: Record) -> Record:

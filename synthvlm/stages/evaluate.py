@@ -40,12 +40,21 @@ from synthvlm.evaluation.answerers import (
     answer_all,
     local_model_dir,
 )
-from synthvlm.evaluation.benchmarks import Benchmark, BenchmarkItem, ItemType, benchmark_name, load_benchmark
+from synthvlm.evaluation.benchmarks import (
+    Benchmark,
+    BenchmarkItem,
+    ItemType,
+    benchmark_name,
+    load_benchmark,
+    resolve_benchmark_uri,
+)
 from synthvlm.evaluation.judge import JudgeTask, run_judge
 from synthvlm.evaluation.lmms import is_lmms_task, require_lmms_eval, run_lmms_eval, task_name
 from synthvlm.evaluation.metrics import ItemScore, by_ability, rotate_choices, score_item, summarize
 from synthvlm.evaluation.report import flat_metrics
 from synthvlm.llm import LLMClient, LLMConfig
+from synthvlm.llm.fingerprint import llm_runtime_fields
+from synthvlm.runner import LLM_CACHE_DIR, Stage, StageRun, run_stage
 from synthvlm.stage import StageStats, is_done, mark_done
 
 log = logging.getLogger(__name__)
@@ -275,17 +284,35 @@ def evaluate(
     answerer: Answerer | None = None,
     model_name: str | None = None,
 ) -> str:
-    """Evaluate one model on `benchmarks` (JSONL URIs, 'bundled:...' or 'lmms_eval:<task>'); returns
-    `output_uri`, the results document. `answerer` replaces the HF LLaVA model (tests, other backends)."""
-    if is_done(output_uri):
-        log.info("%s is already complete; skipping", output_uri)
-        return output_uri
+    """Evaluate one model on `benchmarks` (JSONL URIs, 'bundled:...' or 'lmms_eval:<task>'); returns the
+    versioned results document (a copy is published at `output_uri`). `answerer` replaces the HF LLaVA model
+    (tests, other backends)."""
+    jsonl, _ = split_benchmarks(benchmarks)
+    return run_stage(
+        EVALUATE,
+        config,
+        # A trained model's fingerprint comes from its marker; a hub name is a param only.
+        {"model": model_uri_or_name, "benchmarks": [resolve_benchmark_uri(uri) for uri in jsonl]},
+        output_uri,
+        params={"model": model_uri_or_name, "model_name": model_name, "benchmarks": list(benchmarks)},
+        context={"answerer": answerer, "benchmarks": list(benchmarks), "model_name": model_name},
+    )
+
+
+def _process(config: EvalConfig, run: StageRun) -> StageStats:
+    model_uri_or_name: str = run.inputs["model"]
+    benchmarks: list[str] = run.context["benchmarks"]
+    answerer: Answerer | None = run.context["answerer"]
+    model_name: str | None = run.context["model_name"]
+    output_uri = run.output
     jsonl, tasks = split_benchmarks(benchmarks)
     if tasks:
         require_lmms_eval(tasks)  # fail before loading anything
     loaded = [load_benchmark(uri, limit=config.limit) for uri in jsonl]
     needs_judge = any(_needs_judge(item, config) for bench in loaded for item in bench.items)
-    judge = LLMClient(config.judge) if needs_judge else None  # a missing API key fails here, early
+    cache = storage.join(run.data_root, LLM_CACHE_DIR)
+    # A missing API key fails here, early.
+    judge = LLMClient(config.judge, default_cache_dir=cache) if needs_judge else None
     if loaded and answerer is None:
         answerer = HFLlavaAnswerer.load(
             model_uri_or_name,
@@ -319,5 +346,15 @@ def evaluate(
     stats.extra.update(flat_metrics(doc))
     if judge is not None:
         stats.extra.update(judge.metrics())
-    mark_done(output_uri, stats)
-    return output_uri
+    return stats
+
+
+EVALUATE = Stage(
+    name="evaluate",
+    process=_process,
+    excluded={
+        **llm_runtime_fields("judge"),
+        "batch_size": "questions per generate call, each answered on its own (greedy decoding)",
+        "lmms_batch_size": "lmms-eval's batching of the same questions",
+    },
+)

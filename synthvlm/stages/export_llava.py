@@ -21,7 +21,8 @@ from synthvlm import storage
 from synthvlm.config import StageConfig
 from synthvlm.errors import InputError
 from synthvlm.records import Record, read_manifest, write_manifest
-from synthvlm.stage import StageStats, is_done, mark_done
+from synthvlm.runner import Stage, StageRun, run_stage
+from synthvlm.stage import StageStats
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +119,35 @@ def _image_paths(records: list[Record], data_root: str, manifest_uri: str) -> li
     return paths
 
 
-def export_llava(config: ExportConfig, input_manifest: str, data_root: str, output_dir: str) -> str:
-    """Write `{output_dir}/llava_pretrain.json` and `{output_dir}/manifest.jsonl`; return the JSON URI."""
-    json_uri = storage.join(output_dir, LLAVA_JSON_NAME)
-    if is_done(json_uri):
-        log.info("%s is already complete; skipping", json_uri)
-        return json_uri
+def _process(config: ExportConfig, run: StageRun) -> StageStats:
+    input_manifest: str = run.inputs["selected"]
+    data_root: str = run.context["data_root"]
     stats = StageStats(stage="export_llava")
     records = read_manifest(input_manifest)
     stats.count_in = len(records)
     image_paths = _image_paths(records, data_root, input_manifest)
     samples = [llava_sample(rec, path, config) for rec, path in zip(records, image_paths, strict=True)]
 
-    write_manifest(storage.join(output_dir, MANIFEST_NAME), records)
-    storage.write_text(json_uri, json.dumps(samples, ensure_ascii=False), content_type="application/json")
+    write_manifest(storage.join(run.dir, MANIFEST_NAME), records)
+    storage.write_text(run.output, json.dumps(samples, ensure_ascii=False), content_type="application/json")
     stats.count_out = len(samples)
     stats.extra.update(data_root=data_root, image_placement=config.image_placement)
-    mark_done(json_uri, stats)
-    log.info("exported %d LLaVA samples to %s", len(samples), json_uri)
-    return json_uri
+    log.info("exported %d LLaVA samples", len(samples))
+    return stats
+
+
+# Every setting changes the JSON; the data root is a param (image paths are relative to it).
+EXPORT_LLAVA = Stage(name="export_llava", process=_process, sidecars=(MANIFEST_NAME,))
+
+
+def export_llava(config: ExportConfig, input_manifest: str, data_root: str, output_dir: str) -> str:
+    """Write `llava_pretrain.json` and `manifest.jsonl`; returns the versioned JSON URI (copies are
+    published in `output_dir`)."""
+    return run_stage(
+        EXPORT_LLAVA,
+        config,
+        {"selected": input_manifest},
+        storage.join(output_dir, LLAVA_JSON_NAME),
+        params={"data_root": data_root},
+        context={"data_root": data_root},
+    )

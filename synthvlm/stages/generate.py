@@ -25,23 +25,29 @@ import hashlib
 import io
 import json
 import logging
+import os
+import platform
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import diffusers
 import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from PIL import features
 from pydantic import Field
 
 from synthvlm import devices, stage, storage
+from synthvlm import runner as stage_runner
 from synthvlm.config import StageConfig
 from synthvlm.errors import ConfigError, InputError
-from synthvlm.models.sdxl import SchedulerName, load_sdxl, load_sdxl_refiner
+from synthvlm.models.sdxl import SchedulerName, load_sdxl, load_sdxl_refiner, model_revision
 from synthvlm.records import Record, check_id, read_manifest, write_manifest
 from synthvlm.safety import (
     REJECT_BLOCKED_PROMPT,
@@ -52,7 +58,13 @@ from synthvlm.safety import (
     load_image_checker,
 )
 from synthvlm.stages.clip_score import REJECT_NON_FINITE, ScoreConfig, TensorScorer, with_score
-from synthvlm.stages.select import SOURCE_ID_KEY, embeddings_uri, read_embeddings, write_embeddings
+from synthvlm.stages.select import (
+    EMBEDDINGS_SUFFIX,
+    SOURCE_ID_KEY,
+    embeddings_uri,
+    read_embeddings,
+    write_embeddings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +250,52 @@ def apply_speed_settings(
     return applied
 
 
+# PIL.features names of the codec behind each format: its version decides the encoded bytes too.
+_CODECS: dict[str, str] = {"jpeg": "jpg", "png": "zlib", "webp": "webp"}
+_LIBRARIES = ("torch", "diffusers", "transformers", "Pillow", "numpy")
+
+
+def numerics_settings() -> dict[str, Any]:
+    """The global torch switches that change GPU arithmetic (TF32, reduced-precision sums, autotuning)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_allow_tf32": cudnn.allow_tf32,
+        "bf16_reduced_precision_reduction": matmul.allow_bf16_reduced_precision_reduction,
+        "fp16_reduced_precision_reduction": matmul.allow_fp16_reduced_precision_reduction,
+        "cudnn_benchmark": cudnn.benchmark,
+        "cudnn_deterministic": cudnn.deterministic,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+def library_versions(image_format: ImageFormat) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {name: metadata.version(name) for name in _LIBRARIES}
+    versions["python"] = platform.python_version()
+    versions["cuda"] = torch.version.cuda
+    versions["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
+    versions["codec"] = f"{_CODECS[image_format]} {features.version(_CODECS[image_format])}"
+    return versions
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+
+
+def runtime_provenance(device: torch.device, image_format: ImageFormat) -> dict[str, Any]:
+    """Where and with what an image was made: regeneration is exact only on the same of all of these."""
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        # On a CPU the vector ISA and the intra-op threads change sum order (measured: 1 vs 2 threads
+        # give different images with the tiny model).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "num_threads": torch.get_num_threads(),
+        "numerics": numerics_settings(),
+        "versions": library_versions(image_format),
+    }
+
+
 class Painter:
     """The loaded models plus the settings of every call: prompts + seeds -> decoded images.
 
@@ -276,10 +334,12 @@ class Painter:
         self.provenance = self._provenance()
 
     def _provenance(self) -> dict[str, Any]:
+        """What `synthvlm.regenerate` needs, besides each image's batch, to remake an image exactly."""
         config = self.config
         provenance: dict[str, Any] = {
             "model": config.model,
-            "revision": config.revision,
+            # The resolved commit (not the requested branch), or why there is none.
+            **model_revision(self.pipe, config.model, config.revision),
             "scheduler": config.scheduler,
             "steps": config.steps,
             "guidance_scale": config.guidance_scale,
@@ -288,10 +348,17 @@ class Painter:
             "dtype": str(self.dtype).removeprefix("torch."),
             "negative_prompt": config.negative_prompt,
             "diffusers_version": diffusers.__version__,
+            "global_seed": config.seed,
+            "image_format": config.image_format,
+            "quality": config.quality,
+            # Applied GPU speed settings change the arithmetic (fused matmuls, compiled kernels).
+            "speed_settings": list(self.speed_settings),
+            **runtime_provenance(self.device, config.image_format),
         }
         if config.refiner_model:
             provenance["refiner"] = config.refiner_model
-            provenance["refiner_revision"] = config.refiner_revision
+            revision = model_revision(self.refiner, config.refiner_model, config.refiner_revision)
+            provenance.update({f"refiner_{key}": value for key, value in revision.items()})
             provenance["high_noise_frac"] = config.high_noise_frac
         return provenance
 
@@ -392,6 +459,27 @@ def _check_safety(
             del good[record_id]
 
 
+def _painter_calls(
+    painter: Painter, batch: Sequence[Record], good: dict[str, _Painted], global_seed: int
+) -> list[dict[str, Any]]:
+    """The painter calls `_paint_with_retry` made: [first try, retry of the failures], for provenance.
+
+    On a GPU an image depends on its batch neighbours (batched kernels), and on a CPU too (measured
+    with the tiny model), so each record carries the exact call its image came from.
+    """
+    retried = [rec for rec in batch if rec.id not in good or good[rec.id].repeat == 1]
+    return [
+        {
+            "ids": [rec.id for rec in recs],
+            "captions": [rec.caption for rec in recs],
+            "seeds": [record_seed(global_seed, rec.id, repeat) for rec in recs],
+            # Painter pads a shorter call to this size with copies of its last prompt and seed.
+            "padded_to": painter.fixed_batch,
+        }
+        for repeat, recs in enumerate((list(batch), retried))
+    ]
+
+
 def paint_part(
     painter: Painter, batch: Sequence[Record], config: GenerateConfig, output_dir: str
 ) -> PaintedPart:
@@ -403,6 +491,7 @@ def paint_part(
     )
     started = time.monotonic()
     good = _paint_with_retry(painter, batch, config.seed, stats)
+    calls = _painter_calls(painter, batch, good, config.seed)  # before safety drops any from `good`
     _check_safety(painter, batch, good, stats)
     kept = [rec for rec in batch if rec.id in good]
     records = [
@@ -412,7 +501,11 @@ def paint_part(
                 "image_uri": image_uri(output_dir, rec.id, config.image_format),
                 "provenance": {
                     **rec.provenance,
-                    "generation": {**painter.provenance, "seed_repeat": good[rec.id].repeat},
+                    "generation": {
+                        **painter.provenance,
+                        "seed_repeat": good[rec.id].repeat,
+                        "batch": calls[good[rec.id].repeat],
+                    },
                 },
             }
         )
@@ -553,8 +646,8 @@ def _finish_shard(
     shard_uri: str,
     shard_rejects_uri: str,
     config: GenerateConfig,
-) -> dict[str, Any]:
-    """Union of the part manifests in shard order, the sidecars, then the shard's done marker."""
+) -> stage.StageStats:
+    """Union of the part manifests in shard order and the sidecars (the runner writes the marker)."""
     parts = _io_map(_read_part, part_uris)
     by_id = {rec.id: rec for recs, _ in parts for rec in recs}
     kept = [by_id[rec.id] for rec in items if rec.id in by_id]
@@ -574,7 +667,7 @@ def _finish_shard(
     if config.score_in_pod is not None:
         _write_shard_embeddings(parts, kept, shard_uri)
     write_manifest(shard_uri, kept)
-    return stage.mark_done(shard_uri, stats)
+    return stats
 
 
 def _write_shard_embeddings(
@@ -612,29 +705,31 @@ def _split_blocked(
     return allowed, blocked
 
 
-def generate(
-    config: GenerateConfig,
-    input_manifest: str,
-    output_dir: str,
-    rank: int = 0,
-    world_size: int = 1,
-    *,
-    painter: Painter | None = None,
-) -> str:
-    """Generate this shard's images (records i with i % world_size == rank); return the shard manifest.
+def _clean_interrupted_writes(run: stage_runner.StageRun, parts_dir: str, ids: set[str]) -> None:
+    """Temp files a killed write of this shard left (its parts, its images); other shards' are theirs."""
+    if storage.is_remote(run.dir):
+        return
+    for folder, owned in ((Path(parts_dir), None), (Path(run.dir) / "images", ids)):
+        if not folder.is_dir():
+            continue
+        for entry in os.scandir(folder):
+            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                continue
+            target = entry.name[1:].rsplit(".", 2)[0]  # ".{name}.{random}.tmp" -> name
+            if owned is None or target.rsplit(".", 1)[0] in owned:
+                log.info("removing %s, left by an interrupted write", entry.path)
+                Path(entry.path).unlink(missing_ok=True)
 
-    `painter`: already loaded models to reuse (must have been built from an equivalent config).
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    shard_uri = shard_manifest_uri(output_dir, rank, world_size)
-    if stage.is_done(shard_uri):
-        log.info("%s is already done; nothing to generate", shard_uri)
-        return shard_uri
+
+def _process(config: GenerateConfig, run: stage_runner.StageRun) -> stage.StageStats:
+    input_manifest: str = run.inputs["captions"]
+    rank, world_size = run.context["rank"], run.context["world_size"]
+    painter: Painter | None = run.context.get("painter")
     captions = read_manifest(input_manifest)[rank::world_size]
     allowed, blocked = _split_blocked(captions, config, input_manifest)
     items = image_records(allowed, config.images_per_prompt, input_manifest)
-    parts_dir = shard_uri.removesuffix(".jsonl") + ".parts"
+    parts_dir = run.output.removesuffix(".jsonl") + ".parts"
+    _clean_interrupted_writes(run, parts_dir, {rec.id for rec in items})
     part_uris = _done_parts(parts_dir)
     part_stats = dict(zip(part_uris, _io_map(stage.read_stats, part_uris.values()), strict=True))
     done_ids = {rid for stats in part_stats.values() for rid in stats["ids"]}
@@ -644,23 +739,69 @@ def generate(
         *(rank, world_size, len(items), len(items) - len(todo), len(todo)),
     )
     if todo:
-        _generate_parts(
-            painter or Painter(config), todo, config, output_dir, parts_dir, part_uris, part_stats
-        )
+        _generate_parts(painter or Painter(config), todo, config, run.dir, parts_dir, part_uris, part_stats)
     order = sorted(part_uris)
     stats = _finish_shard(
         items,
         blocked,
         [part_uris[i] for i in order],
         [part_stats[i] for i in order],
-        shard_uri,
-        rejects_uri(output_dir, rank, world_size),
+        run.output,
+        rejects_uri(run.dir, rank, world_size),
         config,
     )
     log.info(
-        "shard %d/%d done: %s", rank, world_size, {k: v for k, v in stats.items() if k != "reject_examples"}
+        "shard %d/%d done: %s",
+        *(rank, world_size, {k: v for k, v in stats.to_dict().items() if k != "reject_examples"}),
     )
-    return shard_uri
+    return stats
+
+
+_SAME_IMAGES = "the same images up to floating-point rounding of the kernels (records name it for regenerate)"
+GENERATE = stage_runner.Stage(
+    name=STAGE,
+    process=_process,
+    excluded={
+        # Each image has its own seed and generator, so it does not depend on its batch neighbours.
+        "batch_size": "each image has its own seed and generator; " + _SAME_IMAGES,
+        "compile": _SAME_IMAGES,
+        "compile_mode": _SAME_IMAGES,
+        "fuse_qkv": _SAME_IMAGES,
+        "channels_last": _SAME_IMAGES,
+        "pending_parts": "how many finished batches wait for upload",
+        "write_workers": "parallel uploads of the same bytes",
+        "score_in_pod.batch_size": "each image and caption is encoded on its own",
+        "score_in_pod.read_workers": "not used in the pod (no image reads)",
+    },
+    sidecars=("rejects/{name}", "{output}" + EMBEDDINGS_SUFFIX),
+)
+
+
+def generate(
+    config: GenerateConfig,
+    input_manifest: str,
+    output_dir: str,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    painter: Painter | None = None,
+) -> str:
+    """Generate this shard's images (records i with i % world_size == rank); return the versioned shard
+    manifest (a copy is published at `{output_dir}/shards/`).
+
+    Images go to `{output_dir}/generate-<fingerprint>/images/`: images made under other settings are
+    never reused. `painter`: already loaded models to reuse (built from an equivalent config).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return stage_runner.run_stage(
+        GENERATE,
+        config,
+        {"captions": input_manifest},
+        shard_manifest_uri(output_dir, rank, world_size),
+        context={"rank": rank, "world_size": world_size, "painter": painter},
+        root=output_dir,
+    )
 
 
 def _generate_parts(

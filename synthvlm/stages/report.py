@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,13 +23,25 @@ from pydantic import Field
 from synthvlm import storage
 from synthvlm.config import StageConfig
 from synthvlm.records import Record, read_manifest
-from synthvlm.stage import StageStats, is_done, mark_done, read_stats, require_done
+from synthvlm.runner import Stage, StageRun, run_stage
+from synthvlm.stage import StageStats, read_stats, require_done
 
 log = logging.getLogger(__name__)
 
 _JPEG_QUALITY = 85  # our choice: thumbnails only need to be recognisable, and small
 _SVG_WIDTH, _SVG_HEIGHT, _SVG_MARGIN = 640, 240, 40
 _STATS_COLUMNS = ("stage", "count_in", "count_out", "rejects", "seconds")
+# What the runner writes into every marker: shown in the settings table, not in the stage table.
+_RUN_KEYS = (
+    "fingerprint",
+    "format_version",
+    "settings",
+    "params",
+    "inputs",
+    "output",
+    "excluded_from_fingerprint",
+    "published_from",
+)
 
 
 class ReportConfig(StageConfig):
@@ -171,7 +184,7 @@ def _format_rejects(rejects: dict[str, Any]) -> str:
 
 
 def _format_extra(stats: dict[str, Any]) -> str:
-    extra = sorted((k, v) for k, v in stats.items() if k not in _STATS_COLUMNS)
+    extra = sorted((k, v) for k, v in stats.items() if k not in _STATS_COLUMNS and k not in _RUN_KEYS)
     return "<br>".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in extra) or "-"
 
 
@@ -188,6 +201,26 @@ def stages_table_html(all_stats: Sequence[dict[str, Any]]) -> str:
             f"<td class='count-in'>{count_in}</td><td class='count-out'>{count_out}</td><td>{kept}</td>"
             f"<td>{_format_rejects(stats.get('rejects', {}))}</td>"
             f"<td>{html.escape(str(stats.get('seconds', '-')))}</td><td>{_format_extra(stats)}</td></tr>"
+        )
+    rows.append("</tbody></table>")
+    return "".join(rows)
+
+
+def settings_table_html(all_stats: Sequence[dict[str, Any]]) -> str:
+    """Per stage output: the fingerprint it was made under and its output-affecting settings."""
+    rows = [
+        "<table class='stages settings'><thead><tr><th>stage</th><th>fingerprint</th><th>output</th>"
+        "<th>settings (output-affecting)</th></tr></thead><tbody>"
+    ]
+    for stats in all_stats:
+        settings = {**stats.get("settings", {}), **stats.get("params", {})}
+        text = json.dumps(settings, sort_keys=True, ensure_ascii=False)
+        fingerprint = str(stats.get("fingerprint", "-"))[:16]
+        rows.append(
+            f"<tr><td>{html.escape(str(stats.get('stage', '?')))}</td>"
+            f"<td class='fingerprint'><code>{html.escape(fingerprint)}</code></td>"
+            f"<td><code>{html.escape(str(stats.get('output', '-')))}</code></td>"
+            f"<td class='settings'><code>{html.escape(text)}</code></td></tr>"
         )
     rows.append("</tbody></table>")
     return "".join(rows)
@@ -230,6 +263,7 @@ _STYLE = """
 body{font-family:sans-serif;margin:1.5em;color:#222}
 table.stages{border-collapse:collapse}table.stages td,table.stages th{border:1px solid #ccc;padding:4px 8px;
 text-align:right;vertical-align:top}table.stages td:first-child{text-align:left}
+table.settings td{text-align:left;font-size:12px;max-width:60em;word-break:break-all}
 .grid{display:flex;flex-wrap:wrap;gap:12px}figure{width:%(size)dpx;margin:0;font-size:12px}
 figure img{max-width:100%%;display:block}.missing{height:%(size)dpx;background:#eee;color:#900;padding:4px}
 .score{font-weight:bold}.id{color:#777}.bar.all{fill:#c8c8c8}.bar.kept{fill:#3b75c4;fill-opacity:.85}
@@ -256,6 +290,7 @@ def render_html(
         f"<h1>synthvlm report</h1><p class='summary'>{html.escape(summary)}</p>"
         f"<p class='cost'>{html.escape(cost_line(all_stats, config.gpu_hour_usd))}</p>"
         f"<h2>Stages</h2>{stages_table_html(all_stats)}"
+        f"<h2>What made this data</h2>{settings_table_html(all_stats)}"
         f"<h2>{html.escape(config.score_key)} scores</h2><p>{legend}; "
         f"{len(selected) - len(kept_scores)} selected record(s) without a score are not counted.</p>"
         f"{histogram_svg(hist, config.score_key)}"
@@ -283,6 +318,23 @@ def _read_all_scores(manifests: Sequence[str], score_key: str) -> list[float] | 
     return scores
 
 
+def _process(config: ReportConfig, run: StageRun) -> StageStats:
+    stats = StageStats(stage="report")
+    selected = read_manifest(run.inputs["selected"])
+    stats.count_in = len(selected)
+    all_stats = _read_stats(run.inputs["stage_outputs"])
+    all_scores = _read_all_scores(run.inputs["all_scores"], config.score_key)
+    doc, n_images = render_html(config, selected, all_stats, all_scores)
+    storage.write_text(run.output, doc, content_type="text/html; charset=utf-8")
+    stats.count_out = n_images
+    log.info("report with %d images", n_images)
+    return stats
+
+
+# Every setting changes the HTML (gpu_hour_usd the cost line).
+REPORT = Stage(name="report", process=_process)
+
+
 def write_report(
     config: ReportConfig,
     selected_manifest: str,
@@ -290,25 +342,20 @@ def write_report(
     output_uri: str,
     all_scores_manifests: Sequence[str] = (),
 ) -> str:
-    """Write the HTML report of `selected_manifest` to `output_uri` and return `output_uri`.
+    """Write the HTML report of `selected_manifest`; returns the versioned report (a copy is published
+    at `output_uri`).
 
     `stage_outputs` are outputs with done markers, shown in order as the stage table;
     `all_scores_manifests` (optional) are the pre-selection manifests, drawn behind the kept scores.
     """
-    if is_done(output_uri):
-        log.info("%s is already complete; skipping", output_uri)
-        return output_uri
-    stats = StageStats(stage="report")
-    selected = read_manifest(selected_manifest)
-    stats.count_in = len(selected)
-    all_stats = _read_stats(stage_outputs)
-    all_scores = _read_all_scores(all_scores_manifests, config.score_key)
-    doc, n_images = render_html(config, selected, all_stats, all_scores)
-    storage.write_text(output_uri, doc, content_type="text/html; charset=utf-8")
-    stats.count_out = n_images
-    mark_done(output_uri, stats)
-    log.info("report with %d images written to %s", n_images, output_uri)
-    return output_uri
+    for uri in stage_outputs:
+        require_done(uri)
+    inputs = {
+        "selected": selected_manifest,
+        "stage_outputs": list(stage_outputs),
+        "all_scores": list(all_scores_manifests),
+    }
+    return run_stage(REPORT, config, inputs, output_uri)
 
 
 def _md_cell(value: Any) -> str:

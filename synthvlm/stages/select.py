@@ -33,7 +33,8 @@ from synthvlm import storage
 from synthvlm.config import StageConfig
 from synthvlm.errors import ConfigError, InputError
 from synthvlm.records import Record, read_manifest, write_manifest
-from synthvlm.stage import StageStats, is_done, mark_done
+from synthvlm.runner import Stage, StageRun, run_stage
+from synthvlm.stage import StageStats
 
 logger = logging.getLogger(__name__)
 
@@ -241,11 +242,8 @@ def _prune(candidates: list[Record], records: list[Record], config: SelectConfig
     return candidates + [rec for rec in records if record_score(rec, config.score_key) >= config.threshold]
 
 
-def select(config: SelectConfig, input_manifests: list[str], output_manifest: str) -> str:
-    """Select globally over all `input_manifests` and write the kept records (idempotent)."""
-    if is_done(output_manifest):
-        logger.info("%s is already done; skipping", output_manifest)
-        return output_manifest
+def _process(config: SelectConfig, run: StageRun) -> StageStats:
+    input_manifests: list[str] = list(run.inputs["scored"])
     if not input_manifests:
         raise ConfigError("select needs at least one input manifest")
     stats = StageStats(stage="select")
@@ -266,7 +264,7 @@ def select(config: SelectConfig, input_manifests: list[str], output_manifest: st
         candidates = _prune(candidates, records, config)
         logger.info("%s: read %d records (%d so far)", uri, len(records), stats.count_in)
     kept, near_duplicates = _select(candidates, config, embeddings)
-    write_manifest(output_manifest, kept)
+    write_manifest(run.output, kept)
     stats.count_out = len(kept)
     not_best = stats.count_in - len(sources) if config.best_of_n else 0
     for reason, count in (
@@ -284,8 +282,19 @@ def select(config: SelectConfig, input_manifests: list[str], output_manifest: st
         _summary(config, stats.count_in, n_candidates, total_score, kept, len(input_manifests))
     )
     stats.extra["near_duplicates"] = near_duplicates
-    mark_done(output_manifest, stats)
-    return output_manifest
+    return stats
+
+
+# Every setting changes which records are kept.
+SELECT = Stage(name="select", process=_process)
+
+
+def select(config: SelectConfig, input_manifests: list[str], output_manifest: str) -> str:
+    """Select globally over all `input_manifests` and write the kept records; returns the versioned
+    manifest (a copy is published at `output_manifest`)."""
+    if not input_manifests:
+        raise ConfigError("select needs at least one input manifest")
+    return run_stage(SELECT, config, {"scored": list(input_manifests)}, output_manifest)
 
 
 def _summary(

@@ -14,8 +14,9 @@
   gamma = 0.25, the shared select stage in threshold mode), drops training items that match an eval item
   by keywords (v1 §5.2), and writes LLaVA pretraining / SFT JSON and the eval JSONL.
 
-Every stage writes its output atomically, then a done marker with its statistics; a rerun of a finished
-stage returns at once. Within a stage, the LLM's response cache (`llm.cache_dir`) makes a rerun after a
+Every stage runs through synthvlm.runner: a rerun with the same settings and inputs returns at once, any
+change recomputes into a new fingerprint folder. Within a stage, the LLM's response cache (on by default,
+`<data root>/llm-cache`, or `llm.cache_dir`) makes a rerun after a
 crash re-ask nothing already answered. Every dropped item goes to `<output>.rejects.jsonl` with a reason.
 """
 
@@ -38,7 +39,9 @@ from synthvlm.config import StageConfig
 from synthvlm.errors import InputError
 from synthvlm.llm import LLMRequest, LLMResult
 from synthvlm.llm.backend import Backend, BackendConfig, make_backend
+from synthvlm.llm.fingerprint import llm_runtime_fields
 from synthvlm.records import Record, read_manifest, write_manifest
+from synthvlm.runner import LLM_CACHE_DIR, Stage, StageRun, run_stage
 from synthvlm.stablellava.abilities import Ability, load_registry, select_abilities
 from synthvlm.stablellava.dialogues import Dialogue, job_request, plan_jobs, raw_prompt, to_dialogue
 from synthvlm.stablellava.emphasis import ParsedPrompt, parse_prompt
@@ -69,7 +72,7 @@ from synthvlm.stablellava.prompts import (
     prompt_request,
     sample_keywords,
 )
-from synthvlm.stage import StageStats, is_done, mark_done
+from synthvlm.stage import StageStats
 from synthvlm.stages.export_llava import relative_image_path
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,21 @@ def rejects_uri(output_uri: str) -> str:
     return f"{stem}.rejects.jsonl"
 
 
+_LLM_RUNTIME = llm_runtime_fields("llm")
+_REJECTS = "{rejects}"
+
+
+def _llm_cache(run: StageRun) -> str:
+    """Answers are cached under the data root, whatever the fingerprint: an unchanged request is never
+    asked twice, a changed one is (the cache key is the request)."""
+    return storage.join(run.data_root, LLM_CACHE_DIR)
+
+
+def _rejects_name(output_uri: str) -> dict[str, str]:
+    """The rejects sidecar's file name for the runner's sidecar pattern."""
+    return {"rejects": rejects_uri(output_uri).rpartition("/")[2]}
+
+
 def _write_jsonl(uri: str, rows: Sequence[BaseModel | dict[str, Any]]) -> None:
     lines = [
         row.model_dump_json() if isinstance(row, BaseModel) else json.dumps(row, ensure_ascii=False)
@@ -146,11 +164,8 @@ class KeywordsConfig(StageConfig):
     llm: BackendConfig = Field(default_factory=BackendConfig)
 
 
-def generate_keywords(config: KeywordsConfig, output_uri: str) -> str:
-    """Write `{ability: [keywords]}` (JSON) to `output_uri`; rejected keywords to its rejects file."""
-    if is_done(output_uri):
-        log.info("%s is already complete; skipping", output_uri)
-        return output_uri
+def _keywords(config: KeywordsConfig, run: StageRun) -> StageStats:
+    output_uri = run.output
     stats = StageStats("stablellava_keywords")
     abilities = select_abilities(load_registry(config.abilities_dir), config.abilities, "keywords config")
     requests = [
@@ -159,7 +174,9 @@ def generate_keywords(config: KeywordsConfig, output_uri: str) -> str:
         for index in range(config.requests_per_ability)
     ]
     # No requests (requests_per_ability=0): the seed banks alone, and no LLM (nor key) needed.
-    backend = make_backend(config.llm if requests else BackendConfig(backend="template"))
+    backend = make_backend(
+        config.llm if requests else BackendConfig(backend="template"), default_cache_dir=_llm_cache(run)
+    )
     results = _run(backend, requests)
     from_llm: dict[str, list[str]] = {a.name: [] for a in abilities}
     rejects: list[Reject] = []
@@ -191,9 +208,17 @@ def generate_keywords(config: KeywordsConfig, output_uri: str) -> str:
     )
     _write_jsonl(rejects_uri(output_uri), rejects)
     write_banks(output_uri, banks, {"llm": backend.describe(), "seed": config.seed})
-    mark_done(output_uri, stats)
-    log.info("keywords: %d keywords for %d abilities -> %s", stats.count_out, len(banks), output_uri)
-    return output_uri
+    log.info("keywords: %d keywords for %d abilities", stats.count_out, len(banks))
+    return stats
+
+
+KEYWORDS = Stage(name="stablellava_keywords", process=_keywords, excluded=_LLM_RUNTIME, sidecars=(_REJECTS,))
+
+
+def generate_keywords(config: KeywordsConfig, output_uri: str) -> str:
+    """Write `{ability: [keywords]}` (JSON); rejected keywords to its rejects file. Returns the versioned
+    output (a copy is published at `output_uri`)."""
+    return run_stage(KEYWORDS, config, {}, output_uri, names=_rejects_name(output_uri))
 
 
 # ---- prompts ----------------------------------------------------------------------------------------------
@@ -400,18 +425,15 @@ def _eval_ids(ids: list[str], count: int, seed: int, ability: str) -> set[str]:
     return set(rng.sample(ids, min(count, len(ids))))
 
 
-def generate_prompts(config: PromptsConfig, keywords_uri: str, output_manifest: str) -> str:
-    """Write the prompt manifest (singles, eval singles, pair members) and its rejects file."""
-    if is_done(output_manifest):
-        log.info("%s is already complete; skipping", output_manifest)
-        return output_manifest
+def _prompts(config: PromptsConfig, run_: StageRun) -> StageStats:
+    keywords_uri, output_manifest = run_.inputs["keywords"], run_.output
     stats = StageStats("stablellava_prompts")
     abilities = select_abilities(load_registry(config.abilities_dir), config.abilities, "prompts config")
     banks = read_banks(keywords_uri)
     for ability in abilities:
         if not banks.get(ability.name):
             raise InputError(keywords_uri, "no keywords for this ability", field=f"abilities.{ability.name}")
-    backend = make_backend(config.llm)
+    backend = make_backend(config.llm, default_cache_dir=_llm_cache(run_))
     llm = backend.describe()
     run = _PromptRun(config, banks, backend)
     records: list[Record] = []
@@ -458,9 +480,18 @@ def generate_prompts(config: PromptsConfig, keywords_uri: str, output_manifest: 
     )
     _write_jsonl(rejects_uri(output_manifest), run.rejects)
     write_manifest(output_manifest, records)
-    mark_done(output_manifest, stats)
-    log.info("prompts: %d records (%d requests) -> %s", len(records), run.requests, output_manifest)
-    return output_manifest
+    log.info("prompts: %d records (%d requests)", len(records), run.requests)
+    return stats
+
+
+PROMPTS = Stage(name="stablellava_prompts", process=_prompts, excluded=_LLM_RUNTIME, sidecars=(_REJECTS,))
+
+
+def generate_prompts(config: PromptsConfig, keywords_uri: str, output_manifest: str) -> str:
+    """Write the prompt manifest (singles, eval singles, pair members) and its rejects file. Returns the
+    versioned manifest (a copy is published at `output_manifest`)."""
+    inputs = {"keywords": keywords_uri}
+    return run_stage(PROMPTS, config, inputs, output_manifest, names=_rejects_name(output_manifest))
 
 
 # ---- dialogues --------------------------------------------------------------------------------------------
@@ -479,11 +510,8 @@ class DialoguesConfig(StageConfig):
     llm: BackendConfig = Field(default_factory=BackendConfig)
 
 
-def generate_dialogues(config: DialoguesConfig, prompts_manifest: str, output_uri: str) -> str:
-    """Write one JSON line per dialogue (dialogues.Dialogue) to `output_uri`, drops to its rejects file."""
-    if is_done(output_uri):
-        log.info("%s is already complete; skipping", output_uri)
-        return output_uri
+def _dialogues(config: DialoguesConfig, run: StageRun) -> StageStats:
+    prompts_manifest, output_uri = run.inputs["prompts"], run.output
     stats = StageStats("stablellava_dialogues")
     records = read_manifest(prompts_manifest)
     registry = load_registry(config.abilities_dir)
@@ -495,7 +523,7 @@ def generate_dialogues(config: DialoguesConfig, prompts_manifest: str, output_ur
                 f"record {job.records[0].id!r} names unknown ability {job.ability!r}",
                 field="provenance.ability",
             )
-    backend = make_backend(config.llm)
+    backend = make_backend(config.llm, default_cache_dir=_llm_cache(run))
     requests = [
         job_request(job, registry, config.max_answer_chars, config.turns, config.seed) for job in jobs
     ]
@@ -520,9 +548,20 @@ def generate_dialogues(config: DialoguesConfig, prompts_manifest: str, output_ur
     )
     _write_jsonl(rejects_uri(output_uri), rejects)
     _write_jsonl(output_uri, dialogues)
-    mark_done(output_uri, stats)
-    log.info("dialogues: %d of %d -> %s", len(dialogues), len(jobs), output_uri)
-    return output_uri
+    log.info("dialogues: %d of %d", len(dialogues), len(jobs))
+    return stats
+
+
+DIALOGUES = Stage(
+    name="stablellava_dialogues", process=_dialogues, excluded=_LLM_RUNTIME, sidecars=(_REJECTS,)
+)
+
+
+def generate_dialogues(config: DialoguesConfig, prompts_manifest: str, output_uri: str) -> str:
+    """Write one JSON line per dialogue (dialogues.Dialogue), drops to its rejects file. Returns the
+    versioned output (a copy is published at `output_uri`)."""
+    inputs = {"prompts": prompts_manifest}
+    return run_stage(DIALOGUES, config, inputs, output_uri, names=_rejects_name(output_uri))
 
 
 def read_dialogues(uri: str) -> list[Dialogue]:
@@ -569,19 +608,9 @@ def _image_paths(records: dict[str, Record], data_root: str, source: str) -> dic
     return paths
 
 
-def export_stablellava(
-    config: StableLLaVAExportConfig,
-    selected_manifest: str,
-    dialogues_uri: str,
-    data_root: str,
-    output_dir: str,
-) -> str:
-    """Write pretraining JSON (captions), SFT JSON (Q&A, multi-turn, multi-image), eval JSONL, the manifest
-    of the records used and the export rejects under `output_dir`; returns the SFT JSON's URI."""
-    sft_uri = storage.join(output_dir, SFT_JSON)
-    if is_done(sft_uri):
-        log.info("%s is already complete; skipping", sft_uri)
-        return sft_uri
+def _export(config: StableLLaVAExportConfig, run: StageRun) -> StageStats:
+    selected_manifest, dialogues_uri = run.inputs["selected"], run.inputs["dialogues"]
+    data_root, output_dir, sft_uri = run.context["data_root"], run.dir, run.output
     stats = StageStats("stablellava_export")
     selected = {r.id: r for r in read_manifest(selected_manifest)}
     paths = _image_paths(selected, data_root, selected_manifest)
@@ -644,12 +673,33 @@ def export_stablellava(
         eval_items=len(eval_rows),
         data_root=data_root,
     )
-    mark_done(sft_uri, stats)
-    log.info(
-        "export: %d pretrain, %d SFT, %d eval samples -> %s",
-        len(pretrain),
-        len(sft),
-        len(eval_rows),
-        output_dir,
+    log.info("export: %d pretrain, %d SFT, %d eval samples", len(pretrain), len(sft), len(eval_rows))
+    return stats
+
+
+# Every setting changes the files; the data root is a param (image paths are relative to it).
+EXPORT = Stage(
+    name="stablellava_export",
+    process=_export,
+    sidecars=(MANIFEST_NAME, REJECTS_NAME, EVAL_JSONL, PRETRAIN_JSON),
+)
+
+
+def export_stablellava(
+    config: StableLLaVAExportConfig,
+    selected_manifest: str,
+    dialogues_uri: str,
+    data_root: str,
+    output_dir: str,
+) -> str:
+    """Write pretraining JSON (captions), SFT JSON (Q&A, multi-turn, multi-image), eval JSONL, the manifest
+    of the records used and the export rejects; returns the versioned SFT JSON's URI (copies of all are
+    published under `output_dir`)."""
+    return run_stage(
+        EXPORT,
+        config,
+        {"selected": selected_manifest, "dialogues": dialogues_uri},
+        storage.join(output_dir, SFT_JSON),
+        params={"data_root": data_root},
+        context={"data_root": data_root},
     )
-    return sft_uri

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from synthvlm import storage
 from synthvlm.errors import ConfigError
-from synthvlm.stage import StageStats, is_done, mark_done, read_stats, require_done
+from synthvlm.runner import Stage, StageRun, run_stage
+from synthvlm.stage import StageStats, mark_done, read_stats, require_done
 from synthvlm.train.config import STAGE_DEFAULTS, TrainConfig, TrainDataset, parse_datasets
 from synthvlm.train.kubeflow import (
     ClusterJobConfig,
@@ -78,11 +79,53 @@ def train(
     `kube_config` is the kubernetes client configuration a multi-node run creates its job with (None: the
     pod's service account, else kube-config); tests point it at a fake API server.
     """
-    out = model_uri(output_dir)
-    if is_done(out):
-        log.info("%s is already complete; skipping", out)
-        return out
     sets = _as_datasets(datasets)
+    if in_worker_process() or in_job_pod():
+        # Started by a run below for its fingerprint folder: train there, the runner is the caller's.
+        return _dispatch(config, sets, output_dir, kube_config)
+    inputs = {"datasets": [d.uri for d in sets], "init_from": config.init_from}
+    return run_stage(
+        TRAIN,
+        config,
+        inputs,
+        model_uri(output_dir),
+        root=output_dir,
+        params={"datasets": [d.model_dump(mode="json", exclude={"uri"}) for d in sets]},
+        context={"datasets": sets, "kube_config": kube_config},
+    )
+
+
+def _process(config: TrainConfig, run: StageRun) -> StageStats:
+    out = _dispatch(config, run.context["datasets"], run.dir, run.context["kube_config"])
+    done = read_stats(out)  # written by the main training process
+    stats = StageStats(stage=done.get("stage", f"train_{config.stage}"))
+    stats.count_in, stats.count_out = done.get("count_in", 0), done.get("count_out", 0)
+    stats.extra = {k: v for k, v in done.items() if k not in ("stage", "count_in", "count_out", "seconds")}
+    return stats
+
+
+_SAME_TRAINING = "the same optimisation steps (global batch fixed), only scheduled differently"
+TRAIN = Stage(
+    name="train",
+    process=_process,
+    excluded={
+        "per_device_batch_size": _SAME_TRAINING + " (gradient accumulation makes up the global batch)",
+        "gradient_checkpointing": "recomputes activations instead of storing them: the same gradients",
+        "dataloader_num_workers": "parallel loading of the same samples",
+        "save_steps": "when checkpoints are written, not what is trained",
+        "save_total_limit": "how many checkpoints are kept",
+        "logging_steps": "how often progress is logged",
+        "master_port": "the rendezvous port",
+        "local_work_dir": "where checkpoints wait before upload",
+        "cluster": "where the multi-node job's pods run",
+    },
+    publish_copy=False,  # a model folder: the stable path gets a pointer, not a copy of the weights
+)
+
+
+def _dispatch(
+    config: TrainConfig, sets: list[TrainDataset], output_dir: str, kube_config: Configuration | None
+) -> str:
     if config.num_nodes > 1 and not storage.is_gcs(output_dir):
         raise ConfigError("train: num_nodes > 1 needs a gs:// output_dir (the nodes share no disk)")
     if in_worker_process():

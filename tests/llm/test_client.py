@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ValidationError
 
 from synthvlm.errors import ConfigError
 from synthvlm.llm import LLMAccessError, LLMClient, LLMConfig, LLMRequest, ResponseCache
+from synthvlm.llm import client as client_module
 from synthvlm.llm.fake_server import FakeLLMServer
 
 KEY_ENV = "SYNTHVLM_TEST_LLM_KEY"
@@ -312,3 +314,154 @@ def test_one_broken_request_does_not_sink_the_batch(server: FakeLLMServer) -> No
 
     assert results[0].id == "broken" and results[0].reject_kind == "error" and results[0].reason
     assert results[1].ok
+
+
+# ---- the cache: on by default, keyed by what decides the answer -----------------------------------------
+
+
+def test_cache_is_on_by_default_in_the_default_dir(
+    server: FakeLLMServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="synthvlm.llm.client")
+    default = tmp_path / "data" / "llm-cache"
+    config = make_config(server)
+    assert config.cache and config.cache_dir is None  # nothing set: the stage's default applies
+
+    LLMClient(config, default_cache_dir=str(default)).run_many(echo_requests(["a", "b"]))
+    rerun = LLMClient(config, default_cache_dir=str(default)).run_many(echo_requests(["a", "b"]))
+
+    assert len(cache_files(default)) == 2 and all(r.cached for r in rerun)
+    assert server.total_requests == 2
+    assert [m for m in caplog.messages if "response cache" in m] == [
+        f"llm: response cache {default} (answers found there are not asked again)"
+    ] * 2  # once per client, naming the directory
+
+
+def test_cache_dir_wins_over_the_default_and_cache_false_turns_it_off(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    default, explicit = tmp_path / "default", tmp_path / "explicit"
+    LLMClient(make_config(server, cache_dir=str(explicit)), default_cache_dir=str(default)).run_many(
+        echo_requests(["a"])
+    )
+    assert len(cache_files(explicit)) == 1 and not default.exists()
+
+    off = make_config(server, cache=False, cache_dir=str(explicit))
+    results = LLMClient(off, default_cache_dir=str(default)).run_many(echo_requests(["a", "b"]))
+
+    assert not any(r.cached for r in results)  # "a" is in the cache, but asked again
+    assert server.requests_by_prompt == {"a": 2, "b": 1}
+    assert len(cache_files(explicit)) == 1 and not default.exists()  # nothing read or written
+
+
+def test_changed_prompt_or_temperature_asks_again(server: FakeLLMServer, tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    LLMClient(make_config(server), default_cache_dir=cache).run_many(echo_requests(["a cat"]))
+
+    LLMClient(make_config(server), default_cache_dir=cache).run_many(echo_requests(["a cat."]))
+    LLMClient(make_config(server, temperature=0.5), default_cache_dir=cache).run_many(
+        echo_requests(["a cat"])
+    )
+    system = LLMRequest.from_prompt("s", "a cat", system="Be brief.", schema=Echo)
+    LLMClient(make_config(server), default_cache_dir=cache).run_many([system])
+
+    assert server.requests_by_prompt == {"a cat": 3, "a cat.": 1}  # base, temperature, system message
+    assert [b["temperature"] for b in server.bodies] == [1.0, 1.0, 0.5, 1.0]
+
+
+def test_settings_that_do_not_change_the_answer_hit_the_cache(
+    server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = str(tmp_path / "cache")
+    prompts = ["a", "b", "c"]
+    LLMClient(make_config(server), default_cache_dir=cache).run_many(echo_requests(prompts))
+
+    monkeypatch.setenv(KEY_ENV, "sk-rotated")  # a new key
+    with FakeLLMServer() as elsewhere:  # the same model name behind another URL
+        for overrides in (
+            {"max_concurrency": 1, "timeout_s": 9.0, "max_retries": 4},
+            {"price_per_1k_input": 0.5, "structured_output": "json_schema"},
+            {"base_url": elsewhere.base_url},
+        ):
+            results = LLMClient(make_config(server, **overrides), default_cache_dir=cache).run_many(
+                echo_requests(prompts)
+            )
+            assert all(r.ok and r.cached for r in results), overrides
+        assert elsewhere.total_requests == 0
+    assert server.total_requests == 3
+
+
+# ---- malformed answers: retried like transient faults, then rejected with a reason ------------------------
+
+
+def test_malformed_answers_are_asked_again_then_rejected(
+    server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "MALFORMED_BACKOFF_S", 0.01)  # the wait itself: the next test
+    scripts = {
+        "empty-once": ("empty_choices",),
+        "no-message-twice": ("no_message", "no_message"),
+        "always-empty": ("empty_choices",) * 3,
+        "always-no-message": ("no_message",) * 3,
+    }
+    for prompt, actions in scripts.items():
+        server.script(prompt, *actions)
+    cache_dir = tmp_path / "cache"
+    client = LLMClient(make_config(server, max_retries=2), default_cache_dir=str(cache_dir))
+
+    results = dict(zip(scripts, client.run_many(echo_requests(list(scripts))), strict=True))
+
+    for prompt in ("empty-once", "no-message-twice"):
+        assert results[prompt].ok and results[prompt].parsed == Echo(echo=prompt, n_chars=len(prompt))
+    for prompt, what in (("always-empty", "no choices"), ("always-no-message", "no message")):
+        assert results[prompt].reject_kind == "api_error"
+        assert results[prompt].reason.startswith(f"malformed response: {what}")
+        assert "gave up after 2 retries" in results[prompt].reason
+    assert dict(server.requests_by_prompt) == {p: min(len(a) + 1, 3) for p, a in scripts.items()}
+    assert client.metrics()["llm_retries"] == 1 + 2 + 2 + 2
+    assert len(cache_files(cache_dir)) == 2  # only real answers are cached: a rerun asks the others
+
+    server.clear_scripts()
+    rerun = LLMClient(make_config(server, max_retries=2), default_cache_dir=str(cache_dir))
+    assert all(r.ok for r in rerun.run_many(echo_requests(list(scripts))))
+    assert rerun.metrics()["llm_cache_hits"] == 2 and rerun.metrics()["llm_requests"] == 2
+
+
+def test_malformed_answer_is_asked_again_after_a_backoff(server: FakeLLMServer) -> None:
+    server.script("garbled", "empty_choices")
+
+    [result] = LLMClient(make_config(server, max_retries=1)).run_many(echo_requests(["garbled"]))
+
+    assert result.ok
+    first, second = server.arrivals["garbled"]
+    assert second - first >= 0.75 * client_module.MALFORMED_BACKOFF_S  # the jittered first backoff
+
+
+def test_malformed_answer_with_no_retries_is_rejected_at_once(server: FakeLLMServer) -> None:
+    server.script("garbled", "empty_choices")
+
+    [result] = LLMClient(make_config(server, max_retries=0)).run_many(echo_requests(["garbled"]))
+
+    assert result.reject_kind == "api_error"
+    assert result.reason == "malformed response: no choices (gave up after 0 retries)"
+    assert server.total_requests == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "malformed"),
+    [
+        ("<html>bad gateway</html>", "not a chat completion"),
+        ({"choices": None}, "no choices"),
+        ({"choices": ["junk"]}, "no message"),
+        ({"choices": [{"message": {"content": None}, "finish_reason": "stop"}]}, "without content"),
+        ({"choices": [{"message": {"content": None}, "finish_reason": "length"}]}, None),  # cut off
+        ({"choices": [{"message": {"content": None, "refusal": "no"}, "finish_reason": "stop"}]}, None),
+    ],
+)
+def test_what_counts_as_a_malformed_answer(body: object, malformed: str | None) -> None:
+    response = body if isinstance(body, str) else ChatCompletion.construct(**body)  # as openai builds it
+    if malformed is None:
+        assert client_module._Completion.from_response(response).content is None
+    else:
+        with pytest.raises(client_module._MalformedResponse, match=malformed):
+            client_module._Completion.from_response(response)

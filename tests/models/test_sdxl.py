@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from pathlib import Path
+
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -16,8 +19,10 @@ from synthvlm.models.sdxl import (
     TINY_SDXL_REFINER,
     build_tiny_sdxl,
     build_tiny_sdxl_refiner,
+    folder_content_hash,
     load_sdxl,
     load_sdxl_refiner,
+    model_revision,
     register_builder,
 )
 
@@ -145,3 +150,73 @@ def test_registered_builder_is_used_by_load_sdxl(monkeypatch: pytest.MonkeyPatch
     pipe = load_sdxl("test/random-sdxl", dtype=torch.bfloat16, scheduler="dpmpp_2m")
     assert calls == [(torch.bfloat16, torch.device("cpu"))]
     assert pipe.unet.dtype == torch.bfloat16 and isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory: pytest.TempPathFactory, tiny: StableDiffusionXLPipeline) -> Path:
+    """A Hugging Face cache holding repo test-org/tiny-sdxl at COMMIT, branch main pointing to it."""
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / "models--test-org--tiny-sdxl"
+    tiny.save_pretrained(repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return cache
+
+
+def test_revision_of_a_hub_id_is_the_cached_snapshot_commit(hub_cache: Path, monkeypatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    pipe = load_sdxl("test-org/tiny-sdxl", revision="main")
+    assert model_revision(pipe, "test-org/tiny-sdxl", "main") == {
+        "revision": COMMIT,
+        "revision_requested": "main",
+        "revision_source": "hf_cache",
+    }
+
+
+def test_revision_of_a_local_snapshot_folder(hub_cache: Path) -> None:
+    snapshot = str(hub_cache / "models--test-org--tiny-sdxl" / "snapshots" / COMMIT)
+    info = model_revision(load_sdxl(snapshot), snapshot)
+    assert (info["revision"], info["revision_source"]) == (COMMIT, "hf_cache")
+
+
+def test_revision_of_hf_download_and_git_folders(tmp_path) -> None:
+    local = tmp_path / "local"
+    (local / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (local / ".cache" / "huggingface" / "download" / "model_index.json.metadata").write_text(
+        f'{COMMIT}\n"etag"\n1700000000.0\n'
+    )
+    assert model_revision(None, str(local))["revision"] == COMMIT
+    assert model_revision(None, str(local))["revision_source"] == "hf_local_dir"
+    clone = tmp_path / "clone"
+    (clone / ".git" / "refs" / "heads").mkdir(parents=True)
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (clone / ".git" / "refs" / "heads" / "main").write_text(COMMIT + "\n")
+    assert model_revision(None, str(clone))["revision"] == COMMIT
+    (clone / ".git" / "refs" / "heads" / "main").unlink()  # after `git gc`: packed refs
+    (clone / ".git" / "packed-refs").write_text(f"# pack-refs\n{COMMIT} refs/heads/main\n")
+    assert model_revision(None, str(clone)) == {
+        "revision": COMMIT,
+        "revision_requested": None,
+        "revision_source": "git",
+    }
+
+
+def test_plain_folder_gets_a_content_hash_and_a_reason(tmp_path, tiny: StableDiffusionXLPipeline) -> None:
+    tiny.save_pretrained(tmp_path / "sdxl")
+    folder = str(tmp_path / "sdxl")
+    info = model_revision(load_sdxl(folder), folder)
+    assert info["revision"] is None and info["revision_source"] == "local_folder"
+    assert "no commit" in info["revision_missing"]
+    assert info["content_sha256"] == folder_content_hash(folder)
+    config = tmp_path / "sdxl" / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace("scaled_linear", "linear"))
+    assert folder_content_hash(folder) != info["content_sha256"]  # a changed config is noticed
+
+
+def test_builtin_models_say_they_have_no_revision() -> None:
+    info = model_revision(load_sdxl(TINY_SDXL), TINY_SDXL)
+    assert info["revision"] is None and info["revision_source"] == "builtin"

@@ -84,3 +84,26 @@ def test_no_secret_values_and_gpu_tasks_placed_by_parameters(compiled_dir, name)
             assert accel["resourceType"] == "nvidia.com/gpu"
             placement = platform["deploymentSpec"]["executors"][executor]
             assert "nodeSelector" in placement and "tolerations" in placement, f"{name}: {executor}"
+
+
+def _all_tasks(spec):
+    """(dag name, task name, task) of every task in the root DAG and in every nested DAG."""
+    dags = [("root", spec["root"]["dag"])]
+    dags += [(name, comp["dag"]) for name, comp in spec["components"].items() if "dag" in comp]
+    for dag_name, dag in dags:
+        for task_name, task in dag.get("tasks", {}).items():
+            yield dag_name, task_name, task
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_kfp_cache_is_off_for_every_container_task(compiled_dir, name):
+    """Outputs live in the data root, which KFP's cache cannot see: a cache hit must never stand in for
+    data that was changed or deleted; the stage runner's fingerprints decide reuse instead."""
+    spec, _ = _load(compiled_dir / f"{name}.yaml")
+    containers = {name for name, comp in spec["components"].items() if "executorLabel" in comp}
+    checked = 0
+    for dag_name, task_name, task in _all_tasks(spec):
+        if task["componentRef"]["name"] in containers:
+            checked += 1
+            assert not task.get("cachingOptions", {}).get("enableCache"), f"{name}: {dag_name}/{task_name}"
+    assert checked >= 4

@@ -1,0 +1,151 @@
+"""`synthvlm regenerate`: one image remade from its record alone, byte for byte, from any manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from synthvlm import regenerate as regen
+from synthvlm.cli import main
+from synthvlm.models.sdxl import TINY_SDXL, build_tiny_sdxl
+from synthvlm.records import Record, read_manifest, write_manifest
+from synthvlm.stages.export_llava import ExportConfig, export_llava
+from synthvlm.stages.generate import GenerateConfig, generate, record_seed
+
+CAPTIONS = [
+    "a red car on a bridge",
+    "a cat on a sofa",
+    "two dogs in the snow",
+    "a bowl of soup",
+    "a lighthouse",
+]
+COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def _generate(root: Path, **overrides: Any) -> str:
+    """5 captions in batches of 3 (3 + 2), so batch composition matters; returns the shard manifest."""
+    captions = str(root / "captions.jsonl")
+    write_manifest(captions, [Record(id=f"cap-{i}", caption=c) for i, c in enumerate(CAPTIONS)])
+    settings = dict(model=TINY_SDXL, steps=2, height=64, width=64, batch_size=3, device="cpu")
+    return generate(GenerateConfig(**{**settings, **overrides}), captions, str(root / "run"))
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _generate(tmp_path_factory.mktemp("gen"))
+
+
+def _record(manifest: str, record_id: str) -> Record:
+    return next(rec for rec in read_manifest(manifest) if rec.id == record_id)
+
+
+@pytest.mark.parametrize("record_id", ["cap-1", "cap-4"])  # mid first batch; in the short last batch
+def test_regenerate_through_the_cli_is_byte_identical(shard: str, tmp_path, capsys, record_id) -> None:
+    out = tmp_path / "again.jpg"
+    assert main(["regenerate", "--manifest", shard, "--id", record_id, "--output", str(out), "--check"]) == 0
+    original = _record(shard, record_id)
+    assert out.read_bytes() == Path(original.image_uri).read_bytes()
+    assert f"{out}: byte-identical" in capsys.readouterr().out
+    batch = original.provenance["generation"]["batch"]
+    expected_ids = ["cap-0", "cap-1", "cap-2"] if record_id == "cap-1" else ["cap-3", "cap-4"]
+    assert batch["ids"] == expected_ids and batch["padded_to"] is None
+    assert batch["captions"] == [CAPTIONS[int(i[-1])] for i in expected_ids]
+    assert batch["seeds"] == [record_seed(0, i) for i in expected_ids]
+
+
+def test_generation_provenance_has_what_regeneration_needs(shard: str) -> None:
+    generation = _record(shard, "cap-0").provenance["generation"]
+    assert set(regen.REQUIRED_KEYS) <= generation.keys()
+    assert (generation["image_format"], generation["quality"], generation["device"]) == ("jpeg", 95, "cpu")
+    assert set(generation["versions"]) >= {"torch", "diffusers", "transformers", "Pillow", "numpy"}
+    assert generation["revision_source"] == "builtin" and generation["revision_missing"]
+
+
+def test_regenerate_from_the_export_manifest(shard: str, tmp_path) -> None:
+    root = str(Path(shard).parents[1])
+    export_llava(ExportConfig(), shard, root, str(tmp_path / "export"))
+    manifest = str(tmp_path / "export" / "manifest.jsonl")
+    result = regen.regenerate(manifest, "cap-2", str(tmp_path / "cap-2.jpeg"), check=True)
+    assert result.identical is True and result.original_uri == _record(shard, "cap-2").image_uri
+
+
+def test_other_format_and_a_local_snapshot_folder(tmp_path) -> None:
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / COMMIT
+    build_tiny_sdxl().save_pretrained(snapshot)
+    manifest = _generate(tmp_path, model=str(snapshot), image_format="webp", quality=80, scheduler="dpmpp_2m")
+    generation = _record(manifest, "cap-3").provenance["generation"]
+    assert (generation["revision"], generation["revision_source"]) == (COMMIT, "hf_cache")
+    result = regen.regenerate(manifest, "cap-3", str(tmp_path / "cap-3.webp"), check=True)
+    assert result.identical is True and result.warnings == []
+
+
+def _edit_generation(manifest: str, target: str, record_id: str, **changes: Any) -> None:
+    records = read_manifest(manifest)
+    for rec in records:
+        if rec.id == record_id:
+            rec.provenance["generation"].update(changes)
+    write_manifest(target, records)
+
+
+def test_other_library_versions_warn_but_regenerate(shard: str, tmp_path, caplog) -> None:
+    generation = _record(shard, "cap-0").provenance["generation"]
+    edited = str(tmp_path / "edited.jsonl")
+    _edit_generation(shard, edited, "cap-0", versions={**generation["versions"], "torch": "0.0.1"})
+    with caplog.at_level(logging.WARNING, logger=regen.__name__):
+        result = regen.regenerate(edited, "cap-0", str(tmp_path / "x.jpg"), check=True)
+    assert result.identical is True
+    assert "torch 0.0.1 then" in caplog.text
+
+
+def test_check_fails_when_the_original_differs(shard: str, tmp_path, capsys) -> None:
+    original = tmp_path / "original.jpg"
+    original.write_bytes(Path(_record(shard, "cap-0").image_uri).read_bytes()[:-10])  # truncated
+    records = [rec.model_copy(update={"image_uri": str(original)}) for rec in read_manifest(shard)]
+    write_manifest(str(tmp_path / "m.jsonl"), records)
+    out = tmp_path / "x.jpg"
+    args = ["regenerate", "--manifest", str(tmp_path / "m.jsonl"), "--id", "cap-0", "--output", str(out)]
+    assert main(args) == 0  # without --check: logged only
+    assert main([*args, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "differs from" in err and "'cap-0'" in err and "Traceback" not in err
+    assert out.is_file()  # written anyway, for inspection
+
+
+def _error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["regenerate", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_errors_name_the_manifest_and_the_id(shard: str, tmp_path, capsys) -> None:
+    err = _error(["--manifest", shard, "--id", "cap-9", "--output", str(tmp_path / "x.jpg")], capsys)
+    assert shard in err and "'cap-9'" in err
+    err = _error(["--manifest", shard, "--id", "cap-0", "--output", str(tmp_path / "x.png")], capsys)
+    assert shard in err and "'cap-0'" in err and ".jpg" in err and not (tmp_path / "x.png").exists()
+    bare = str(tmp_path / "captions.jsonl")
+    write_manifest(bare, [Record(id="cap-0", caption="a cat", provenance={"source": "test"})])
+    err = _error(["--manifest", bare, "--id", "cap-0", "--output", str(tmp_path / "x.jpg")], capsys)
+    assert bare in err and "'cap-0'" in err and "no generation provenance" in err
+    old = str(tmp_path / "old.jsonl")
+    generation = {"model": TINY_SDXL, "steps": 2}  # written before exact regeneration
+    write_manifest(old, [Record(id="cap-0", caption="a cat", provenance={"generation": generation})])
+    err = _error(["--manifest", old, "--id", "cap-0", "--output", str(tmp_path / "x.jpg")], capsys)
+    assert old in err and "lacks" in err and "batch" in err
+    missing = str(tmp_path / "nope.jsonl")
+    assert missing in _error(
+        ["--manifest", missing, "--id", "a", "--output", str(tmp_path / "x.jpg")], capsys
+    )
+
+
+def test_inconsistent_batch_is_an_input_error(shard: str, tmp_path, capsys) -> None:
+    edited = str(tmp_path / "edited.jsonl")
+    batch = _record(shard, "cap-0").provenance["generation"]["batch"]
+    _edit_generation(shard, edited, "cap-0", batch={**batch, "seeds": batch["seeds"][::-1]})
+    err = _error(["--manifest", edited, "--id", "cap-0", "--output", str(tmp_path / "x.jpg")], capsys)
+    assert "'cap-0'" in err and "batch" in err
+    assert json.loads(Path(edited).read_text().splitlines()[0])["id"] == "cap-0"
