@@ -22,6 +22,7 @@ def curate_captions(
         captions_manifest,
         storage.join(data_root, "curate", "curated.jsonl"),
         storage.join(data_root, "curate", "rejects.jsonl"),
+        data_root=data_root,
     )
     log_stage_metrics(metrics, out)
     return out

@@ -30,6 +30,7 @@ def evaluate_model(
         benchmarks,
         storage.join(data_root, "eval", f"{model_name}.json"),
         model_name=model_name,
+        data_root=data_root,
     )
     log_stage_metrics(metrics, out)
     html_uri = write_comparison(

@@ -21,7 +21,9 @@ def stablellava_keywords(config_json: str, data_root: str, metrics: Output[Metri
 
     setup_logging()
     config = KeywordsConfig.model_validate_json(config_json)
-    out = generate_keywords(config, storage.join(data_root, "stablellava", "keywords.json"))
+    out = generate_keywords(
+        config, storage.join(data_root, "stablellava", "keywords.json"), data_root=data_root
+    )
     log_stage_metrics(metrics, out)
     return out
 
@@ -35,7 +37,9 @@ def stablellava_prompts(config_json: str, keywords: str, data_root: str, metrics
 
     setup_logging()
     config = PromptsConfig.model_validate_json(config_json)
-    out = generate_prompts(config, keywords, storage.join(data_root, "stablellava", "prompts.jsonl"))
+    out = generate_prompts(
+        config, keywords, storage.join(data_root, "stablellava", "prompts.jsonl"), data_root=data_root
+    )
     log_stage_metrics(metrics, out)
     return out
 
@@ -52,7 +56,10 @@ def stablellava_dialogues(
     setup_logging()
     config = DialoguesConfig.model_validate_json(config_json)
     out = generate_dialogues(
-        config, prompts_manifest, storage.join(data_root, "stablellava", "dialogues.jsonl")
+        config,
+        prompts_manifest,
+        storage.join(data_root, "stablellava", "dialogues.jsonl"),
+        data_root=data_root,
     )
     log_stage_metrics(metrics, out)
     return out

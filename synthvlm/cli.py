@@ -64,6 +64,43 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return rank, world
 
 
+# What each stage command's --output must end with (its writer picks the format by the name): checked
+# before any input is read, so a wrong name fails at once instead of after the work.
+_MANIFEST = ("caption manifest", (".jsonl", ".parquet"))
+OUTPUT_SUFFIXES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "captions": _MANIFEST,
+    "curate": _MANIFEST,
+    "score": _MANIFEST,
+    "select": _MANIFEST,
+    "report": ("HTML report", (".html",)),
+    "stablellava-keywords": ("keywords JSON", (".json",)),
+    "stablellava-prompts": ("prompt manifest", (".jsonl", ".parquet")),
+    "stablellava-dialogues": ("dialogues JSONL", (".jsonl",)),
+    "evaluate": ("results JSON", (".json",)),
+    "compare-evals": ("HTML table", (".html",)),
+}
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Fail before any work on an output name with the wrong extension or a gs:// URI without a bucket."""
+    from synthvlm import storage
+
+    what, suffixes = OUTPUT_SUFFIXES.get(args.command, ("", ()))
+    checks = [("--output", getattr(args, "output", None), what, suffixes)]
+    if args.command == "curate":
+        checks.append(("--rejects", args.rejects, "rejects file", (".jsonl",)))  # always written as JSONL
+    for flag, value, kind, allowed in checks:
+        if value and allowed and not value.endswith(allowed):
+            raise SynthVLMError(
+                f"{flag} {value}: `synthvlm {args.command}` writes a {kind}; its name must end with "
+                + " or ".join(allowed)
+            )
+    for value in vars(args).values():  # every URI argument (strings and lists of strings)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and storage.is_gcs(item):
+                storage.split_gcs(item)  # raises an InputError naming the URI the user typed
+
+
 # ---------------------------------------------------------------- stage commands
 
 
@@ -469,15 +506,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        _check_arguments(args)
         args.func(args)
     except SynthVLMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
+        return exc.exit_code  # 2 (bad input); a local run's failed task can say 1
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        # A wrong path is bad input too: name it, without a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        _print_error(f"{where}{exc.strerror}" if exc.strerror else str(exc))
         return 2
     except RuntimeError as exc:
-        # kfp.local raises RuntimeError when a task fails; the task's own error is in the log above.
-        print(f"error: {exc}", file=sys.stderr)
+        # kfp.local raises RuntimeError when a task fails outside run_local's handling.
+        _print_error(str(exc))
         return 1
     return 0
+
+
+def _print_error(message: str) -> None:
+    from synthvlm.kfp_support import strip_ansi
+
+    sys.stdout.flush()  # the error must come after everything already printed (the last line)
+    print(f"error: {strip_ansi(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

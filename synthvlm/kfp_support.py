@@ -7,13 +7,18 @@ Components call `stage_metrics` (no KFP import needed there); the CLI calls `com
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from synthvlm import stage
+from synthvlm.errors import SynthVLMError, TaskFailedError
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +37,119 @@ RUN_RECORD_KEYS = frozenset(
 
 
 def setup_logging() -> None:
+    """Logging for a component, and a last log line naming its error if it fails (report_errors)."""
     logging.basicConfig(
         level=os.environ.get("SYNTHVLM_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
         force=True,
     )
+    report_errors()
+
+
+# ---------------------------------------------------------------- errors of component processes
+
+# Set by run_local: the file where a failing component records its error, for the run's last line.
+ERROR_LOG_ENV = "SYNTHVLM_ERROR_LOG"
+ERROR_PREFIX = "synthvlm error: "
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """`text` without terminal colour codes (kfp.local colours task names and statuses)."""
+    return _ANSI.sub("", text)
+
+
+def one_line(text: str) -> str:
+    """A multi-line message on one line: 'N problems:\n  a\n  b' -> 'N problems: a; b'."""
+    out = ""
+    for line in (part.strip() for part in text.splitlines()):
+        if line:
+            out += (" " if out.endswith(":") else "; ") + line if out else line
+    return out
+
+
+def _function_name() -> str | None:
+    """The component function this process runs (kfp's executor gets it as --function_to_execute)."""
+    argv = sys.argv
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--function_to_execute":
+            return argv[i + 1]
+    return None
+
+
+def report_errors() -> None:
+    """Install a sys.excepthook for component processes: an error we raise on purpose (SynthVLMError)
+    ends the log with `synthvlm error: <message>` and no traceback; any other keeps its traceback and
+    gets the same last line. Under run_local the error is also recorded for the run's last line."""
+    if getattr(sys.excepthook, "_synthvlm", False):
+        return  # already installed (setup_logging may run more than once in a process)
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        ours = isinstance(exc, SynthVLMError)
+        if not ours:
+            previous(exc_type, exc, tb)  # unexpected: the traceback is what a developer needs
+        message = str(exc) if ours else f"{exc_type.__name__}: {exc}"
+        print(f"{ERROR_PREFIX}{message}", file=sys.stderr, flush=True)
+        path = os.environ.get(ERROR_LOG_ENV)
+        if not path:
+            return
+        record = {
+            "function": _function_name(),
+            "message": message,
+            "bad_input": ours and getattr(exc, "exit_code", 2) == 2,
+        }
+        try:  # one short line per failed task; O_APPEND keeps parallel tasks' lines whole
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError:
+            pass  # never hide the task's own error behind a failure to record it
+
+    hook._synthvlm = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def _failed_task(kfp_message: str) -> str | None:
+    """The innermost failed task named in kfp.local's RuntimeError, if any."""
+    text = strip_ansi(kfp_message)
+    match = re.search(r"Inner task failed: '([^']+)'", text) or re.search(r"Task '([^']+)' finished", text)
+    return match.group(1) if match else None
+
+
+def _recorded_errors(path: str) -> list[dict[str, Any]]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn line (a task killed mid-write): the others still count
+    return records
+
+
+def task_failure(kfp_error: RuntimeError, error_log: str) -> TaskFailedError:
+    """kfp.local's RuntimeError as an error naming the failed task and repeating its own message."""
+    task = _failed_task(str(kfp_error))
+    records = _recorded_errors(error_log)
+    if task is not None:
+        # kfp names a task after its component function ("load_captions" -> "load-captions", "-2" for
+        # a second use): prefer the record of that function, else the last error recorded.
+        matching = [
+            r
+            for r in records
+            if r.get("function")
+            and re.fullmatch(re.escape(str(r["function"]).replace("_", "-")) + r"(-\d+)?", task)
+        ]
+        records = matching or records
+    if not records:  # killed, or failed before our hook: what kfp said, without colour codes
+        detail = one_line(strip_ansi(str(kfp_error)))
+        return TaskFailedError(task, f"{detail} (its error is in the log above)", bad_input=False)
+    record = records[-1]
+    return TaskFailedError(task, one_line(str(record["message"])), bad_input=bool(record.get("bad_input")))
 
 
 def numeric_metrics(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -94,4 +206,17 @@ def run_local(name: str, arguments: dict[str, Any], pipeline_root: str) -> None:
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=True
     )
-    pipeline_module(name).pipeline(**arguments)
+    previous = os.environ.get(ERROR_LOG_ENV)
+    with tempfile.TemporaryDirectory(prefix="synthvlm-errors-") as tmp:
+        error_log = os.path.join(tmp, "errors.jsonl")
+        os.environ[ERROR_LOG_ENV] = error_log  # task subprocesses inherit it (report_errors)
+        try:
+            pipeline_module(name).pipeline(**arguments)
+        except RuntimeError as exc:
+            # The failed task's own message, on the run's last line (not only deep in the log above).
+            raise task_failure(exc, error_log) from None
+        finally:
+            if previous is None:
+                os.environ.pop(ERROR_LOG_ENV, None)
+            else:
+                os.environ[ERROR_LOG_ENV] = previous

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from synthvlm import devices, storage
 from synthvlm.errors import InputError, SynthVLMError
-from synthvlm.models.sdxl import model_revision
+from synthvlm.models.sdxl import is_builtin, model_revision
 from synthvlm.records import Record, read_manifest
 from synthvlm.stages.generate import (
     GenerateConfig,
@@ -115,6 +115,16 @@ def generation_provenance(record: Record, manifest: str) -> dict[str, Any]:
             f"record {record.id!r}: its batch provenance does not list it with its seed",
             field="provenance.generation.batch",
         )
+    for key, source in (("model", "revision_source"), ("refiner", "refiner_revision_source")):
+        name = generation.get(key)
+        # e.g. the GPU benchmark's random full-size SDXL: known only to the process that registered it
+        if name and generation.get(source) == "builtin" and not is_builtin(name):
+            raise InputError(
+                manifest,
+                f"record {record.id!r}: model {name!r} was built in code by a builder registered at "
+                "run time (synthvlm.models.sdxl.register_builder); register it before regenerating",
+                field=f"provenance.generation.{key}",
+            )
     return generation
 
 
@@ -273,12 +283,20 @@ def regenerate(manifest: str, record_id: str, output: str, *, check: bool = Fals
         seeds += [seeds[-1]] * (padded_to - len(seeds))
     index = batch["ids"].index(record_id)
     with recorded_numerics(generation):
-        painter = Painter(config)
+        try:
+            painter = Painter(config)
+        except (OSError, ValueError) as exc:  # diffusers: not cached / not on the hub / not a folder
+            raise InputError(
+                manifest,
+                f"record {record_id!r}: cannot load {config.model} (revision {config.revision}): {exc}",
+                field="provenance.generation.model",
+            ) from None
         warnings += environment_differences(generation, painter)
         for warning in warnings:
             log.warning("%s: %s", record_id, warning)
         log.info("%s: regenerating in its batch of %d (position %d)", record_id, len(prompts), index)
-        image = _to_numpy(painter(prompts, seeds)[index : index + 1])[0]
+        # The stage's own tensor -> array path (float32 of the whole call, then the row).
+        image = _to_numpy(painter(prompts, seeds))[index]
     data = encode_image(image, image_format, config.quality)
     original = _read_original(record.image_uri)
     storage.write_bytes(output, data, content_type=f"image/{image_format}")

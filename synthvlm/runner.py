@@ -221,6 +221,58 @@ def publish(
 # --- the runner -------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Where a stage's run under given settings and inputs writes, and its fingerprint."""
+
+    fingerprint: str
+    settings: dict[str, Any]
+    params: dict[str, Any]
+    inputs: dict[str, Any]  # name -> {uri, fingerprint} (or a list of them)
+    root: str  # the stage's folder
+    relative: str  # the main output, relative to root
+    dir: str  # the fingerprint folder
+    output: str  # the main output inside it
+    sidecars: list[str]
+
+
+def plan_stage(
+    stage: Stage[C],
+    config: C,
+    inputs: Inputs,
+    output: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    names: Mapping[str, str] | None = None,
+    root: str | None = None,
+) -> Plan:
+    """The fingerprint and paths of a run, without running it (run_stage's arguments)."""
+    params = dict(params or {})
+    settings = settings_of(config, stage.excluded)
+    check_finite(settings)
+    check_finite(params, "params")
+    input_fps = _input_fingerprints(inputs)
+    fingerprint = _fingerprint_of(stage, settings, input_fps, params)
+    root = (root or output.rstrip("/").rpartition("/")[0] or ".").rstrip("/")
+    if not output.startswith(root + "/"):
+        raise ValueError(f"output {output!r} is not under its stage folder {root!r}")
+    relative = output[len(root) + 1 :]
+    name = relative.rpartition("/")[2]
+    vdir = storage.join(root, f"{stage.name}-{fingerprint[:FINGERPRINT_CHARS]}")
+    sidecars = [pattern.format(name=name, output=relative, **(names or {})) for pattern in stage.sidecars]
+    return Plan(
+        fingerprint,
+        settings,
+        params,
+        input_fps,
+        root,
+        relative,
+        vdir,
+        storage.join(vdir, relative),
+        sidecars,
+    )
+
+
 def run_stage(
     stage: Stage[C],
     config: C,
@@ -238,25 +290,14 @@ def run_stage(
     `output`: the stable path of the main output (e.g. `<data_root>/select/selected.jsonl`).
     `params`: values besides the config that change the output (part of the fingerprint).
     `context`: run arguments that do not (shard rank, already loaded models).
-    `data_root`: for fingerprint-independent caches; default: the folder above the output's folder.
+    `data_root`: for fingerprint-independent caches (the LLM's answers); default: the stage's folder.
     `names`: file names that fill the stage's sidecar patterns (e.g. {"rejects": "rejects.jsonl"}).
     `root`: the stage's folder, which the fingerprint folder sits in and mirrors (default: the output's
     folder); the output and sidecars are paths relative to it.
     """
-    params = dict(params or {})
-    settings = settings_of(config, stage.excluded)
-    check_finite(settings)
-    check_finite(params, "params")
-    input_fps = _input_fingerprints(inputs)
-    fingerprint = _fingerprint_of(stage, settings, input_fps, params)
-    root = (root or output.rstrip("/").rpartition("/")[0] or ".").rstrip("/")
-    if not output.startswith(root + "/"):
-        raise ValueError(f"output {output!r} is not under its stage folder {root!r}")
-    relative = output[len(root) + 1 :]
-    name = relative.rpartition("/")[2]
-    vdir = storage.join(root, f"{stage.name}-{fingerprint[:FINGERPRINT_CHARS]}")
-    versioned = storage.join(vdir, relative)
-    sidecars = [pattern.format(name=name, output=relative, **(names or {})) for pattern in stage.sidecars]
+    plan = plan_stage(stage, config, inputs, output, params=params, names=names, root=root)
+    params, settings, input_fps, fingerprint = plan.params, plan.settings, plan.inputs, plan.fingerprint
+    root, relative, vdir, versioned, sidecars = plan.root, plan.relative, plan.dir, plan.output, plan.sidecars
     short = fingerprint[:FINGERPRINT_CHARS]
 
     done = read_marker(versioned)
@@ -287,7 +328,7 @@ def run_stage(
     if not storage.is_remote(vdir):
         Path(versioned).parent.mkdir(parents=True, exist_ok=True)
     if data_root is None:
-        data_root = output.rstrip("/").rpartition("/")[0].rpartition("/")[0] or "."
+        data_root = root
     run = StageRun(
         stage=stage.name,
         fingerprint=fingerprint,

@@ -7,11 +7,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import pytest
 
 from synthvlm import regenerate as regen
 from synthvlm.cli import main
-from synthvlm.models.sdxl import TINY_SDXL, build_tiny_sdxl
+from synthvlm.models.sdxl import TINY_SDXL, TINY_SDXL_REFINER, build_tiny_sdxl
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stages.export_llava import ExportConfig, export_llava
 from synthvlm.stages.generate import GenerateConfig, generate, record_seed
@@ -73,14 +74,29 @@ def test_regenerate_from_the_export_manifest(shard: str, tmp_path) -> None:
     assert result.identical is True and result.original_uri == _record(shard, "cap-2").image_uri
 
 
-def test_other_format_and_a_local_snapshot_folder(tmp_path) -> None:
-    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / COMMIT
-    build_tiny_sdxl().save_pretrained(snapshot)
-    manifest = _generate(tmp_path, model=str(snapshot), image_format="webp", quality=80, scheduler="dpmpp_2m")
+@pytest.mark.parametrize("hub_id", [False, True])
+def test_other_format_and_a_snapshot_of_the_hf_cache(tmp_path, monkeypatch, hub_id: bool) -> None:
+    """A hub id (resolved in an offline HF cache) or the snapshot folder itself: the commit is recorded."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    build_tiny_sdxl().save_pretrained(repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = "org/tiny" if hub_id else str(repo / "snapshots" / COMMIT)
+    settings = dict(image_format="webp", quality=80, scheduler="dpmpp_2m")
+    manifest = _generate(tmp_path, model=model, revision="main" if hub_id else None, **settings)
     generation = _record(manifest, "cap-3").provenance["generation"]
     assert (generation["revision"], generation["revision_source"]) == (COMMIT, "hf_cache")
+    (repo / "refs" / "main").write_text("0" * 40)  # the branch moved on: the recorded commit is used
     result = regen.regenerate(manifest, "cap-3", str(tmp_path / "cap-3.webp"), check=True)
     assert result.identical is True and result.warnings == []
+
+
+def test_regenerate_with_the_refiner(tmp_path) -> None:
+    manifest = _generate(tmp_path, refiner_model=TINY_SDXL_REFINER, high_noise_frac=0.75, steps=4)
+    generation = _record(manifest, "cap-4").provenance["generation"]
+    assert (generation["refiner"], generation["refiner_revision_source"]) == (TINY_SDXL_REFINER, "builtin")
+    assert regen.regenerate(manifest, "cap-4", str(tmp_path / "cap-4.jpg"), check=True).identical is True
 
 
 def _edit_generation(manifest: str, target: str, record_id: str, **changes: Any) -> None:
@@ -142,6 +158,18 @@ def test_errors_name_the_manifest_and_the_id(shard: str, tmp_path, capsys) -> No
     )
 
 
+def test_models_that_cannot_be_loaded_are_input_errors(shard: str, tmp_path, capsys) -> None:
+    edited, out = str(tmp_path / "edited.jsonl"), str(tmp_path / "x.jpg")
+    _edit_generation(shard, edited, "cap-0", model="bench/random-sdxl")  # a builder of another process
+    err = _error(["--manifest", edited, "--id", "cap-0", "--output", out], capsys)
+    assert "'cap-0'" in err and "register_builder" in err
+    _edit_generation(
+        shard, edited, "cap-0", model="org/not-cached", revision_source="hf_cache", revision="a" * 40
+    )
+    err = _error(["--manifest", edited, "--id", "cap-0", "--output", out], capsys)
+    assert edited in err and "cannot load org/not-cached (revision aaaa" in err
+
+
 def test_inconsistent_batch_is_an_input_error(shard: str, tmp_path, capsys) -> None:
     edited = str(tmp_path / "edited.jsonl")
     batch = _record(shard, "cap-0").provenance["generation"]["batch"]
@@ -149,3 +177,22 @@ def test_inconsistent_batch_is_an_input_error(shard: str, tmp_path, capsys) -> N
     err = _error(["--manifest", edited, "--id", "cap-0", "--output", str(tmp_path / "x.jpg")], capsys)
     assert "'cap-0'" in err and "batch" in err
     assert json.loads(Path(edited).read_text().splitlines()[0])["id"] == "cap-0"
+
+
+def test_regenerate_repeats_the_recorded_call_with_its_padding(shard: str, tmp_path, monkeypatch) -> None:
+    """A compiled UNet padded short batches (Painter.fixed_batch): the same padded call is made again."""
+    calls: list[tuple[list[str], list[int]]] = []
+    real_call = regen.Painter.__call__
+
+    def spy(self: regen.Painter, prompts: list[str], seeds: list[int]) -> Any:
+        calls.append((prompts, seeds))
+        return real_call(self, prompts, seeds)
+
+    monkeypatch.setattr(regen.Painter, "__call__", spy)
+    edited = str(tmp_path / "edited.jsonl")
+    batch = _record(shard, "cap-3").provenance["generation"]["batch"]
+    _edit_generation(shard, edited, "cap-3", batch={**batch, "padded_to": 4})
+    regen.regenerate(edited, "cap-3", str(tmp_path / "x.jpg"))
+    assert calls == [
+        ([CAPTIONS[3], CAPTIONS[4], CAPTIONS[4], CAPTIONS[4]], [*batch["seeds"], *batch["seeds"][-1:] * 2])
+    ]

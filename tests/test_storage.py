@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from synthvlm import storage
+from synthvlm.errors import CredentialsError, InputError
 
 
 def test_local_round_trip_and_listing(tmp_path: Path):
@@ -61,5 +62,29 @@ def test_gcs_round_trip_against_emulator(gcs_emulator: str, tmp_path: Path):
 def test_split_and_join():
     assert storage.split_gcs("gs://b/x/y.txt") == ("b", "x/y.txt")
     assert storage.join("gs://b/", "/x/", "y") == "gs://b/x/y"
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="gs:///nobucket: not a gs:// URI with a bucket name"):
         storage.split_gcs("gs:///nobucket")
+
+
+@pytest.fixture
+def no_gcp_credentials(tmp_path: Path, monkeypatch):
+    """No credentials anywhere google.auth looks, and no wait on a GCE metadata server (no network)."""
+    for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no gcloud ADC file
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # refused at once if it is asked anyway
+    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
+    storage.reset_client()
+    yield
+    storage.reset_client()  # the next test builds its client from its own environment
+
+
+def test_missing_credentials_say_how_to_provide_them(no_gcp_credentials):
+    with pytest.raises(CredentialsError) as exc:
+        storage.exists("gs://some-bucket/caps.jsonl")
+    msg = str(exc.value)
+    assert "cannot access gs://some-bucket/caps.jsonl: no Google Cloud credentials found" in msg
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in msg and "Workload Identity" in msg
+    with pytest.raises(CredentialsError, match="cannot access gs://some-bucket/runs"):
+        storage.list_uris("gs://some-bucket/runs")

@@ -191,6 +191,11 @@ def register_builder(name: str, builder: Builder) -> None:
     _BUILDERS[name] = builder
 
 
+def is_builtin(model: str) -> bool:
+    """Whether `model` is built in code (tiny models, registered builders) rather than loaded."""
+    return model in _BUILDERS or model == TINY_SDXL_REFINER
+
+
 def _check_scheduler(scheduler: str) -> None:
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
@@ -316,7 +321,7 @@ def model_revision(pipe: Any, model: str, requested: str | None = None) -> dict[
     without a commit also "revision_missing" (why) and, for a folder, "content_sha256".
     """
     info: dict[str, Any] = {"revision": None, "revision_requested": requested}
-    if model in _BUILDERS or model == TINY_SDXL_REFINER:
+    if is_builtin(model):
         reason = "built in code (synthvlm.models.sdxl) from a fixed seed; no checkpoint"
         return {**info, "revision_source": "builtin", "revision_missing": reason}
     # diffusers records the folder each component was read from: the cache snapshot for a hub id.

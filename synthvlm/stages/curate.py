@@ -402,11 +402,17 @@ CURATE = Stage(
 
 
 def curate(
-    config: CurateConfig, input_manifest: str, output_manifest: str, rejects_manifest: str | None = None
+    config: CurateConfig,
+    input_manifest: str,
+    output_manifest: str,
+    rejects_manifest: str | None = None,
+    *,
+    data_root: str | None = None,
 ) -> str:
     """Curate the captions of `input_manifest`; every dropped caption goes to the rejects manifest (JSONL,
     next to the output; default `rejects.jsonl`) with its step and reason. Returns the versioned output
-    (a copy is published at `output_manifest`, the rejects beside it)."""
+    (a copy is published at `output_manifest`, the rejects beside it). The judge's answers are cached under
+    `data_root` (default: the output's folder), whatever the fingerprint."""
     rejects_name = (rejects_manifest or "rejects.jsonl").rstrip("/").rpartition("/")[2]
     return run_stage(
         CURATE,
@@ -415,6 +421,7 @@ def curate(
         output_manifest,
         context={"rejects_name": rejects_name},
         names={"rejects": rejects_name},
+        data_root=data_root,
     )
 
 

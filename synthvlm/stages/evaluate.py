@@ -283,6 +283,7 @@ def evaluate(
     *,
     answerer: Answerer | None = None,
     model_name: str | None = None,
+    data_root: str | None = None,
 ) -> str:
     """Evaluate one model on `benchmarks` (JSONL URIs, 'bundled:...' or 'lmms_eval:<task>'); returns the
     versioned results document (a copy is published at `output_uri`). `answerer` replaces the HF LLaVA model
@@ -296,6 +297,7 @@ def evaluate(
         output_uri,
         params={"model": model_uri_or_name, "model_name": model_name, "benchmarks": list(benchmarks)},
         context={"answerer": answerer, "benchmarks": list(benchmarks), "model_name": model_name},
+        data_root=data_root,
     )
 
 

@@ -777,6 +777,18 @@ GENERATE = stage_runner.Stage(
 )
 
 
+def version_dir(config: GenerateConfig, input_manifest: str, output_dir: str) -> str:
+    """The fingerprint folder of generation under `config` from `input_manifest` (shards/, images/, ...)."""
+    plan = stage_runner.plan_stage(
+        GENERATE, config, {"captions": input_manifest}, _shard_0(output_dir), root=output_dir
+    )
+    return plan.dir
+
+
+def _shard_0(output_dir: str) -> str:
+    return shard_manifest_uri(output_dir, 0, 1)
+
+
 def generate(
     config: GenerateConfig,
     input_manifest: str,

@@ -215,10 +215,10 @@ def _keywords(config: KeywordsConfig, run: StageRun) -> StageStats:
 KEYWORDS = Stage(name="stablellava_keywords", process=_keywords, excluded=_LLM_RUNTIME, sidecars=(_REJECTS,))
 
 
-def generate_keywords(config: KeywordsConfig, output_uri: str) -> str:
+def generate_keywords(config: KeywordsConfig, output_uri: str, *, data_root: str | None = None) -> str:
     """Write `{ability: [keywords]}` (JSON); rejected keywords to its rejects file. Returns the versioned
     output (a copy is published at `output_uri`)."""
-    return run_stage(KEYWORDS, config, {}, output_uri, names=_rejects_name(output_uri))
+    return run_stage(KEYWORDS, config, {}, output_uri, names=_rejects_name(output_uri), data_root=data_root)
 
 
 # ---- prompts ----------------------------------------------------------------------------------------------
@@ -487,11 +487,14 @@ def _prompts(config: PromptsConfig, run_: StageRun) -> StageStats:
 PROMPTS = Stage(name="stablellava_prompts", process=_prompts, excluded=_LLM_RUNTIME, sidecars=(_REJECTS,))
 
 
-def generate_prompts(config: PromptsConfig, keywords_uri: str, output_manifest: str) -> str:
+def generate_prompts(
+    config: PromptsConfig, keywords_uri: str, output_manifest: str, *, data_root: str | None = None
+) -> str:
     """Write the prompt manifest (singles, eval singles, pair members) and its rejects file. Returns the
     versioned manifest (a copy is published at `output_manifest`)."""
     inputs = {"keywords": keywords_uri}
-    return run_stage(PROMPTS, config, inputs, output_manifest, names=_rejects_name(output_manifest))
+    names = _rejects_name(output_manifest)
+    return run_stage(PROMPTS, config, inputs, output_manifest, names=names, data_root=data_root)
 
 
 # ---- dialogues --------------------------------------------------------------------------------------------
@@ -557,11 +560,14 @@ DIALOGUES = Stage(
 )
 
 
-def generate_dialogues(config: DialoguesConfig, prompts_manifest: str, output_uri: str) -> str:
+def generate_dialogues(
+    config: DialoguesConfig, prompts_manifest: str, output_uri: str, *, data_root: str | None = None
+) -> str:
     """Write one JSON line per dialogue (dialogues.Dialogue), drops to its rejects file. Returns the
     versioned output (a copy is published at `output_uri`)."""
     inputs = {"prompts": prompts_manifest}
-    return run_stage(DIALOGUES, config, inputs, output_uri, names=_rejects_name(output_uri))
+    names = _rejects_name(output_uri)
+    return run_stage(DIALOGUES, config, inputs, output_uri, names=names, data_root=data_root)
 
 
 def read_dialogues(uri: str) -> list[Dialogue]:

@@ -9,6 +9,7 @@ from synthvlm.errors import InputError
 from synthvlm.records import read_manifest
 from synthvlm.stage import is_done, read_stats
 from synthvlm.stages.captions import DEMO_CAPTIONS, CaptionsConfig, InputErrors, load_captions, read_captions
+from tests.published import published
 
 GOOD = b'{"id": "c1", "caption": "a red bicycle"}\n'
 
@@ -30,7 +31,7 @@ def test_formats_load_to_a_manifest(tmp_path: Path, fmt: str):
     else:
         pq.write_table(pa.Table.from_pylist(rows), src)
     out = str(tmp_path / "out" / "captions.jsonl")
-    assert load_captions(CaptionsConfig(captions=str(src), max_records=1), out) == out
+    assert published(load_captions(CaptionsConfig(captions=str(src), max_records=1), out), out)
     records = read_manifest(out)
     assert [(r.id, r.caption) for r in records] == [("c1", "a red bicycle")]
     assert read_stats(out)["count_in"] == 2 and read_stats(out)["count_out"] == 1
@@ -99,3 +100,51 @@ def test_unsupported_or_missing_file(tmp_path: Path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(InputError, match="no captions found"):
         read_captions(str(tmp_path / "empty.jsonl"))
+
+
+def test_csv_duplicate_column_and_unterminated_quote(tmp_path: Path):
+    src = tmp_path / "caps.csv"
+    src.write_text("id,caption,caption\nc1,a,b\n")
+    with pytest.raises(InputErrors) as exc:
+        read_captions(str(src))
+    [problem] = exc.value.problems
+    assert (problem.line, problem.field) == (1, "caption") and "duplicate column" in str(problem)
+    # Non-strict csv reads this as 2 rows, c2's caption swallowing c3 and c4: rows lost without a word.
+    src.write_text('id,caption\nc1,a cat\nc2,"a dog\nc3,a cow\nc4,a pig\n')
+    with pytest.raises(InputErrors) as exc:
+        read_captions(str(src))
+    [problem] = exc.value.problems
+    assert problem.line == 3 and "unterminated quoted field" in str(problem)
+    src.write_text('id,caption\nc1,"a cat"s\n')  # text after a closing quote
+    with pytest.raises(InputErrors, match=r"line 2: malformed CSV"):
+        read_captions(str(src))
+    src.write_text('id,caption\nc1,"a cat\non two lines"\nc2,a "quoted" word\n')  # both are valid
+    assert [r.caption for r in read_captions(str(src))] == ["a cat\non two lines", 'a "quoted" word']
+
+
+def test_jsonl_with_a_utf8_bom_is_accepted(tmp_path: Path):
+    src = tmp_path / "caps.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + GOOD)
+    assert [r.id for r in read_captions(str(src))] == ["c1"]
+
+
+def test_directory_and_corrupt_parquet_are_input_errors(tmp_path: Path):
+    folder = tmp_path / "caps.jsonl"  # a folder with a captions-like name
+    folder.mkdir()
+    with pytest.raises(InputError, match=f"{folder}: is a directory"):
+        read_captions(str(folder))
+    src = tmp_path / "caps.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "c1", "caption": "x"}]), src)
+    src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])  # truncated
+    with pytest.raises(InputError, match=f"{src}: not a readable Parquet file"):
+        read_captions(str(src))
+
+
+def test_caption_id_too_long_in_bytes_leaves_room_for_variants(tmp_path: Path):
+    src = tmp_path / "caps.csv"
+    src.write_text("id,caption\n" + "文" * 100 + ",a cat\nc2," + "x" * 193 + "\n")  # 300 bytes; 193 is fine
+    with pytest.raises(InputErrors) as exc:
+        read_captions(str(src))
+    [problem] = exc.value.problems
+    assert (problem.line, problem.field) == (2, "id")
+    assert "300 bytes in UTF-8 (100 characters), longer than the 192-byte limit" in str(problem)

@@ -25,6 +25,7 @@ from synthvlm.stages.clip_score import (
     tensor_transform,
 )
 from synthvlm.stages.select import embeddings_uri, read_embeddings
+from tests.published import published
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +66,7 @@ def direct_cosine(model, preprocess, tokenizer, image: Image.Image, text: str) -
 
 
 def tiny_config(**overrides) -> ScoreConfig:
-    return ScoreConfig(model=TINY_CLIP, pretrained=None, device="cpu", batch_size=2, **overrides)
+    return ScoreConfig(**{"model": TINY_CLIP, "pretrained": None, "device": "cpu", "batch_size": 2, **overrides})
 
 
 def test_clip_scores_equal_direct_open_clip_computation(tiny_clip) -> None:
@@ -148,7 +149,8 @@ def test_score_writes_scores_and_reports_rejects(
     output = str(tmp_path / "scored.parquet")
 
     with caplog.at_level(logging.WARNING, logger="synthvlm.stages.clip_score"):
-        assert score(tiny_config(), manifest, output) == output
+        returned = score(tiny_config(), manifest, output)
+    assert published(returned, output)
 
     scored = read_manifest(output)
     assert [rec.id for rec in scored] == ["a", "b", "c"]
@@ -175,16 +177,28 @@ def test_score_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     manifest = str(tmp_path / "manifest.jsonl")
     write_manifest(manifest, records[:2])
     output = str(tmp_path / "scored.jsonl")
-    score(tiny_config(), manifest, output)
-    assert is_done(output)
+    first_path = score(tiny_config(), manifest, output)
+    assert is_done(output) and published(first_path, output)
     first = Path(output).read_bytes()
+
+    real_load_clip = clip_score.load_clip
 
     def fail(*args, **kwargs):
         raise AssertionError("a finished output must not be recomputed")
 
     monkeypatch.setattr(clip_score, "load_clip", fail)
-    assert score(tiny_config(form="clipscore"), manifest, output) == output
+    # Same settings (batch_size only groups the work): the finished version is reused.
+    assert score(tiny_config(batch_size=1), manifest, output) == first_path
     assert Path(output).read_bytes() == first
+
+    # A changed output-affecting setting computes a new version; the old one stays readable.
+    monkeypatch.setattr(clip_score, "load_clip", real_load_clip)
+    second_path = score(tiny_config(form="clipscore"), manifest, output)
+    assert second_path != first_path and published(second_path, output)
+    assert Path(first_path).read_bytes() == first and is_done(first_path)
+    old = {rec.id: rec.scores["clip"] for rec in read_manifest(first_path)}
+    for rec in read_manifest(second_path):
+        assert rec.scores["clip"] == pytest.approx(2.5 * max(old[rec.id], 0.0), abs=1e-6)
 
 
 def test_score_key_and_form_are_configurable(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from synthvlm.models.clip import TINY_CLIP, load_clip
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stage import done_uri, is_done, read_stats
 from synthvlm.stages.clip_score import clip_scores
+from synthvlm.stages import curate as curate_module
 from synthvlm.stages.curate import (
     JUDGE_PROMPT,
     CurateConfig,
@@ -26,6 +27,7 @@ from synthvlm.stages.curate import (
     sample_key,
     template_caption_verdict,
 )
+from tests.published import published
 
 KEY_ENV = "SYNTHVLM_TEST_CURATE_KEY"
 
@@ -158,7 +160,11 @@ def test_each_step_drops_its_captions_with_reasons(paths) -> None:
     assert (
         stats["llm_backend"] == "template" and stats["llm_items"] == 6 and stats["llm_template_backend"] == 1
     )
-    assert stats["rejects_manifest"] == str(paths["rejects"])
+    # The rejects are written beside the versioned output and published beside the stable one.
+    versioned_rejects = Path(out).parent / paths["rejects"].name
+    assert stats["rejects_manifest"] == str(versioned_rejects)
+    assert versioned_rejects.read_bytes() == paths["rejects"].read_bytes()
+    assert published(out, str(paths["output"]))
 
 
 def test_steps_can_be_switched_off(paths) -> None:
@@ -171,15 +177,31 @@ def test_steps_can_be_switched_off(paths) -> None:
     assert "llm_backend" not in read_stats(out)
 
 
-def test_rerun_returns_the_finished_output_without_redoing_work(paths) -> None:
+def test_rerun_returns_the_finished_output_without_redoing_work(paths, monkeypatch: pytest.MonkeyPatch) -> None:
     write_input(paths["input"], {**GOOD, "h1": BAD["h1"][0]})
     out = run(template_config(), paths)
-    before = {p: p.read_bytes() for p in (paths["output"], paths["rejects"], Path(done_uri(out)))}
-    paths["input"].unlink()  # a rerun that did the work again would fail to read it
+    assert published(out, str(paths["output"]))
+    files = (paths["output"], paths["rejects"], Path(done_uri(out)), Path(out))
+    before = {p: p.read_bytes() for p in files}
 
-    assert run(template_config(sample_size=1), paths) == out
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished output must not be recomputed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(curate_module, "read_manifest", fail)  # a rerun that did the work again would fail
+        # The same output-affecting settings (the judge's chunk size only batches requests): skipped.
+        assert run(template_config(judge={"llm": {"backend": "template"}, "chunk_size": 1}), paths) == out
 
     assert {p: p.read_bytes() for p in before} == before
+
+    # A changed setting is computed into a new version and published; the old version stays readable.
+    second = run(template_config(sample_size=1), paths)
+    assert second != out and published(second, str(paths["output"]))
+    assert len(read_manifest(second)) == 1 and len(read_manifest(out)) == 4
+    assert {p: p.read_bytes() for p in (Path(done_uri(out)), Path(out))} == {
+        p: before[p] for p in (Path(done_uri(out)), Path(out))
+    }
+    assert {row["reason"] for row in rejects_of(paths["rejects"])} == {"special_char_ratio_low", "not_sampled"}
 
 
 def test_sample_is_deterministic_and_independent_of_input_order(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from synthvlm.stages.export_llava import (
     export_llava,
     relative_image_path,
 )
+from tests.published import published
 
 
 def _write_image(path: Path, color: tuple[int, int, int]) -> str:
@@ -70,7 +71,7 @@ def test_export_writes_llava_json_and_manifest(selected, tmp_path: Path) -> None
     out_dir = str(tmp_path / "export")
     json_uri = export_llava(ExportConfig(), manifest, str(data_root), out_dir)
 
-    assert json_uri == os.path.join(out_dir, "llava_pretrain.json")
+    assert published(json_uri, os.path.join(out_dir, "llava_pretrain.json"))
     samples = json.loads(Path(json_uri).read_text())
     assert [s["id"] for s in samples] == [r.id for r in records]
     for sample, rec in zip(samples, records, strict=True):
@@ -106,6 +107,9 @@ def test_export_is_idempotent(selected, tmp_path: Path) -> None:
     Path(json_uri).write_text("[]")  # a rerun after completion must not touch the output
     assert export_llava(ExportConfig(), manifest, str(data_root), out_dir) == json_uri
     assert Path(json_uri).read_text() == "[]"
+    # Another data root changes every image path: a new export, never the old one.
+    other = export_llava(ExportConfig(), manifest, str(data_root.parent), out_dir)
+    assert other != json_uri and json.loads(Path(other).read_text())[0]["image"].startswith(data_root.name)
 
 
 def test_image_outside_data_root_is_an_error_naming_the_id(selected, tmp_path: Path) -> None:
@@ -173,7 +177,7 @@ def test_export_on_gcs(gcs_emulator: str) -> None:
 
     json_uri = export_llava(ExportConfig(), manifest, root, out_dir)
 
-    assert json_uri == "gs://bkt/run/export/llava_pretrain.json"
+    assert published(json_uri, "gs://bkt/run/export/llava_pretrain.json")
     samples = json.loads(storage.read_text(json_uri))
     assert [s["image"] for s in samples] == ["images/g0.jpg", "images/g1.jpg", "images/g2.jpg"]
     assert read_manifest(storage.join(out_dir, "manifest.jsonl")) == records

@@ -112,20 +112,27 @@ def test_generate_writes_images_and_manifest_with_provenance(tmp_path, spy, capl
     out = str(tmp_path / "run")
     with caplog.at_level(logging.INFO, logger=gen.__name__):
         shard = generate(tiny_config(), str(tmp_path / "captions.jsonl"), out)
-    assert shard == f"{out}/shards/shard-00000-of-00001.jsonl"
+    vdir = gen.version_dir(tiny_config(), str(tmp_path / "captions.jsonl"), out)
+    assert shard == f"{vdir}/shards/shard-00000-of-00001.jsonl" and vdir.startswith(f"{out}/generate-")
+    assert stage.read_stats(f"{out}/shards/shard-00000-of-00001.jsonl")["published_from"] == shard
     assert stage.is_done(shard)
     records = read_manifest(shard)
     assert [r.id for r in records] == [r.id for r in inputs]
     for rec, source in zip(records, inputs, strict=True):
         assert rec.caption == source.caption
         assert rec.seed == record_seed(0, rec.id)
-        assert rec.image_uri == f"{out}/images/{rec.id}.jpg"
+        assert rec.image_uri == f"{vdir}/images/{rec.id}.jpg"
         image = decode(rec.image_uri)
         assert (image.format, image.size, image.mode) == ("JPEG", (64, 64), "RGB")
         assert rec.provenance["source"] == "test"  # upstream provenance is kept
-        assert rec.provenance["generation"] == {
+        generation = rec.provenance["generation"]
+        runtime = ("device_name", "cpu_capability", "num_threads", "numerics", "versions")
+        assert generation == {
             "model": TINY_SDXL,
             "revision": None,
+            "revision_requested": None,
+            "revision_source": "builtin",
+            "revision_missing": generation["revision_missing"],
             "scheduler": "euler",
             "steps": 2,
             "guidance_scale": 7.5,
@@ -133,14 +140,23 @@ def test_generate_writes_images_and_manifest_with_provenance(tmp_path, spy, capl
             "width": 64,
             "dtype": "float32",
             "negative_prompt": "",
-            "diffusers_version": rec.provenance["generation"]["diffusers_version"],
+            "diffusers_version": generation["diffusers_version"],
+            "global_seed": 0,
+            "image_format": "jpeg",
+            "quality": 95,
+            "speed_settings": [],
+            "device": "cpu",
+            **{key: generation[key] for key in runtime},
             "seed_repeat": 0,
+            "batch": generation["batch"],
         }
+        assert rec.id in generation["batch"]["ids"] and generation["num_threads"] == torch.get_num_threads()
+        assert generation["versions"]["Pillow"] and generation["numerics"]["float32_matmul_precision"]
     assert rec.provenance["generation"]["diffusers_version"][0].isdigit()
     assert counts(shard) == (5, 5, {}, 0)
     assert len(spy.pipes) == 1 and sorted(spy.pipes[0].prompts) == sorted(r.caption for r in inputs)
     assert "batch 3/3" in caplog.text and "images/s" in caplog.text
-    assert len(storage.list_uris(f"{out}/shards/shard-00000-of-00001.parts", ".jsonl")) == 3
+    assert len(storage.list_uris(f"{vdir}/shards/shard-00000-of-00001.parts", ".jsonl")) == 3
 
 
 def test_image_does_not_depend_on_batch_neighbours(tmp_path) -> None:
@@ -163,7 +179,8 @@ def test_two_shards_are_disjoint_and_cover_the_manifest(tmp_path) -> None:
     ids = []
     for rank in (0, 1):
         shard = generate(tiny_config(), str(tmp_path / "captions.jsonl"), out, rank=rank, world_size=2)
-        assert shard == shard_manifest_uri(out, rank, 2) == f"{out}/shards/shard-{rank:05d}-of-00002.jsonl"
+        vdir = gen.version_dir(tiny_config(), str(tmp_path / "captions.jsonl"), out)
+        assert shard == shard_manifest_uri(vdir, rank, 2) == f"{vdir}/shards/shard-{rank:05d}-of-00002.jsonl"
         ids.append({r.id for r in read_manifest(shard)})
     assert ids[0] and ids[1] and not ids[0] & ids[1]
     assert ids[0] | ids[1] == {r.id for r in inputs}
@@ -189,7 +206,7 @@ def test_rerun_after_crash_generates_only_missing_parts(tmp_path, spy) -> None:
     shard = generate(tiny_config(), str(tmp_path / "captions.jsonl"), out)
     first = read_manifest(shard)
     # A crash after part 0 and part 2 but before part 1 and the shard manifest were committed.
-    parts = f"{out}/shards/shard-00000-of-00001.parts"
+    parts = shard.removesuffix(".jsonl") + ".parts"
     for uri in (shard, f"{parts}/part-000001.jsonl"):
         storage.delete(stage.done_uri(uri))
     storage.delete(shard)
@@ -208,7 +225,7 @@ def test_resume_with_other_batch_size_keeps_every_record_once(tmp_path, spy) -> 
     out = str(tmp_path / "run")
     shard = generate(tiny_config(batch_size=2), str(tmp_path / "captions.jsonl"), out)
     storage.delete(stage.done_uri(shard))
-    storage.delete(stage.done_uri(f"{out}/shards/shard-00000-of-00001.parts/part-000002.jsonl"))
+    storage.delete(stage.done_uri(shard.removesuffix(".jsonl") + ".parts/part-000002.jsonl"))
     generate(tiny_config(batch_size=3), str(tmp_path / "captions.jsonl"), out)
     assert spy.pipes[1].prompts == [CAPTIONS[4]]
     assert [r.id for r in read_manifest(shard)] == [f"cap-{i:03d}" for i in range(5)]
@@ -229,8 +246,27 @@ def test_bad_images_are_retried_with_a_new_seed_then_dropped(tmp_path, spy) -> N
     assert records["cap-000"].provenance["generation"]["seed_repeat"] == 1
     assert records["cap-002"].seed == record_seed(0, "cap-002")
     assert decode(records["cap-000"].image_uri).size == (64, 64)
-    assert not storage.exists(str(tmp_path / "run" / "images" / "cap-001.jpg"))
+    assert not storage.exists(shard.rsplit("/shards/", 1)[0] + "/images/cap-001.jpg")
     assert counts(shard) == (3, 2, {"black_image": 1}, 2)
+
+
+def test_each_record_carries_the_painter_call_it_came_from(tmp_path, spy) -> None:
+    """Images depend on their batch neighbours, so a retried image records the retry call, not its batch."""
+    inputs = write_captions(str(tmp_path / "captions.jsonl"), n=3)
+    captions = {rec.id: rec.caption for rec in inputs}
+    spy.spoil = {record_seed(0, "cap-000"): np.nan, record_seed(0, "cap-001"): 0.0}
+    shard = generate(tiny_config(batch_size=3), str(tmp_path / "captions.jsonl"), str(tmp_path / "run"))
+    records = {r.id: r.provenance["generation"] for r in read_manifest(shard)}
+
+    def call(ids: list[str], repeat: int) -> dict[str, Any]:
+        seeds = [record_seed(0, i, repeat) for i in ids]
+        return {"ids": ids, "captions": [captions[i] for i in ids], "seeds": seeds, "padded_to": None}
+
+    assert records["cap-002"]["batch"] == call(["cap-000", "cap-001", "cap-002"], 0)
+    assert records["cap-000"]["batch"] == records["cap-001"]["batch"] == call(["cap-000", "cap-001"], 1)
+    assert spy.pipes[0].prompts == [
+        captions[i] for i in ("cap-000", "cap-001", "cap-002", "cap-000", "cap-001")
+    ]
 
 
 def test_generate_to_gcs(tmp_path, gcs_emulator) -> None:
@@ -239,8 +275,10 @@ def test_generate_to_gcs(tmp_path, gcs_emulator) -> None:
     out = f"{gcs_emulator}/runs/gen"
     shard = generate(tiny_config(image_format="webp"), captions, out)
     assert shard.startswith("gs://") and stage.is_done(shard)
+    vdir = shard.rsplit("/shards/", 1)[0]
+    assert vdir.startswith(f"{out}/generate-") and stage.is_done(f"{out}/shards/shard-00000-of-00001.jsonl")
     for rec in read_manifest(shard):
-        assert rec.image_uri == f"{out}/images/{rec.id}.webp"
+        assert rec.image_uri == f"{vdir}/images/{rec.id}.webp"
         assert decode(rec.image_uri).format == "WEBP"
 
 
@@ -497,9 +535,9 @@ def test_failed_upload_stops_the_stage_and_a_rerun_redoes_only_that_part(tmp_pat
     monkeypatch.setattr(storage, "write_bytes", flaky_write)
     with pytest.raises(OSError, match="connection reset"):
         generate(tiny_config(), str(tmp_path / "captions.jsonl"), out)
-    shard = shard_manifest_uri(out, 0, 1)
-    assert not stage.is_done(shard)
-    parts = f"{out}/shards/shard-00000-of-00001.parts"
+    shard = shard_manifest_uri(gen.version_dir(tiny_config(), str(tmp_path / "captions.jsonl"), out), 0, 1)
+    assert not stage.is_done(shard) and not stage.is_done(shard_manifest_uri(out, 0, 1))
+    parts = shard.removesuffix(".jsonl") + ".parts"
     assert [stage.is_done(f"{parts}/part-{i:06d}.jsonl") for i in range(3)] == [True, False, True]
 
     monkeypatch.setattr(storage, "write_bytes", real_write)
@@ -558,5 +596,5 @@ def test_blocked_prompts_and_unsafe_images_are_dropped_with_reasons(tmp_path, sp
     assert rejects_uri(str(tmp_path / "run"), 0, 1) == f"{tmp_path}/run/rejects/shard-00000-of-00001.jsonl"
     lines = storage.read_text(rejects_uri(str(tmp_path / "run"), 0, 1)).splitlines()
     assert sorted(json.loads(line)["id"] for line in lines) == ["cap-000", "cap-002", "cap-003"]
-    assert not storage.exists(str(tmp_path / "run" / "images" / "cap-000.jpg"))
+    assert not storage.exists(shard.rsplit("/shards/", 1)[0] + "/images/cap-000.jpg")
     assert sum(flagged_batches) == 3

@@ -117,15 +117,16 @@ def test_sigkilled_shard_resumes_to_the_uninterrupted_result(tmp_path: Path, mon
     # Painting time of the whole shard in this process; a child paints about as fast.
     duration = stage.read_stats(reference_shard)["generate_seconds"]
 
-    out = str(tmp_path / "killed")
+    root = str(tmp_path / "killed")
+    out = gen.version_dir(config, captions, root)  # where this fingerprint's work goes
     shard = shard_manifest_uri(out, 0, 1)
     kills = 0
-    upcoming = Child(config, captions, out)
+    upcoming = Child(config, captions, root)
     for seed in KILL_SEEDS:
         child, done_before = upcoming, set(done_part_ids(out))
         child.go()
         assert child.started.wait(timeout=90), "".join(child.lines)
-        upcoming = Child(config, captions, out)  # imports while `child` runs; starts when told
+        upcoming = Child(config, captions, root)  # imports while `child` runs; starts when told
         if stage.is_done(shard):  # the previous child finished before its kill: nothing left to kill
             child.finish()
             break
@@ -162,4 +163,4 @@ def test_sigkilled_shard_resumes_to_the_uninterrupted_result(tmp_path: Path, mon
         raise AssertionError("a finished shard loaded the model")
 
     monkeypatch.setattr(gen, "load_sdxl", no_load)
-    assert generate(config, captions, out) == shard
+    assert generate(config, captions, root) == shard

@@ -2,9 +2,9 @@
 against a loopback server that counts requests per item: no item whose answer was stored before the kill
 is asked again, and the rerun completes.
 
-The stage is `synthvlm curate` (the LLM caption judge, one request per caption) run as a CLI subprocess,
-laid out as the pipeline lays it out (`<data root>/curate/curated.jsonl`), so its response cache is the
-default `<data root>/llm-cache`. An answer the server sent but the child had not yet written to the cache
+The stage is `synthvlm curate` (the LLM caption judge, one request per caption) run as a CLI subprocess
+with its output at `<dir>/curated.jsonl`, so its response cache is the default for a stage run without
+a data root: `<dir>/llm-cache` (the pipeline's components pass `<data root>/llm-cache`). An answer the server sent but the child had not yet written to the cache
 when it died may be asked again: that is at most the requests in flight (counted and bounded below).
 """
 
@@ -19,6 +19,8 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+import pytest
 
 from synthvlm.llm.fake_server import FakeLLMServer
 from synthvlm.records import Record, read_manifest, write_manifest
@@ -69,13 +71,14 @@ def cached_captions(cache_dir: Path) -> set[str]:
     return {json.loads(p.read_text())["content"].removeprefix("Yes. ") for p in entries}
 
 
+@pytest.mark.slow  # two stage subprocesses (~20 s each: the curate stage imports torch)
 def test_killed_llm_stage_never_asks_a_stored_answer_again(tmp_path: Path) -> None:
     data_root = tmp_path / "data"
     captions = [f"Photo {i:02d} of a quiet harbour with small boats at dawn." for i in range(N_CAPTIONS)]
     source = str(tmp_path / "captions.jsonl")
     write_manifest(source, [Record(id=f"c{i:02d}", caption=c) for i, c in enumerate(captions)])
     output = data_root / "curate" / "curated.jsonl"
-    cache_dir = data_root / "llm-cache"  # the default for an output at <data root>/curate/
+    cache_dir = output.parent / "llm-cache"  # the default for a stage run without a data root
     env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
     judge = CountingJudge()
 

@@ -18,6 +18,7 @@ from synthvlm.stages.report import (
     report_markdown,
     write_report,
 )
+from tests.published import published
 
 XSS_CAPTION = 'a cat <script>alert("x")</script> & a "dog"'
 
@@ -91,7 +92,7 @@ def run(tmp_path: Path) -> tuple[str, list[Record], list[str]]:
 def test_report_has_one_img_per_record_and_is_self_contained(run, tmp_path: Path) -> None:
     selected, records, outputs = run
     out = str(tmp_path / "report.html")
-    assert write_report(ReportConfig(thumbnail_size=16), selected, outputs, out) == out
+    assert published(write_report(ReportConfig(thumbnail_size=16), selected, outputs, out), out)
     parsed = _parse(Path(out).read_text())
     assert len(parsed.img_srcs) == len(records)
     assert parsed.external == []

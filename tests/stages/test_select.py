@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from synthvlm.config import validate
 from synthvlm.errors import ConfigError, InputError
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stage import is_done, read_stats
+from synthvlm.stages import select as select_stage
 from synthvlm.stages.select import (
     SelectConfig,
     drop_near_duplicates,
@@ -21,6 +23,7 @@ from synthvlm.stages.select import (
     source_id,
     write_embeddings,
 )
+from tests.published import published
 
 
 def rec(rec_id: str, score: float | None, key: str = "clip") -> Record:
@@ -132,7 +135,7 @@ def test_global_top_k_equals_top_k_of_the_union(tmp_path: Path) -> None:
     config = SelectConfig(mode="top_k", k=20)
     output = str(tmp_path / "selected.jsonl")
 
-    assert select(config, uris, output) == output
+    assert published(select(config, uris, output), output)
 
     kept = read_manifest(output)
     brute_force = sorted(union, key=lambda r: (-r.scores["clip"], r.id))[:20]
@@ -192,11 +195,16 @@ def test_missing_score_in_a_shard_names_file_and_record(tmp_path: Path) -> None:
 def test_select_is_idempotent(tmp_path: Path) -> None:
     uris, _ = write_shards(tmp_path)
     output = str(tmp_path / "selected.jsonl")
-    select(SelectConfig(k=5), uris, output)
+    first_uri = select(SelectConfig(k=5), uris, output)
     first = Path(output).read_bytes()
-    Path(uris[0]).unlink()  # inputs are not even read again
-    assert select(SelectConfig(k=50), uris, output) == output
+    # Same settings and inputs: the finished selection is returned without reading a record again.
+    with mock.patch.object(select_stage, "read_manifest", side_effect=AssertionError("inputs were read")):
+        assert select(SelectConfig(k=5), uris, output) == first_uri
     assert Path(output).read_bytes() == first
+    # Another k: a new selection in its own folder; the first stays readable.
+    second_uri = select(SelectConfig(k=50), uris, output)
+    assert second_uri != first_uri and published(second_uri, output)
+    assert Path(first_uri).read_bytes() == first and len(read_manifest(output)) == 50
 
 
 def test_select_needs_inputs(tmp_path: Path) -> None:
