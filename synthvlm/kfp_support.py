@@ -64,8 +64,11 @@ def one_line(text: str) -> str:
     """A multi-line message on one line: 'N problems:\n  a\n  b' -> 'N problems: a; b'."""
     out = ""
     for line in (part.strip() for part in text.splitlines()):
-        if line:
-            out += (" " if out.endswith(":") else "; ") + line if out else line
+        if not line:
+            continue
+        if out:
+            out += " " if out.endswith(":") else "; "
+        out += line
     return out
 
 

@@ -46,8 +46,8 @@ def check_id(value: Any, *, reserve_bytes: int = 0) -> str:
     size = len(value.encode("utf-8", errors="surrogateescape"))
     if size > limit:
         raise ValueError(
-            f"id is {size} bytes in UTF-8 ({len(value)} characters), longer than the {limit}-byte limit "
-            "(ids become image file names such as <id>~3.webp; most file systems allow 255 bytes per name)"
+            f"id is longer than {limit} bytes in UTF-8 ({size} bytes, {len(value)} characters): ids become "
+            "image file names such as <id>~3.webp, and most file systems allow 255 bytes per name"
         )
     if "/" in value or "\\" in value:
         raise ValueError(f"id {value!r} contains a path separator")

@@ -110,6 +110,7 @@ def _canonical(data: Any) -> str:
 
 def input_fingerprint(uri: str) -> str:
     """The fingerprint in `uri`'s completion marker, else the sha256 of its bytes ("absent" if missing)."""
+    uri = uri.rstrip("/") or uri  # a folder output (a model) is marked as `<folder>.done`
     marker = done_uri(uri)
     if storage.exists(marker):
         stats = json.loads(storage.read_text(marker))
@@ -325,8 +326,6 @@ def run_stage(
     else:
         log.info("%s: computing (fingerprint %s) -> %s", stage.name, short, versioned)
     _clean_temp_files(vdir, [relative, *sidecars])
-    if not storage.is_remote(vdir):
-        Path(versioned).parent.mkdir(parents=True, exist_ok=True)
     if data_root is None:
         data_root = root
     run = StageRun(

@@ -67,11 +67,12 @@ def _client():  # pragma: no cover - trivial
 
 
 def _gcs_client(uri: str):
-    """The client, or a CredentialsError that names `uri`."""
+    """The client, or a CredentialsError naming the bucket of `uri` (the object touched first may be a
+    marker such as `<input>.done`, which would puzzle the user)."""
     try:
         return _client()
     except CredentialsError as exc:
-        raise CredentialsError(uri, detail=exc.detail) from None
+        raise CredentialsError(GCS_PREFIX + split_gcs(uri)[0], detail=exc.detail) from None
 
 
 def reset_client() -> None:

@@ -45,7 +45,7 @@ def test_manifest_round_trip(tmp_path: Path, suffix: str):
         ("tab\there", "control character"),
         (".hidden", "starts with '.'"),
         ("x" * 201, "longer than"),
-        ("文" * 67, "201 bytes in UTF-8 \\(67 characters\\), longer than the 200-byte limit"),
+        ("文" * 67, "longer than 200 bytes in UTF-8 \\(201 bytes, 67 characters\\)"),
     ],
 )
 def test_bad_ids_rejected(bad: str, reason: str):
@@ -82,7 +82,7 @@ def test_id_limit_counts_utf8_bytes_and_reserve():
     assert check_id("文" * 66) == "文" * 66  # 198 bytes
     room = MAX_ID_BYTES - VARIANT_SUFFIX_BYTES
     assert check_id("x" * room, reserve_bytes=VARIANT_SUFFIX_BYTES)
-    with pytest.raises(ValueError, match=f"{room}-byte limit"):
+    with pytest.raises(ValueError, match=f"longer than {room} bytes"):
         check_id("x" * (room + 1), reserve_bytes=VARIANT_SUFFIX_BYTES)
     check_id("x" * room + "~9999999")  # the longest variant of an accepted caption id still fits
 

@@ -84,7 +84,7 @@ def test_missing_credentials_say_how_to_provide_them(no_gcp_credentials):
     with pytest.raises(CredentialsError) as exc:
         storage.exists("gs://some-bucket/caps.jsonl")
     msg = str(exc.value)
-    assert "cannot access gs://some-bucket/caps.jsonl: no Google Cloud credentials found" in msg
+    assert "cannot access gs://some-bucket: no Google Cloud credentials found" in msg
     assert "GOOGLE_APPLICATION_CREDENTIALS" in msg and "Workload Identity" in msg
-    with pytest.raises(CredentialsError, match="cannot access gs://some-bucket/runs"):
+    with pytest.raises(CredentialsError, match="cannot access gs://some-bucket:"):
         storage.list_uris("gs://some-bucket/runs")

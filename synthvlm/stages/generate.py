@@ -1,15 +1,20 @@
 """Image generation: SDXL images per caption, sharded, batched, resumable.
 
 Each image gets its own seed, derived from (global seed, image id, attempt), and its own
-torch.Generator, so it depends neither on the shard layout nor on its batch neighbours. With
-`images_per_prompt` N > 1 a caption `c` yields images `c~0` ... `c~{N-1}` (provenance.source_id = c), for
-best-of-N selection downstream; with N = 1 (SynthVLM §3.1) ids stay the caption ids.
+torch.Generator, so it depends neither on the shard layout nor, beyond floating-point rounding of batched
+kernels (measured: ~1e-6, enough to change some JPEG bytes), on its batch neighbours. Each record names
+the exact call (ids, captions, seeds, padding) that made it, so `synthvlm regenerate` repeats it byte for
+byte. With `images_per_prompt` N > 1 a caption `c` yields images `c~0` ... `c~{N-1}`
+(provenance.source_id = c), for best-of-N selection downstream; with N = 1 (SynthVLM §3.1) ids stay the
+caption ids.
 
-Work is committed per batch as a small part manifest with a done marker, written only after the
-batch's images: a rerun skips finished parts (by image id, so another batch size on rerun is fine),
-regenerates the rest, and finally publishes the union as the shard manifest. A finished shard is
-skipped outright. Images go straight to `{output_dir}/images/{id}.{ext}` (a local folder or gs://);
-dropped ids and their reasons to `{output_dir}/rejects/shard-*.jsonl`.
+The stage runs through synthvlm.runner: everything of one fingerprint (settings that change images, the
+captions manifest) lives under `{output_dir}/generate-<fingerprint>/`: `images/{id}.{ext}`,
+`shards/shard-*.jsonl` and `rejects/shard-*.jsonl`; a copy of the latest shard manifests is published at
+`{output_dir}/shards/`. Images made under other settings are never reused. Within one fingerprint, work is
+committed per batch as a small part manifest with a done marker, written only after the batch's images: a
+rerun skips finished parts (by image id, so another batch size on rerun is fine), regenerates the rest,
+and finally publishes the union as the shard manifest. Temp files of writes a kill interrupted are removed.
 
 Encoding and upload run on background threads while the next batch denoises (a bounded queue of
 parts; an error there stops the stage, and parts already handed over are still committed). Optional:

@@ -108,10 +108,55 @@ def test_local_run_produces_the_exported_dataset(tmp_path: Path):
     assert [r.id for r in manifest] == [s["id"] for s in dataset]
     assert all("clip" in r.scores and r.provenance["generation"]["steps"] == 2 for r in manifest)
     assert read_stats(str(root / "captions" / "captions.jsonl"))["count_out"] == 6
-    assert sum(read_stats(str(p))["count_out"] for p in (root / "shards").glob("shard-*.jsonl")) == 6
+    shards = (root / "generate" / "shards").glob("shard-*.jsonl")
+    assert sum(read_stats(str(p))["count_out"] for p in shards) == 6
     assert is_done(str(root / "report.html"))
     assert "demo preset uses tiny RANDOM-WEIGHT" in proc.stdout
     assert str(root / "report.html") in proc.stdout
+
+
+RUNNER_STAGES = 9  # captions, curate, 2 x generate, 2 x clip_score, select, export_llava, report
+
+
+def _runner_lines(proc: subprocess.CompletedProcess, what: str) -> list[str]:
+    return [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if "synthvlm.runner" in line and what in line
+    ]
+
+
+@pytest.mark.slow
+def test_rerun_with_other_k_recomputes_from_select_on_and_an_unchanged_rerun_skips_everything(tmp_path: Path):
+    root = tmp_path / "run"
+    base = ("max_captions=6", "generate.steps=2", "generate.height=64", "generate.width=64")
+    first = _run(root, *base, "select.k=5")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert len(_runner_lines(first, ": computing")) == RUNNER_STAGES
+    first_selection = read_stats(str(root / "select" / "selected.jsonl"))["published_from"]
+
+    second = _run(root, *base, "select.k=3")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    dataset = json.loads((root / "export" / "llava_pretrain.json").read_text())
+    assert len(dataset) == 3 and len(read_manifest(str(root / "export" / "manifest.jsonl"))) == 3
+    report = (root / "report.html").read_text()
+    assert "3 records selected" in report and "5 records selected" not in report
+    assert "&quot;k&quot;: 3" in report  # the report shows the settings that made the selection
+    # Only select and what reads it were recomputed; the first selection is still readable.
+    recomputed = _runner_lines(second, "changed since")
+    assert sorted(line.split("synthvlm.runner: ")[1].split(":")[0] for line in recomputed) == [
+        "export_llava",
+        "report",
+        "select",
+    ]
+    assert len(_runner_lines(second, "unchanged")) == RUNNER_STAGES - 3
+    assert len(read_manifest(first_selection)) == 5
+
+    third = _run(root, *base, "select.k=3")
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert len(_runner_lines(third, "unchanged")) == RUNNER_STAGES
+    assert not _runner_lines(third, ": computing") and not _runner_lines(third, "changed since")
+    assert len(json.loads((root / "export" / "llava_pretrain.json").read_text())) == 3
 
 
 @pytest.mark.slow

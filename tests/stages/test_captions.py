@@ -147,4 +147,4 @@ def test_caption_id_too_long_in_bytes_leaves_room_for_variants(tmp_path: Path):
         read_captions(str(src))
     [problem] = exc.value.problems
     assert (problem.line, problem.field) == (2, "id")
-    assert "300 bytes in UTF-8 (100 characters), longer than the 192-byte limit" in str(problem)
+    assert "id is longer than 192 bytes in UTF-8 (300 bytes, 100 characters)" in str(problem)

@@ -66,7 +66,9 @@ def direct_cosine(model, preprocess, tokenizer, image: Image.Image, text: str) -
 
 
 def tiny_config(**overrides) -> ScoreConfig:
-    return ScoreConfig(**{"model": TINY_CLIP, "pretrained": None, "device": "cpu", "batch_size": 2, **overrides})
+    return ScoreConfig(
+        **{"model": TINY_CLIP, "pretrained": None, "device": "cpu", "batch_size": 2, **overrides}
+    )
 
 
 def test_clip_scores_equal_direct_open_clip_computation(tiny_clip) -> None:

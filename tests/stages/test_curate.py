@@ -16,8 +16,8 @@ from synthvlm.llm.fake_server import FakeLLMServer
 from synthvlm.models.clip import TINY_CLIP, load_clip
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stage import done_uri, is_done, read_stats
-from synthvlm.stages.clip_score import clip_scores
 from synthvlm.stages import curate as curate_module
+from synthvlm.stages.clip_score import clip_scores
 from synthvlm.stages.curate import (
     JUDGE_PROMPT,
     CurateConfig,
@@ -177,7 +177,9 @@ def test_steps_can_be_switched_off(paths) -> None:
     assert "llm_backend" not in read_stats(out)
 
 
-def test_rerun_returns_the_finished_output_without_redoing_work(paths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rerun_returns_the_finished_output_without_redoing_work(
+    paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_input(paths["input"], {**GOOD, "h1": BAD["h1"][0]})
     out = run(template_config(), paths)
     assert published(out, str(paths["output"]))
@@ -201,7 +203,10 @@ def test_rerun_returns_the_finished_output_without_redoing_work(paths, monkeypat
     assert {p: p.read_bytes() for p in (Path(done_uri(out)), Path(out))} == {
         p: before[p] for p in (Path(done_uri(out)), Path(out))
     }
-    assert {row["reason"] for row in rejects_of(paths["rejects"])} == {"special_char_ratio_low", "not_sampled"}
+    assert {row["reason"] for row in rejects_of(paths["rejects"])} == {
+        "special_char_ratio_low",
+        "not_sampled",
+    }
 
 
 def test_sample_is_deterministic_and_independent_of_input_order(tmp_path: Path) -> None:

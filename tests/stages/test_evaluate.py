@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from synthvlm.llm import LLMConfig
 from synthvlm.llm.fake_server import FakeLLMServer
 from synthvlm.stage import is_done, read_stats
 from synthvlm.stages.evaluate import EvalConfig, evaluate, items_uri, predictions_uri
+from tests.published import published
 
 COLORS = "bundled:eval_fixtures/colors.jsonl"
 
@@ -86,11 +88,14 @@ def reply_by_question(question: str, choices: Sequence[str] | None) -> str:
     return REPLIES[question.split("\n")[0]]
 
 
-def test_scores_a_mixed_benchmark(tmp_path: Path) -> None:
+def test_scores_a_mixed_benchmark(tmp_path: Path, gcs_emulator: str) -> None:
     bench = write_bench(tmp_path / "mixed.jsonl", ROWS)
-    out = str(tmp_path / "eval" / "model-a.json")
+    stable = str(tmp_path / "eval" / "model-a.json")
     answerer = Scripted(reply_by_question)
-    assert evaluate(EvalConfig(), "gs://b/models/model-a/", [bench], out, answerer=answerer) == out
+    # (The model URI is fingerprinted by the runner: it looks for a marker, here in the emulator.)
+    model_uri = f"{gcs_emulator}/models/model-a/"
+    out = evaluate(EvalConfig(), model_uri, [bench], stable, answerer=answerer)
+    assert published(out, stable)
 
     doc = json.loads(Path(out).read_text())
     assert doc["model"] == "model-a"  # from the model URI
@@ -164,11 +169,21 @@ def test_circular_eval_asks_every_rotation(tmp_path: Path) -> None:
 
 def test_done_output_is_not_redone(tmp_path: Path) -> None:
     bench = write_bench(tmp_path / "mixed.jsonl", ROWS)
-    out = str(tmp_path / "out.json")
-    evaluate(EvalConfig(), "m", [bench], out, answerer=Scripted(reply_by_question))
+    stable = str(tmp_path / "out.json")
+    first = evaluate(EvalConfig(), "m", [bench], stable, answerer=Scripted(reply_by_question))
+    assert published(first, stable)
+    before = Path(first).read_bytes()
     again = Scripted(reply_by_question)
-    assert evaluate(EvalConfig(), "m", [bench], out, answerer=again) == out
+    # batch_size only groups the questions: the same fingerprint, nothing is asked again.
+    assert evaluate(EvalConfig(batch_size=2), "m", [bench], stable, answerer=again) == first
     assert again.calls == []
+
+    # A setting that changes the questions is evaluated again into a new version; the old one stays.
+    changed = Scripted(reply_by_question)
+    second = evaluate(EvalConfig(circular=True), "m", [bench], stable, answerer=changed)
+    assert second != first and published(second, stable)
+    assert len(changed.calls) == 8  # 5 single questions + 3 rotations of the multiple-choice item
+    assert Path(first).read_bytes() == before and is_done(first)
 
 
 def test_rerun_after_a_crash_reuses_finished_benchmarks(tmp_path: Path) -> None:
@@ -183,22 +198,34 @@ def test_rerun_after_a_crash_reuses_finished_benchmarks(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="preempted"):
         evaluate(EvalConfig(), "m", [first, second], out, answerer=Scripted(crashes_on_second))
-    assert is_done(predictions_uri(out, "first")) and not is_done(out)
+    (version,) = tmp_path.glob("evaluate-*")  # the fingerprint folder the crashed run wrote into
+    crashed = str(version / "out.json")
+    assert is_done(predictions_uri(crashed, "first")) and not is_done(crashed) and not is_done(out)
     resumed = Scripted(reply_by_question)
-    evaluate(EvalConfig(), "m", [first, second], out, answerer=resumed)
+    assert evaluate(EvalConfig(), "m", [first, second], out, answerer=resumed) == crashed
     assert len(resumed.calls) == 4  # only the second benchmark's items
     assert set(json.loads(Path(out).read_text())["benchmarks"]) == {"first", "second"}
+    assert published(crashed, out)
 
 
 def test_changed_questions_are_asked_again(tmp_path: Path) -> None:
     bench = write_bench(tmp_path / "mc.jsonl", [ROWS[2]])
-    first = str(tmp_path / "first.json")
-    evaluate(EvalConfig(), "m", [bench], first, answerer=Scripted(lambda q, c: "B"))
-    # A new results file reusing the same predictions folder, now with CircularEval: asked again.
-    second = first.replace("first.json", "first-v2.json")
-    Path(predictions_uri(first, "mc")).parent.rename(Path(predictions_uri(second, "mc")).parent)
+    stable = str(tmp_path / "first.json")
+    first = evaluate(EvalConfig(), "m", [bench], stable, answerer=Scripted(lambda q, c: "B"))
+
+    def crashes(question: str, choices: Sequence[str] | None) -> str:
+        raise RuntimeError("preempted")
+
+    # CircularEval gets its own fingerprint folder; a crashed start leaves it without predictions.
+    with pytest.raises(RuntimeError, match="preempted"):
+        evaluate(EvalConfig(circular=True), "m", [bench], stable, answerer=Scripted(crashes))
+    (circular_dir,) = {p for p in tmp_path.glob("evaluate-*")} - {Path(first).parent}
+    second = str(circular_dir / "first.json")
+    # Finished predictions of other questions (no rotations) found there are not reused: asked again.
+    shutil.copytree(Path(predictions_uri(first, "mc")).parent, Path(predictions_uri(second, "mc")).parent)
+    assert is_done(predictions_uri(second, "mc"))
     again = Scripted(lambda q, c: "B")
-    evaluate(EvalConfig(circular=True), "m", [bench], second, answerer=again)
+    assert evaluate(EvalConfig(circular=True), "m", [bench], stable, answerer=again) == second
     assert len(again.calls) == 3
 
 
@@ -318,9 +345,13 @@ def tiny_llava_dir(tmp_path_factory) -> str:
 
 
 def test_tiny_llava_on_the_bundled_benchmark(tiny_llava_dir: str, tmp_path: Path) -> None:
-    out = str(tmp_path / "eval" / "tiny.json")
-    config = EvalConfig(device="cpu", max_new_tokens=3)
-    evaluate(config, tiny_llava_dir, [COLORS], out, model_name="tiny")
+    out = evaluate(
+        EvalConfig(device="cpu", max_new_tokens=3),
+        tiny_llava_dir,
+        [COLORS],
+        str(tmp_path / "eval" / "tiny.json"),
+        model_name="tiny",
+    )
     doc = json.loads(Path(out).read_text())
     metrics = doc["benchmarks"]["colors"]["metrics"]
     assert set(metrics) == {"vqa", "multiple_choice", "yes_no", "keyword"}
@@ -353,7 +384,7 @@ def test_components(tiny_llava_dir: str, tmp_path: Path) -> None:
         metrics=metrics,
         report=report,
     )
-    assert out == str(tmp_path / "run" / "eval" / "tiny.json") and is_done(out)
+    assert published(out, str(tmp_path / "run" / "eval" / "tiny.json")) and is_done(out)
     assert metrics.logged["count_in"] == 2.0 and "colors.vqa.accuracy" in metrics.logged
     assert "<th>tiny</th>" in Path(report.path).read_text()
 

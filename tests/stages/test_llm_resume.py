@@ -4,8 +4,9 @@ is asked again, and the rerun completes.
 
 The stage is `synthvlm curate` (the LLM caption judge, one request per caption) run as a CLI subprocess
 with its output at `<dir>/curated.jsonl`, so its response cache is the default for a stage run without
-a data root: `<dir>/llm-cache` (the pipeline's components pass `<data root>/llm-cache`). An answer the server sent but the child had not yet written to the cache
-when it died may be asked again: that is at most the requests in flight (counted and bounded below).
+a data root: `<dir>/llm-cache` (the pipeline's components pass `<data root>/llm-cache`). An answer the
+server sent but the child had not yet written to the cache when it died may be asked again: that is at
+most the requests in flight (counted and bounded below).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from synthvlm.stages import stablellava as sl
 from synthvlm.stages.clip_score import ScoreConfig, score
 from synthvlm.stages.generate import GenerateConfig, generate
 from synthvlm.stages.select import SelectConfig, select
+from tests.published import published
 
 TEMPLATE = BackendConfig(backend="template")
 
@@ -175,25 +176,44 @@ def test_template_end_to_end_from_keywords_to_exports(tmp_path: Path) -> None:
 
 
 def test_stages_are_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stable = {name: str(tmp_path / name) for name in ("keywords.json", "prompts.jsonl", "d.jsonl")}
     kw_uri = keywords(tmp_path)
-    prompts_uri = sl.generate_prompts(
-        small_prompts(pairs_per_relation=0), kw_uri, str(tmp_path / "prompts.jsonl")
-    )
-    dialogues_uri = sl.generate_dialogues(
-        sl.DialoguesConfig(llm=TEMPLATE), prompts_uri, str(tmp_path / "d.jsonl")
-    )
-    before = {p: Path(p).read_bytes() for p in (kw_uri, prompts_uri, dialogues_uri)}
+    prompts_config = small_prompts(pairs_per_relation=0)
+    prompts_uri = sl.generate_prompts(prompts_config, kw_uri, stable["prompts.jsonl"])
+    dialogues_uri = sl.generate_dialogues(sl.DialoguesConfig(llm=TEMPLATE), prompts_uri, stable["d.jsonl"])
+    returned = {"keywords.json": kw_uri, "prompts.jsonl": prompts_uri, "d.jsonl": dialogues_uri}
+    for name, uri in returned.items():
+        assert published(uri, stable[name])
+        assert Path(sl.rejects_uri(uri)).read_bytes() == Path(sl.rejects_uri(stable[name])).read_bytes()
+    files = [*returned.values(), *stable.values()]
+    before = {p: Path(p).read_bytes() for p in files}
 
-    def no_llm(config):
+    real_make_backend = sl.make_backend
+
+    def no_llm(*args, **kwargs):
         raise AssertionError("a finished stage must not call the LLM again")
 
     monkeypatch.setattr(sl, "make_backend", no_llm)
+    # The same settings (and the LLM's runtime settings, left out of the fingerprint): nothing is redone.
     assert keywords(tmp_path) == kw_uri
-    assert sl.generate_prompts(small_prompts(), kw_uri, prompts_uri) == prompts_uri
+    patient = TEMPLATE.model_copy(update={"timeout_s": 99.0})
+    same_prompts = prompts_config.model_copy(update={"llm": patient})
+    assert sl.generate_prompts(same_prompts, kw_uri, stable["prompts.jsonl"]) == prompts_uri
     assert (
-        sl.generate_dialogues(sl.DialoguesConfig(llm=TEMPLATE), prompts_uri, dialogues_uri) == dialogues_uri
+        sl.generate_dialogues(sl.DialoguesConfig(llm=TEMPLATE), prompts_uri, stable["d.jsonl"])
+        == dialogues_uri
     )
     assert {p: Path(p).read_bytes() for p in before} == before
+
+    # A changed setting is computed again, into a new version; the old version stays readable.
+    with pytest.raises(AssertionError, match="must not call the LLM"):
+        sl.generate_prompts(small_prompts(), kw_uri, stable["prompts.jsonl"])
+    monkeypatch.setattr(sl, "make_backend", real_make_backend)
+    with_pairs = sl.generate_prompts(small_prompts(), kw_uri, stable["prompts.jsonl"])
+    assert with_pairs != prompts_uri and published(with_pairs, stable["prompts.jsonl"])
+    kinds = Counter(r.provenance["kind"] for r in read_manifest(with_pairs))
+    assert kinds["pair"] > 0 and "pair" not in {r.provenance["kind"] for r in read_manifest(prompts_uri)}
+    assert Path(prompts_uri).read_bytes() == before[prompts_uri]
 
 
 def test_prompts_are_deterministic_given_a_seed(tmp_path: Path) -> None:

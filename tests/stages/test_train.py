@@ -8,9 +8,10 @@ from transformers import LlavaForConditionalGeneration
 
 from synthvlm import storage
 from synthvlm.errors import ConfigError
+from synthvlm.runner import LATEST_SUFFIX
 from synthvlm.stage import StageStats, is_done, mark_done, read_stats
 from synthvlm.stages import train as train_stage
-from synthvlm.stages.train import ClusterJobConfig, TrainConfig, TrainDataset, model_uri, train
+from synthvlm.stages.train import MODEL_DIR, ClusterJobConfig, TrainConfig, TrainDataset, model_uri, train
 from synthvlm.testing.fake_kube import FakeKubeServer
 from synthvlm.train.config import parse_datasets
 from synthvlm.train.kubeflow import TrainingJobFailed
@@ -26,11 +27,21 @@ def captions(tmp_path):
     ]
 
 
+def latest(output_dir: str) -> dict:
+    """The pointer the runner publishes at `<output_dir>/model.latest.json` (a model is not copied)."""
+    return json.loads(storage.read_text(model_uri(output_dir) + LATEST_SUFFIX))
+
+
 def test_train_writes_the_model_and_marker_then_skips_when_done(captions, tmp_path, monkeypatch):
-    out = train(tiny_config("pretrain"), captions, str(tmp_path / "run"))
-    assert out == model_uri(str(tmp_path / "run")) and is_done(out)
+    run_dir = str(tmp_path / "run")
+    out = train(tiny_config("pretrain"), captions, run_dir)
+    version = out.removesuffix("/" + MODEL_DIR)
+    assert version.startswith(run_dir + "/train-") and out == model_uri(version) and is_done(out)
+    assert latest(run_dir)["published_from"] == out
+    assert not storage.exists(model_uri(run_dir))  # no copy of the weights at the stable path
     stats = read_stats(out)
-    assert stats["stage"] == "train_pretrain" and stats["global_step"] == 4
+    # The runner names the stage "train"; which training stage it was is in the settings.
+    assert (stats["stage"], stats["settings"]["stage"], stats["global_step"]) == ("train", "pretrain", 4)
     assert stats["count_in"] == 4 and stats["count_out"] == 8  # 4 steps x global batch 2
     assert (stats["template"], stats["learning_rate"]) == ("plain", 1e-2)
     LlavaForConditionalGeneration.from_pretrained(out)
@@ -39,7 +50,25 @@ def test_train_writes_the_model_and_marker_then_skips_when_done(captions, tmp_pa
         raise AssertionError("a finished output was trained again")
 
     monkeypatch.setattr("synthvlm.train.trainer.run_training", must_not_run)
-    assert train(tiny_config("pretrain"), captions, str(tmp_path / "run")) == out
+    assert train(tiny_config("pretrain"), captions, run_dir) == out
+    # Logging and checkpoint scheduling cannot change the model: still the same version.
+    assert train(tiny_config("pretrain", logging_steps=3, save_steps=1), captions, run_dir) == out
+
+    # A changed learning rate trains again, into a new version; the old one stays readable.
+    trained_in = []
+
+    def fake_training(config, datasets, output_dir):
+        trained_in.append(output_dir)
+        storage.write_text(f"{model_uri(output_dir)}/config.json", "{}")
+        return {"is_main_process": True, "samples_per_epoch": 4, "global_step": 4}
+
+    monkeypatch.setattr("synthvlm.train.trainer.run_training", fake_training)
+    second = train(tiny_config("pretrain", learning_rate=5e-3), captions, run_dir)
+    assert trained_in == [second.removesuffix("/" + MODEL_DIR)] and second != out
+    assert second.startswith(run_dir + "/train-") and read_stats(second)["learning_rate"] == 5e-3
+    assert latest(run_dir)["published_from"] == second
+    assert read_stats(out)["learning_rate"] == 1e-2
+    LlavaForConditionalGeneration.from_pretrained(out)
 
 
 def test_gcs_output_resumes_on_a_fresh_disk(captions, tmp_path, gcs_emulator, monkeypatch):
@@ -55,11 +84,16 @@ def test_gcs_output_resumes_on_a_fresh_disk(captions, tmp_path, gcs_emulator, mo
     config = tiny_config("sft", local_work_dir=str(tmp_path / "pod-1"))
     with pytest.raises(KeyboardInterrupt):
         train(config, captions, output)
-    assert [step for step, _ in remote_checkpoints(f"{output}/checkpoints")] == [2]
+    # Checkpoints live in the run's fingerprint folder.
+    (version,) = {uri[len(output) + 1 :].split("/")[0] for uri in storage.list_uris(output)}
+    assert version.startswith("train-")
+    assert [step for step, _ in remote_checkpoints(f"{output}/{version}/checkpoints")] == [2]
 
     monkeypatch.setattr(LlavaTrainer, "training_step", original)
     config = tiny_config("sft", local_work_dir=str(tmp_path / "pod-2"))  # the pod restarted elsewhere
     out = train(config, captions, output)
+    assert out == f"{output}/{version}/{MODEL_DIR}"  # local_work_dir is not part of the fingerprint
+    assert latest(output)["published_from"] == out
     stats = read_stats(out)
     assert stats["resumed_from"] == "checkpoint-2" and stats["global_step"] == 4
     local = tmp_path / "downloaded"
