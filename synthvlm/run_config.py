@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from synthvlm.config import StageConfig, validate
 from synthvlm.errors import ConfigError
+from synthvlm.scoring import ScoreConfig
 from synthvlm.stages.captions import DEMO_CAPTIONS, CaptionsConfig
-from synthvlm.stages.clip_score import ScoreConfig
 from synthvlm.stages.curate import CurateConfig
 from synthvlm.stages.evaluate import EvalConfig
 from synthvlm.stages.export_llava import ExportConfig

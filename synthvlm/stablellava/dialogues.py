@@ -25,13 +25,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from synthvlm.llava_format import brief_instruction
 from synthvlm.llm import LLMRequest, LLMResult
 from synthvlm.records import Record
 from synthvlm.stablellava.abilities import QUESTION_TYPES, Ability, QuestionType
 from synthvlm.stablellava.emphasis import keyword_text
 from synthvlm.stablellava.filters import Verdict, answer_length_problem
 from synthvlm.stablellava.prompts import PAIR_EXAMPLES, input_block
-from synthvlm.stages.export_llava import brief_instruction
 
 DialogueKind = Literal["caption", "qa", "multi_turn", "multi_image", "eval"]
 TRAIN_KINDS: tuple[DialogueKind, ...] = ("caption", "qa", "multi_turn", "multi_image")

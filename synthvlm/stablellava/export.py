@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from synthvlm.llava_format import IMAGE_TOKEN
 from synthvlm.stablellava.dialogues import Dialogue, Turn
-from synthvlm.stages.export_llava import IMAGE_TOKEN
 
 
 def conversations(turns: Sequence[Turn], image_count: int) -> list[dict[str, str]]:

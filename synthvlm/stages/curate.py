@@ -47,11 +47,11 @@ from synthvlm.llm.backend import Backend, BackendConfig, make_backend
 from synthvlm.llm.client import LLMRequest
 from synthvlm.llm.fingerprint import llm_runtime_fields
 from synthvlm.llm.template_backend import register_template, request_text
+from synthvlm.ranking import fraction_count
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.runner import LLM_CACHE_DIR, Stage, StageRun, run_stage
+from synthvlm.scoring import ScoreConfig
 from synthvlm.stage import StageStats
-from synthvlm.stages.clip_score import ScoreConfig
-from synthvlm.stages.select import fraction_count
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def _score_raw_images(
 
     from synthvlm.devices import resolve_device, resolve_dtype
     from synthvlm.models.clip import load_clip
-    from synthvlm.stages.clip_score import apply_form, cosine_batch, load_pixels
+    from synthvlm.scoring import apply_form, cosine_batch, load_pixels
 
     device = resolve_device(config.device)
     # as stages.clip_score: float16 on GPU for "auto" (CLIP's training precision), else the named dtype

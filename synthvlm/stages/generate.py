@@ -51,8 +51,10 @@ from pydantic import Field
 from synthvlm import devices, stage, storage
 from synthvlm import runner as stage_runner
 from synthvlm.config import StageConfig
+from synthvlm.embeddings import EMBEDDINGS_SUFFIX, embeddings_uri, read_embeddings, write_embeddings
 from synthvlm.errors import ConfigError, InputError
 from synthvlm.models.sdxl import SchedulerName, load_sdxl, load_sdxl_refiner, model_revision
+from synthvlm.ranking import SOURCE_ID_KEY
 from synthvlm.records import Record, check_id, read_manifest, write_manifest
 from synthvlm.safety import (
     REJECT_BLOCKED_PROMPT,
@@ -62,14 +64,7 @@ from synthvlm.safety import (
     check_images,
     load_image_checker,
 )
-from synthvlm.stages.clip_score import REJECT_NON_FINITE, ScoreConfig, TensorScorer, with_score
-from synthvlm.stages.select import (
-    EMBEDDINGS_SUFFIX,
-    SOURCE_ID_KEY,
-    embeddings_uri,
-    read_embeddings,
-    write_embeddings,
-)
+from synthvlm.scoring import REJECT_NON_FINITE, ScoreConfig, TensorScorer, with_score
 
 log = logging.getLogger(__name__)
 

@@ -19,19 +19,18 @@ that any fraction > 0 of a non-empty input keeps at least one record.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from fractions import Fraction
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
 
-from synthvlm import storage
 from synthvlm.config import StageConfig
+from synthvlm.embeddings import read_embeddings
 from synthvlm.errors import ConfigError, InputError
+from synthvlm.ranking import fraction_count, source_id
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.runner import Stage, StageRun, run_stage
 from synthvlm.stage import StageStats
@@ -45,8 +44,6 @@ REJECT_NOT_IN_TOP_K = "not in top-k"
 REJECT_NOT_BEST_OF_N = "not best of n"
 REJECT_NEAR_DUPLICATE = "near duplicate"
 
-SOURCE_ID_KEY = "source_id"  # provenance key naming the caption record an image was generated from
-EMBEDDINGS_SUFFIX = ".image_embeddings.npy"
 _DEDUP_BLOCK = 1024  # our choice: rows compared per matrix product; bounds memory at any scale
 
 
@@ -70,11 +67,6 @@ class SelectConfig(StageConfig):
         if not value.strip():
             raise ValueError("score_key is empty")
         return value
-
-
-def fraction_count(n: int, fraction: float) -> int:
-    """How many of `n` records top_fraction keeps: ceil(fraction * n), fraction read as a decimal."""
-    return min(n, math.ceil(Fraction(str(fraction)) * n))
 
 
 def record_score(record: Record, score_key: str, source: str = "records", line: int | None = None) -> float:
@@ -101,43 +93,12 @@ def _ranked(records: Iterable[Record], score_key: str) -> list[Record]:
     return sorted(records, key=lambda rec: (-record_score(rec, score_key), rec.id))
 
 
-def source_id(record: Record) -> str:
-    """The id of the caption record this record's image was generated from (itself if not recorded)."""
-    return str(record.provenance.get(SOURCE_ID_KEY, record.id))
-
-
 def best_per_source(records: Iterable[Record], score_key: str) -> list[Record]:
     """The best record of each source id (score descending, then id ascending), best first."""
     best: dict[str, Record] = {}
     for rec in _ranked(records, score_key):
         best.setdefault(source_id(rec), rec)
     return list(best.values())
-
-
-def embeddings_uri(manifest_uri: str) -> str:
-    """The image-embedding sidecar of a scored manifest (row i = record i)."""
-    return manifest_uri + EMBEDDINGS_SUFFIX
-
-
-def write_embeddings(manifest_uri: str, embeddings: np.ndarray) -> None:
-    """Store L2-normalised image embeddings (float16: cosines to ~1e-3) next to `manifest_uri`."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(embeddings, dtype=np.float16), allow_pickle=False)
-    storage.write_bytes(embeddings_uri(manifest_uri), buf.getvalue(), content_type="application/octet-stream")
-
-
-def read_embeddings(manifest_uri: str, count: int) -> np.ndarray:
-    """The sidecar of `manifest_uri`; it must have one row per record."""
-    uri = embeddings_uri(manifest_uri)
-    if not storage.exists(uri):
-        raise InputError(
-            manifest_uri,
-            f"no image embeddings ({uri} missing): score with save_embeddings on, or unset dedup_threshold",
-        )
-    embeddings = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
-    if embeddings.ndim != 2 or len(embeddings) != count:
-        raise InputError(uri, f"expected {count} rows (one per record), got shape {embeddings.shape}")
-    return embeddings
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ import synthvlm.stablellava.templates  # noqa: F401  (registers the offline temp
 from synthvlm import storage
 from synthvlm.config import StageConfig
 from synthvlm.errors import InputError
+from synthvlm.llava_format import relative_image_path
 from synthvlm.llm import LLMRequest, LLMResult
 from synthvlm.llm.backend import Backend, BackendConfig, make_backend
 from synthvlm.llm.fingerprint import llm_runtime_fields
@@ -73,7 +74,6 @@ from synthvlm.stablellava.prompts import (
     sample_keywords,
 )
 from synthvlm.stage import StageStats
-from synthvlm.stages.export_llava import relative_image_path
 
 log = logging.getLogger(__name__)
 

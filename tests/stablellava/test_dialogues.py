@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from synthvlm.llava_format import brief_instructions
 from synthvlm.llm import LLMResult
 from synthvlm.records import Record
 from synthvlm.stablellava.abilities import load_registry
@@ -23,7 +24,6 @@ from synthvlm.stablellava.dialogues import (
     to_dialogue,
 )
 from synthvlm.stablellava.filters import ANSWER_TOO_LONG
-from synthvlm.stages.export_llava import brief_instructions
 
 REGISTRY = load_registry()
 

@@ -11,20 +11,21 @@ from PIL import Image
 
 from synthvlm import storage
 from synthvlm.config import validate
+from synthvlm.embeddings import embeddings_uri, read_embeddings
 from synthvlm.errors import ConfigError
 from synthvlm.models.clip import TINY_CLIP, load_clip
 from synthvlm.records import Record, read_manifest, write_manifest
-from synthvlm.stage import is_done, read_stats
-from synthvlm.stages import clip_score
-from synthvlm.stages.clip_score import (
+from synthvlm.scoring import (
     ScoreConfig,
     TensorScorer,
     apply_form,
     clip_scores,
-    score,
+    cosine_batch,
     tensor_transform,
 )
-from synthvlm.stages.select import embeddings_uri, read_embeddings
+from synthvlm.stage import is_done, read_stats
+from synthvlm.stages import clip_score
+from synthvlm.stages.clip_score import score
 from tests.published import published
 
 
@@ -243,7 +244,7 @@ def test_low_precision_scores_are_float32_and_close_to_full_precision(tiny_clip)
     images, texts = [red_square(), noise_image(6)], ["a red square", "static"]
     pixels = torch.stack([preprocess(img) for img in images])
 
-    cosines = clip_score.cosine_batch(model, tokenizer, pixels, texts)
+    cosines = cosine_batch(model, tokenizer, pixels, texts)
 
     assert cosines.dtype == torch.float32
     full = clip_scores(*tiny_clip, images, texts)

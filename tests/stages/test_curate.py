@@ -15,9 +15,9 @@ from synthvlm.errors import SynthVLMError
 from synthvlm.llm.fake_server import FakeLLMServer
 from synthvlm.models.clip import TINY_CLIP, load_clip
 from synthvlm.records import Record, read_manifest, write_manifest
+from synthvlm.scoring import clip_scores
 from synthvlm.stage import done_uri, is_done, read_stats
 from synthvlm.stages import curate as curate_module
-from synthvlm.stages.clip_score import clip_scores
 from synthvlm.stages.curate import (
     JUDGE_PROMPT,
     CurateConfig,

@@ -9,15 +9,10 @@ from PIL import Image
 
 from synthvlm import storage
 from synthvlm.errors import InputError
+from synthvlm.llava_format import brief_instruction, brief_instructions, relative_image_path
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stage import is_done, read_stats
-from synthvlm.stages.export_llava import (
-    ExportConfig,
-    brief_instruction,
-    brief_instructions,
-    export_llava,
-    relative_image_path,
-)
+from synthvlm.stages.export_llava import ExportConfig, export_llava
 from tests.published import published
 
 

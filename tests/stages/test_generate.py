@@ -5,6 +5,7 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image
 
 from synthvlm import safety, stage, storage
 from synthvlm.config import validate
+from synthvlm.embeddings import read_embeddings
 from synthvlm.errors import ConfigError, InputError
 from synthvlm.models.clip import TINY_CLIP
 from synthvlm.models.sdxl import TINY_SDXL, TINY_SDXL_REFINER, build_tiny_sdxl
@@ -33,7 +35,6 @@ from synthvlm.stages.generate import (
     rejects_uri,
     shard_manifest_uri,
 )
-from synthvlm.stages.select import read_embeddings
 
 CAPTIONS = [
     "a red car on a bridge",
@@ -598,3 +599,24 @@ def test_blocked_prompts_and_unsafe_images_are_dropped_with_reasons(tmp_path, sp
     assert sorted(json.loads(line)["id"] for line in lines) == ["cap-000", "cap-002", "cap-003"]
     assert not storage.exists(shard.rsplit("/shards/", 1)[0] + "/images/cap-000.jpg")
     assert sum(flagged_batches) == 3
+
+
+def test_temp_files_of_a_killed_write_are_removed_by_the_next_run_of_that_shard(tmp_path) -> None:
+    captions = str(tmp_path / "captions.jsonl")
+    write_captions(captions, n=4)
+    out = str(tmp_path / "run")
+    vdir = Path(gen.version_dir(tiny_config(), captions, out))
+    # What a SIGKILL mid-write leaves: temp files next to an image and a part of shard 0 of 2, and one
+    # of an image that belongs to shard 1 (another pod may be writing it right now).
+    (vdir / "images").mkdir(parents=True)
+    mine = vdir / "images" / ".cap-000.jpg.k3j2h1.tmp"
+    other = vdir / "images" / ".cap-001.jpg.x9y8z7.tmp"
+    parts = vdir / "shards" / "shard-00000-of-00002.parts"
+    parts.mkdir(parents=True)
+    part_tmp = parts / ".part-000000.jsonl.a1b2c3.tmp"
+    for path in (mine, other, part_tmp):
+        path.write_bytes(b"half written")
+    shard = generate(tiny_config(), captions, out, rank=0, world_size=2)
+    assert [r.id for r in read_manifest(shard)] == ["cap-000", "cap-002"]
+    assert not mine.exists() and not part_tmp.exists()
+    assert other.exists()  # shard 1's: left alone

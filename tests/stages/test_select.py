@@ -8,21 +8,13 @@ import numpy as np
 import pytest
 
 from synthvlm.config import validate
+from synthvlm.embeddings import embeddings_uri, read_embeddings, write_embeddings
 from synthvlm.errors import ConfigError, InputError
+from synthvlm.ranking import fraction_count, source_id
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stage import is_done, read_stats
 from synthvlm.stages import select as select_stage
-from synthvlm.stages.select import (
-    SelectConfig,
-    drop_near_duplicates,
-    embeddings_uri,
-    fraction_count,
-    read_embeddings,
-    select,
-    select_records,
-    source_id,
-    write_embeddings,
-)
+from synthvlm.stages.select import SelectConfig, drop_near_duplicates, select, select_records
 from tests.published import published
 
 
