@@ -54,7 +54,7 @@ from synthvlm.evaluation.metrics import ItemScore, by_ability, rotate_choices, s
 from synthvlm.evaluation.report import flat_metrics
 from synthvlm.llm import LLMClient, LLMConfig
 from synthvlm.llm.fingerprint import llm_runtime_fields
-from synthvlm.runner import LLM_CACHE_DIR, Stage, StageRun, run_stage
+from synthvlm.runner import LLM_CACHE_DIR, Stage, StageRun, plan_stage, run_stage
 from synthvlm.stage import StageStats, is_done, mark_done
 
 log = logging.getLogger(__name__)
@@ -288,17 +288,40 @@ def evaluate(
     """Evaluate one model on `benchmarks` (JSONL URIs, 'bundled:...' or 'lmms_eval:<task>'); returns the
     versioned results document (a copy is published at `output_uri`). `answerer` replaces the HF LLaVA model
     (tests, other backends)."""
-    jsonl, _ = split_benchmarks(benchmarks)
+    inputs, output, params = _run_args(model_uri_or_name, benchmarks, output_uri, model_name)
     return run_stage(
         EVALUATE,
         config,
-        # A trained model's fingerprint comes from its marker; a hub name is a param only.
-        {"model": model_uri_or_name, "benchmarks": [resolve_benchmark_uri(uri) for uri in jsonl]},
-        output_uri,
-        params={"model": model_uri_or_name, "model_name": model_name, "benchmarks": list(benchmarks)},
+        inputs,
+        output,
+        params=params,
         context={"answerer": answerer, "benchmarks": list(benchmarks), "model_name": model_name},
         data_root=data_root,
     )
+
+
+def _run_args(
+    model_uri_or_name: str, benchmarks: Sequence[str], output_uri: str, model_name: str | None
+) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(inputs, output, params) of the runner for one evaluation."""
+    jsonl, _ = split_benchmarks(benchmarks)
+    # A trained model's fingerprint comes from its marker; a hub name is a param only.
+    inputs = {"model": model_uri_or_name, "benchmarks": [resolve_benchmark_uri(uri) for uri in jsonl]}
+    params = {"model": model_uri_or_name, "model_name": model_name, "benchmarks": list(benchmarks)}
+    return inputs, output_uri, params
+
+
+def versioned_output(
+    config: EvalConfig,
+    model_uri_or_name: str,
+    benchmarks: Sequence[str],
+    output_uri: str,
+    *,
+    model_name: str | None = None,
+) -> str:
+    """Where `evaluate` with these arguments writes its results (its fingerprint folder), without running."""
+    inputs, output, params = _run_args(model_uri_or_name, benchmarks, output_uri, model_name)
+    return plan_stage(EVALUATE, config, inputs, output, params=params).output
 
 
 def _process(config: EvalConfig, run: StageRun) -> StageStats:

@@ -207,20 +207,24 @@ def stages_table_html(all_stats: Sequence[dict[str, Any]]) -> str:
 
 
 def settings_table_html(all_stats: Sequence[dict[str, Any]]) -> str:
-    """Per stage output: the fingerprint it was made under and its output-affecting settings."""
+    """Per stage: the fingerprint its outputs were made under and its output-affecting settings (the shards
+    of one stage share one fingerprint: one row, every output listed)."""
     rows = [
-        "<table class='stages settings'><thead><tr><th>stage</th><th>fingerprint</th><th>output</th>"
+        "<table class='stages settings'><thead><tr><th>stage</th><th>fingerprint</th><th>outputs</th>"
         "<th>settings (output-affecting)</th></tr></thead><tbody>"
     ]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for stats in all_stats:
-        settings = {**stats.get("settings", {}), **stats.get("params", {})}
+        key = (str(stats.get("stage", "?")), str(stats.get("fingerprint", "-")))
+        groups.setdefault(key, []).append(stats)
+    for (stage_name, fingerprint), members in groups.items():
+        settings = {**members[0].get("settings", {}), **members[0].get("params", {})}
         text = json.dumps(settings, sort_keys=True, ensure_ascii=False)
-        fingerprint = str(stats.get("fingerprint", "-"))[:16]
+        outputs = "<br>".join(f"<code>{html.escape(str(m.get('output', '-')))}</code>" for m in members)
         rows.append(
-            f"<tr><td>{html.escape(str(stats.get('stage', '?')))}</td>"
-            f"<td class='fingerprint'><code>{html.escape(fingerprint)}</code></td>"
-            f"<td><code>{html.escape(str(stats.get('output', '-')))}</code></td>"
-            f"<td class='settings'><code>{html.escape(text)}</code></td></tr>"
+            f"<tr><td>{html.escape(stage_name)}</td>"
+            f"<td class='fingerprint'><code>{html.escape(fingerprint[:16])}</code></td>"
+            f"<td>{outputs}</td><td class='settings'><code>{html.escape(text)}</code></td></tr>"
         )
     rows.append("</tbody></table>")
     return "".join(rows)

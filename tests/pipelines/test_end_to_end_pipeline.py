@@ -41,8 +41,12 @@ def test_local_end_to_end_run_trains_and_evaluates(tmp_path: Path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), cwd=REPO, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(json.loads((root / "export" / "llava_pretrain.json").read_text())) == 4
-    model = root / "train" / "sft" / "model"
+    # A model is not copied to a stable path: `model.latest.json` names the fingerprint folder's model.
+    pointer = json.loads((root / "train" / "sft" / "model.latest.json").read_text())
+    model = Path(pointer["published_from"])
+    assert model.parent.name.startswith("train-") and model.parent.parent == root / "train" / "sft"
     assert is_done(str(model)) and (model / "config.json").is_file()
+    assert pointer["settings"]["stage"] == "sft"
     from transformers import LlavaForConditionalGeneration
 
     assert LlavaForConditionalGeneration.from_pretrained(model).config.model_type == "llava"

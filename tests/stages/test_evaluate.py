@@ -15,7 +15,7 @@ from synthvlm.evaluation.lmms import LMMSEvalUnavailable
 from synthvlm.llm import LLMConfig
 from synthvlm.llm.fake_server import FakeLLMServer
 from synthvlm.stage import is_done, read_stats
-from synthvlm.stages.evaluate import EvalConfig, evaluate, items_uri, predictions_uri
+from synthvlm.stages.evaluate import EvalConfig, evaluate, items_uri, predictions_uri, versioned_output
 from tests.published import published
 
 COLORS = "bundled:eval_fixtures/colors.jsonl"
@@ -216,11 +216,11 @@ def test_changed_questions_are_asked_again(tmp_path: Path) -> None:
     def crashes(question: str, choices: Sequence[str] | None) -> str:
         raise RuntimeError("preempted")
 
-    # CircularEval gets its own fingerprint folder; a crashed start leaves it without predictions.
+    # CircularEval gets its own fingerprint folder; a crashed start leaves nothing in it.
     with pytest.raises(RuntimeError, match="preempted"):
         evaluate(EvalConfig(circular=True), "m", [bench], stable, answerer=Scripted(crashes))
-    (circular_dir,) = {p for p in tmp_path.glob("evaluate-*")} - {Path(first).parent}
-    second = str(circular_dir / "first.json")
+    second = versioned_output(EvalConfig(circular=True), "m", [bench], stable)
+    assert Path(second).parent != Path(first).parent
     # Finished predictions of other questions (no rotations) found there are not reused: asked again.
     shutil.copytree(Path(predictions_uri(first, "mc")).parent, Path(predictions_uri(second, "mc")).parent)
     assert is_done(predictions_uri(second, "mc"))

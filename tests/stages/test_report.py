@@ -16,6 +16,7 @@ from synthvlm.stages.report import (
     compute_histogram,
     grid_records,
     report_markdown,
+    settings_table_html,
     write_report,
 )
 from tests.published import published
@@ -224,3 +225,23 @@ def test_gpu_seconds_and_cost_estimate():
     assert gpu_seconds(stats) == 3960.0
     # 3960 s = 1.1 GPU-hours; at $3.00 per GPU-hour that is $3.30
     assert cost_line(stats, 3.0).endswith("(1.100 GPU-hours); estimated cost $3.30 at $3.00 per GPU-hour")
+
+
+def test_settings_table_shows_each_fingerprint_once_with_its_settings() -> None:
+    shard = {"stage": "generate", "fingerprint": "a" * 64, "settings": {"steps": 60}, "params": {}}
+    stats = [
+        {**shard, "output": "/d/generate/generate-aaaa/shards/shard-0.jsonl"},
+        {**shard, "output": "/d/generate/generate-aaaa/shards/shard-1.jsonl"},
+        {
+            "stage": "select",
+            "fingerprint": "b" * 64,
+            "settings": {"k": 3},
+            "params": {},
+            "output": "/d/s.jsonl",
+        },
+    ]
+    table = settings_table_html(stats)
+    assert table.count("<tr><td>generate</td>") == 1 and table.count("<tr><td>select</td>") == 1
+    assert "a" * 16 in table and "a" * 17 not in table
+    assert "shard-0.jsonl" in table and "shard-1.jsonl" in table
+    assert "&quot;steps&quot;: 60" in table and "&quot;k&quot;: 3" in table
