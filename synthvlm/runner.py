@@ -38,6 +38,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 from synthvlm import storage
+from synthvlm.progress import Progress
 from synthvlm.stage import StageStats, done_uri
 
 log = logging.getLogger("synthvlm.runner")
@@ -64,6 +65,10 @@ class StageRun:
 
     def path(self, relative: str) -> str:
         return storage.join(self.dir, relative)
+
+    def progress(self, total: int, unit: str = "items", *, done: int = 0, label: str = "") -> Progress:
+        """done/total, rate and ETA of this run's long work: a bar on a terminal, log lines in pods."""
+        return Progress(f"{self.stage} {label}".strip(), total, unit, done=done)
 
 
 @dataclass(frozen=True)

@@ -70,14 +70,16 @@ def _process(config: ScoreConfig, run: StageRun) -> StageStats:
     rejects = _Rejects(stats, input_manifest)
     scored: list[Record] = []
     embeddings: list[torch.Tensor] = []
-    with ThreadPoolExecutor(max_workers=config.read_workers) as pool:
+    with (
+        ThreadPoolExecutor(max_workers=config.read_workers) as pool,
+        run.progress(len(records), "images", label=input_manifest.rsplit("/", 1)[-1]) as progress,
+    ):
         for batch, loaded in prefetched_batches(pool, records, config.batch_size, preprocess):
             batch_scored, batch_embeddings = _score_loaded(model, tokenizer, batch, loaded, config, rejects)
             scored.extend(batch_scored)
             if batch_scored:
                 embeddings.append(batch_embeddings.half())  # what the sidecar stores: half the memory
-            done = len(scored) + sum(stats.rejects.values())
-            logger.info("%s: scored %d/%d", input_manifest, done, len(records))
+            progress.update(len(batch))
     if config.save_embeddings:
         width = embeddings[0].shape[1] if embeddings else 0
         write_embeddings(run.output, torch.cat(embeddings).numpy() if embeddings else np.empty((0, width)))

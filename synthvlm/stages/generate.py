@@ -54,6 +54,7 @@ from synthvlm.config import StageConfig
 from synthvlm.embeddings import EMBEDDINGS_SUFFIX, embeddings_uri, read_embeddings, write_embeddings
 from synthvlm.errors import ConfigError, InputError
 from synthvlm.models.sdxl import SchedulerName, load_sdxl, load_sdxl_refiner, model_revision
+from synthvlm.progress import Progress
 from synthvlm.ranking import SOURCE_ID_KEY
 from synthvlm.records import Record, check_id, read_manifest, write_manifest
 from synthvlm.safety import (
@@ -739,7 +740,10 @@ def _process(config: GenerateConfig, run: stage_runner.StageRun) -> stage.StageS
         *(rank, world_size, len(items), len(items) - len(todo), len(todo)),
     )
     if todo:
-        _generate_parts(painter or Painter(config), todo, config, run.dir, parts_dir, part_uris, part_stats)
+        label = f"shard {rank + 1}/{world_size}"
+        with run.progress(len(items), "images", done=len(items) - len(todo), label=label) as progress:
+            painter = painter or Painter(config)
+            _generate_parts(painter, todo, config, run.dir, parts_dir, part_uris, part_stats, progress)
     order = sorted(part_uris)
     stats = _finish_shard(
         items,
@@ -824,6 +828,7 @@ def _generate_parts(
     parts_dir: str,
     part_uris: dict[int, str],
     part_stats: dict[int, dict[str, Any]],
+    progress: Progress,
 ) -> None:
     """Paint `todo` batch by batch while earlier batches are written; adds the new parts to the dicts."""
     batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
@@ -842,5 +847,6 @@ def _generate_parts(
             committer.submit(index, commit)
             part_uris[index] = uri
             rate = len(batch) / max(time.monotonic() - started, 1e-9)
-            log.info("batch %d/%d painted, %.2f images/s", n + 1, len(batches), rate)
+            log.debug("batch %d/%d painted, %.2f images/s", n + 1, len(batches), rate)
+            progress.update(len(batch))
     part_stats.update(committer.results)

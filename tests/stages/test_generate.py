@@ -111,7 +111,7 @@ def decode(uri: str) -> Image.Image:
 def test_generate_writes_images_and_manifest_with_provenance(tmp_path, spy, caplog) -> None:
     inputs = write_captions(str(tmp_path / "captions.jsonl"))
     out = str(tmp_path / "run")
-    with caplog.at_level(logging.INFO, logger=gen.__name__):
+    with caplog.at_level(logging.INFO):
         shard = generate(tiny_config(), str(tmp_path / "captions.jsonl"), out)
     vdir = gen.version_dir(tiny_config(), str(tmp_path / "captions.jsonl"), out)
     assert shard == f"{vdir}/shards/shard-00000-of-00001.jsonl" and vdir.startswith(f"{out}/generate-")
@@ -156,7 +156,7 @@ def test_generate_writes_images_and_manifest_with_provenance(tmp_path, spy, capl
     assert rec.provenance["generation"]["diffusers_version"][0].isdigit()
     assert counts(shard) == (5, 5, {}, 0)
     assert len(spy.pipes) == 1 and sorted(spy.pipes[0].prompts) == sorted(r.caption for r in inputs)
-    assert "batch 3/3" in caplog.text and "images/s" in caplog.text
+    assert "generate shard 1/1: 5/5 images (100.0%)" in caplog.text and "done in" in caplog.text
     assert len(storage.list_uris(f"{vdir}/shards/shard-00000-of-00001.parts", ".jsonl")) == 3
 
 

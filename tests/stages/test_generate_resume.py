@@ -30,6 +30,7 @@ from synthvlm.stages.generate import GenerateConfig, generate, shard_manifest_ur
 DRIVER = (
     "import logging, sys\n"
     "logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='%(name)s: %(message)s')\n"
+    "logging.getLogger('synthvlm.stages.generate').setLevel(logging.DEBUG)\n"
     "from synthvlm.stages.generate import GenerateConfig, generate\n"
     "sys.stdin.readline()\n"
     "generate(GenerateConfig.model_validate_json(sys.argv[1]), sys.argv[2], sys.argv[3])\n"
