@@ -285,7 +285,12 @@ def cmd_run(args: argparse.Namespace) -> None:
             "      Use --preset paper for SDXL base 1.0, CLIP ViT-L-14 and a real LLM.",
             flush=True,
         )
-    run_local(args.pipeline, to_pipeline_arguments(config), pipeline_root=os.path.join(output, "kfp-local"))
+    run_local(
+        args.pipeline,
+        to_pipeline_arguments(config),
+        pipeline_root=os.path.join(output, "kfp-local"),
+        verbose=args.verbose,
+    )
     print("\nDone.")
     for label, path in RUN_RESULTS[args.pipeline]:
         print(f"  {label + ':':26} {storage.join(config.data_root, path)}")

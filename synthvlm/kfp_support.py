@@ -6,6 +6,7 @@ Components call `stage_metrics` (no KFP import needed there); the CLI calls `com
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -13,11 +14,14 @@ import os
 import re
 import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from synthvlm import stage
+from synthvlm.console import QuietConsole
 from synthvlm.errors import SynthVLMError, TaskFailedError
 
 log = logging.getLogger(__name__)
@@ -202,8 +206,42 @@ def compile_all(output_dir: str, names: list[str] | None = None) -> list[str]:
     return written
 
 
-def run_local(name: str, arguments: dict[str, Any], pipeline_root: str) -> None:
-    """Run a pipeline with kfp.local's SubprocessRunner in this Python environment."""
+def run_local(name: str, arguments: dict[str, Any], pipeline_root: str, *, verbose: bool = False) -> None:
+    """Run a pipeline with kfp.local's SubprocessRunner in this Python environment.
+
+    Unless `verbose`, the console shows one line per task start and end plus our own log lines
+    (synthvlm.console.QuietConsole); a failed task's whole output is still shown.
+    """
+    with contextlib.ExitStack() as stack:
+        if not verbose:
+            console = QuietConsole(sys.stdout)
+            stack.enter_context(contextlib.redirect_stdout(console))
+            stack.callback(console.close_partial)
+            # kfp.local logs through the root logger, partly outside its own handler (ParallelFor
+            # iterations): send all of it through the console, in kfp's own line format.
+            stack.enter_context(_root_logging_to(console))
+            stack.enter_context(warnings.catch_warnings())
+            # kfp.local's notes that local runs ignore display names, images and GPU settings.
+            warnings.filterwarnings("ignore", module=r"kfp\.local")
+        _run_local(name, arguments, pipeline_root)
+
+
+@contextlib.contextmanager
+def _root_logging_to(stream: Any) -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s.%(msecs)03d - %(levelname)s - %(message)s", "%H:%M:%S")
+    )
+    root.handlers[:] = [handler]
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
+
+
+def _run_local(name: str, arguments: dict[str, Any], pipeline_root: str) -> None:
     from kfp import local
 
     local.init(

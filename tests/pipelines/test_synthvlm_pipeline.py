@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,11 @@ def test_local_run_produces_the_exported_dataset(tmp_path: Path):
     assert is_done(str(root / "report.html"))
     assert "demo preset uses tiny RANDOM-WEIGHT" in proc.stdout
     assert str(root / "report.html") in proc.stdout
+    # A quiet console: task start/end lines, our log lines with progress totals; no executor dumps.
+    lines = proc.stdout.splitlines()
+    assert len(lines) <= 100, proc.stdout
+    assert "load-captions: SUCCESS in" in proc.stdout and "executor_input" not in proc.stdout
+    assert any(re.search(r"generate shard 1/2: 3/3 images \(100\.0%\)", line) for line in lines)
 
     # Any record of the exported dataset rebuilds byte for byte from the record alone.
     record = manifest[1]
@@ -128,12 +134,12 @@ def test_local_run_produces_the_exported_dataset(tmp_path: Path):
 RUNNER_STAGES = 9  # captions, curate, 2 x generate, 2 x clip_score, select, export_llava, report
 
 
+RUNNER_LINE = re.compile(r"^\s+(\w+): (computing|unchanged|settings or inputs changed)")
+
+
 def _runner_lines(proc: subprocess.CompletedProcess, what: str) -> list[str]:
-    return [
-        line
-        for line in (proc.stdout + proc.stderr).splitlines()
-        if "synthvlm.runner" in line and what in line
-    ]
+    """The stage runner's start/skip lines (one per stage run) that contain `what`."""
+    return [line for line in proc.stdout.splitlines() if RUNNER_LINE.match(line) and what in line]
 
 
 @pytest.mark.slow
@@ -154,7 +160,7 @@ def test_rerun_with_other_k_recomputes_from_select_on_and_an_unchanged_rerun_ski
     assert "&quot;k&quot;: 3" in report  # the report shows the settings that made the selection
     # Only select and what reads it were recomputed; the first selection is still readable.
     recomputed = _runner_lines(second, "changed since")
-    assert sorted(line.split("synthvlm.runner: ")[1].split(":")[0] for line in recomputed) == [
+    assert sorted(RUNNER_LINE.match(line)[1] for line in recomputed) == [
         "export_llava",
         "report",
         "select",
