@@ -117,3 +117,19 @@ def test_non_finite_threshold_is_rejected_and_nothing_is_marked_complete(tmp_pat
         config = validate(SelectConfig, {"mode": "threshold", "threshold": float(bad)})
         select(config, [str(scored)], str(tmp_path / "select" / "selected.jsonl"))
     assert not list(tmp_path.rglob("*.done"))
+
+
+def test_a_moved_hub_branch_gets_its_own_generation_folder(tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    refs = cache / "models--org--sdxl" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    captions = write_captions(tmp_path / "c.jsonl", ["a red car"])
+    config = GenerateConfig(model="org/sdxl")  # revision None: whatever main is
+    before = gen.version_dir(config, captions, str(tmp_path / "generate"))
+    (refs / "main").write_text("b" * 40)
+    assert gen.version_dir(config, captions, str(tmp_path / "generate")) != before

@@ -18,6 +18,7 @@ metadata, or a git checkout's HEAD; a plain folder gets a content hash and the r
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from synthvlm.models.tokenizer import CONTEXT_LENGTH, offline_clip_tokenizer_dir
+
+log = logging.getLogger(__name__)
 
 TINY_SDXL = "synthvlm/tiny-sdxl"
 TINY_SDXL_REFINER = "synthvlm/tiny-sdxl-refiner"
@@ -343,3 +346,45 @@ def model_revision(pipe: Any, model: str, requested: str | None = None) -> dict[
         "revision_missing": "local folder with no commit (HF cache snapshot, hf download metadata, git)",
         "content_sha256": folder_content_hash(folder),
     }
+
+
+def _hub_commit(model: str, revision: str | None) -> str | None:
+    """The commit `revision` (default: main) of hub repo `model` names now: asked of the hub when online,
+    else read from the local cache's refs (what an offline load would use)."""
+    from huggingface_hub import HfApi, constants
+
+    ref = revision or "main"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().model_info(model, revision=ref).sha
+        except Exception as exc:  # no network, no such repo, gated: the cache may still know
+            log.info("cannot ask the hub for %s@%s (%s); looking in the local cache", model, ref, exc)
+    refs = Path(constants.HF_HUB_CACHE) / f"models--{model.replace('/', '--')}" / "refs" / ref
+    try:
+        commit = refs.read_text().strip()
+    except OSError:
+        return None
+    return commit if _COMMIT.match(commit) else None
+
+
+def resolve_weights(model: str, revision: str | None) -> dict[str, Any]:
+    """What `load_sdxl(model, revision)` would load, named before loading it, for a stage's fingerprint.
+
+    A moved branch (revision None = the hub's main) names another commit, so images of two commits never
+    share a fingerprint. {"commit": ...} or, for a plain folder, {"content_sha256": ...}; builtins and
+    unresolvable names give {"unresolved": why}.
+    """
+    if is_builtin(model):
+        return {"unresolved": "built in code from a fixed seed"}
+    if revision and _COMMIT.match(revision):
+        return {"commit": revision}
+    if os.path.isdir(model):
+        folder = Path(model)
+        commit = (
+            _snapshot_commit(os.path.realpath(folder)) or _local_dir_commit(folder) or _git_commit(folder)
+        )
+        return {"commit": commit} if commit else {"content_sha256": folder_content_hash(folder)}
+    commit = _hub_commit(model, revision)
+    if commit is None:
+        return {"unresolved": f"{model}@{revision or 'main'}: not on the hub nor in the local cache"}
+    return {"commit": commit}

@@ -53,7 +53,13 @@ from synthvlm import runner as stage_runner
 from synthvlm.config import StageConfig
 from synthvlm.embeddings import EMBEDDINGS_SUFFIX, embeddings_uri, read_embeddings, write_embeddings
 from synthvlm.errors import ConfigError, InputError
-from synthvlm.models.sdxl import SchedulerName, load_sdxl, load_sdxl_refiner, model_revision
+from synthvlm.models.sdxl import (
+    SchedulerName,
+    load_sdxl,
+    load_sdxl_refiner,
+    model_revision,
+    resolve_weights,
+)
 from synthvlm.progress import Progress
 from synthvlm.ranking import SOURCE_ID_KEY
 from synthvlm.records import Record, check_id, read_manifest, write_manifest
@@ -784,7 +790,12 @@ GENERATE = stage_runner.Stage(
 def version_dir(config: GenerateConfig, input_manifest: str, output_dir: str) -> str:
     """The fingerprint folder of generation under `config` from `input_manifest` (shards/, images/, ...)."""
     plan = stage_runner.plan_stage(
-        GENERATE, config, {"captions": input_manifest}, _shard_0(output_dir), root=output_dir
+        GENERATE,
+        config,
+        {"captions": input_manifest},
+        _shard_0(output_dir),
+        params=weights_params(config),
+        root=output_dir,
     )
     return plan.dir
 
@@ -815,9 +826,19 @@ def generate(
         config,
         {"captions": input_manifest},
         shard_manifest_uri(output_dir, rank, world_size),
+        params=weights_params(config),
         context={"rank": rank, "world_size": world_size, "painter": painter},
         root=output_dir,
     )
+
+
+def weights_params(config: GenerateConfig) -> dict[str, Any]:
+    """The weights `config` loads, resolved to a commit (or a folder's content hash) before loading: part
+    of the fingerprint, so a hub branch that moved between two runs never mixes images of two commits."""
+    weights = {"model": resolve_weights(config.model, config.revision)}
+    if config.refiner_model:
+        weights["refiner"] = resolve_weights(config.refiner_model, config.refiner_revision)
+    return {"weights": weights}
 
 
 def _generate_parts(

@@ -220,3 +220,28 @@ def test_plain_folder_gets_a_content_hash_and_a_reason(tmp_path, tiny: StableDif
 def test_builtin_models_say_they_have_no_revision() -> None:
     info = model_revision(load_sdxl(TINY_SDXL), TINY_SDXL)
     assert info["revision"] is None and info["revision_source"] == "builtin"
+
+
+def test_weights_are_resolved_before_loading_and_follow_a_moved_branch(tmp_path, monkeypatch) -> None:
+    """The generate stage's fingerprint names the commit a branch points to, before anything loads."""
+    from synthvlm.models.sdxl import resolve_weights
+
+    cache = tmp_path / "hub"
+    refs = cache / "models--test-org--tiny-sdxl" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(COMMIT)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert resolve_weights("test-org/tiny-sdxl", None) == {"commit": COMMIT}
+    moved = "fedcba9876543210fedcba9876543210fedcba98"
+    (refs / "main").write_text(moved)
+    assert resolve_weights("test-org/tiny-sdxl", None) == {"commit": moved}
+    assert resolve_weights("test-org/tiny-sdxl", COMMIT) == {"commit": COMMIT}  # pinned: as given
+    assert "unresolved" in resolve_weights("test-org/not-cached", None)
+    assert "unresolved" in resolve_weights(TINY_SDXL, None)
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    first = resolve_weights(str(folder), None)
+    (folder / "model_index.json").write_text('{"changed": true}')
+    assert set(first) == {"content_sha256"} and resolve_weights(str(folder), None) != first
