@@ -54,6 +54,7 @@ from pydantic import BaseModel, Field, ValidationError
 from synthvlm.config import StageConfig
 from synthvlm.errors import ConfigError, SynthVLMError
 from synthvlm.llm.cache import ResponseCache, cache_key
+from synthvlm.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +220,7 @@ class _Batch:
 
     api: openai.AsyncOpenAI
     semaphore: asyncio.Semaphore
-    total: int
-    done: int = 0
-
-    @property
-    def log_every(self) -> int:
-        return max(1, self.total // 10)
+    progress: Progress  # done/total, rate and ETA: a bar on a terminal, a line every 30 s in pods
 
 
 METRIC_COUNTS = (
@@ -280,12 +276,20 @@ class LLMClient:
         """
         requests = list(requests)
         async with self._open_api() as api:
-            batch = _Batch(api, asyncio.Semaphore(self.config.max_concurrency), total=len(requests))
+            progress = Progress(f"llm {self.config.model}", len(requests), "requests")
+            batch = _Batch(api, asyncio.Semaphore(self.config.max_concurrency), progress)
             try:
-                async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(self._complete_one(batch, r)) for r in requests]
+                with progress:
+                    async with asyncio.TaskGroup() as group:
+                        tasks = [group.create_task(self._complete_one(batch, r)) for r in requests]
             except* LLMAccessError as errors:
                 raise errors.exceptions[0] from None
+        log.info(
+            "llm: %d answered (%d from the cache, %d rejected so far)",
+            len(tasks),
+            self._counts["cache_hits"],
+            self._counts["rejected"],
+        )
         return [task.result() for task in tasks]
 
     def run_many(self, requests: Iterable[LLMRequest]) -> list[LLMResult]:
@@ -340,15 +344,7 @@ class LLMClient:
                 id=request.id, reject_kind="error", reason=_short(f"{type(exc).__name__}: {exc}")
             )
         self._account(result)
-        batch.done += 1
-        if batch.done % batch.log_every == 0 or batch.done == batch.total:
-            log.info(
-                "llm: %d/%d done (%d cache hits, %d rejected so far)",
-                batch.done,
-                batch.total,
-                self._counts["cache_hits"],
-                self._counts["rejected"],
-            )
+        batch.progress.update()
         return result
 
     async def _produce(self, batch: _Batch, request: LLMRequest) -> LLMResult:

@@ -54,13 +54,13 @@ from synthvlm.evaluation.metrics import ItemScore, by_ability, rotate_choices, s
 from synthvlm.evaluation.report import flat_metrics
 from synthvlm.llm import LLMClient, LLMConfig
 from synthvlm.llm.fingerprint import llm_runtime_fields
+from synthvlm.progress import Progress
 from synthvlm.runner import LLM_CACHE_DIR, Stage, StageRun, plan_stage, run_stage
 from synthvlm.stage import StageStats, is_done, mark_done
 
 log = logging.getLogger(__name__)
 
 LMMS_TYPE = "lmms_eval"  # the item-type key under which lmms-eval task metrics are reported
-_LOG_EVERY = 100  # our choice: progress lines every 100 answers
 
 
 def _judge_default() -> LLMConfig:
@@ -179,15 +179,12 @@ def answer_benchmark(
         return saved
     flat = [(item_id, q) for item_id, questions in asked.items() for q in questions]
     outputs: dict[str, list[str]] = {item_id: [] for item_id in asked}
-    next_log = _LOG_EVERY
-    for start in range(0, len(flat), config.batch_size):
-        chunk = flat[start : start + config.batch_size]
-        for (item_id, _), text in zip(chunk, answer_all(answerer, [q for _, q in chunk]), strict=True):
-            outputs[item_id].append(text)
-        done = start + len(chunk)
-        if done >= next_log or done == len(flat):
-            log.info("%s: %d/%d questions answered", benchmark.name, done, len(flat))
-            next_log = done + _LOG_EVERY
+    with Progress(f"evaluate {benchmark.name}", len(flat), "questions") as progress:
+        for start in range(0, len(flat), config.batch_size):
+            chunk = flat[start : start + config.batch_size]
+            for (item_id, _), text in zip(chunk, answer_all(answerer, [q for _, q in chunk]), strict=True):
+                outputs[item_id].append(text)
+            progress.update(len(chunk))
     rows = [
         {"id": item_id, "asked": [_asked(q) for q in asked[item_id]], "outputs": texts}
         for item_id, texts in outputs.items()

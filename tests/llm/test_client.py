@@ -316,6 +316,14 @@ def test_one_broken_request_does_not_sink_the_batch(server: FakeLLMServer) -> No
     assert results[1].ok
 
 
+def test_progress_lines_carry_done_total_and_rate(server: FakeLLMServer, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="synthvlm.progress"):
+        LLMClient(make_config(server)).run_many(echo_requests([f"p{i}" for i in range(6)]))
+    lines = [r.getMessage() for r in caplog.records if r.name == "synthvlm.progress"]
+    assert lines[0] == "llm fake-model: 0/6 requests (0.0%), ETA unknown"
+    assert lines[-1].startswith("llm fake-model: 6/6 requests (100.0%), ") and "done in" in lines[-1]
+
+
 # ---- the cache: on by default, keyed by what decides the answer -----------------------------------------
 
 
