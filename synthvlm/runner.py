@@ -6,9 +6,10 @@ the KFP components, tests) run it with `run_stage(stage, config, inputs, output)
 itself whether to skip.
 
 Fingerprint = sha256 of (stage name, format version, the config's output-affecting settings in canonical
-JSON, the fingerprints of the inputs). An input's fingerprint is the one in its completion marker, so a
-change upstream changes every fingerprint downstream; a file no stage made (a user's captions file) is
-fingerprinted by its bytes.
+JSON, params: values besides the config that change the output, such as the data root that exported
+image paths are relative to or the commit generation's weights resolve to, and the fingerprints of the
+inputs). An input's fingerprint is the one in its completion marker, so a change upstream changes every
+fingerprint downstream; a file no stage made (a user's captions file) is fingerprinted by its bytes.
 
 Layout, for `output = <dir>/<relative path>` (`<dir>`: the stage's folder, by default the output's):
 - `<dir>/<stage>-<fp16>/<relative path>` (+ sidecars) and its `.done` marker: the output made under those
@@ -19,8 +20,11 @@ Layout, for `output = <dir>/<relative path>` (`<dir>`: the stage's folder, by de
   half-copied file for complete.
 
 On a rerun: same fingerprint and a complete version -> skip (one log line); otherwise compute into the
-fingerprint's folder and publish. KFP's cache never stands in for this: it cannot see the data root
-(pipelines/common.py turns it off for every data-root task).
+fingerprint's folder and publish. Temp files of writes a kill interrupted are removed first; long work
+reports done/total, rate and ETA through `StageRun.progress` (synthvlm.progress).
+
+KFP's cache never stands in for this: it cannot see the data root (pipelines/common.py turns it off for
+every task).
 """
 
 from __future__ import annotations

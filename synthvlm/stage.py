@@ -1,8 +1,10 @@
-"""What every stage shares: completion markers and stage statistics.
+"""Completion markers and stage statistics, the pieces the stage runner (synthvlm.runner) writes with.
 
-A stage writes its output atomically, then a `<output>.done` marker holding its statistics
-(counts in/out, rejects by reason, seconds). Anything without a marker is unfinished: it is
-never published as complete, and a rerun redoes it.
+An output is complete when its `<output>.done` marker exists: the runner writes it after the output,
+holding the stage's statistics (counts in/out, rejects by reason, seconds) and what made the output
+(fingerprint, settings, inputs). Anything without a marker is unfinished: it is never published as
+complete, and a rerun redoes it. Within a stage, the same markers commit smaller units of work (a
+generation shard's parts), so a killed stage resumes where it stopped.
 """
 
 from __future__ import annotations
