@@ -43,9 +43,12 @@ def _stage_config(
     pipeline: str = "synthvlm",
 ):
     from synthvlm.config import build_config
-    from synthvlm.run_config import preset
 
-    run_preset = preset(args.preset, pipeline)
+    run_preset: dict[str, Any] = {}
+    if args.preset:  # run_config imports every stage's config, torch's among them: only when needed
+        from synthvlm.run_config import preset
+
+        run_preset = preset(args.preset, pipeline)
     if section == "captions":  # the run config keeps the captions URI at top level
         base = {"captions": run_preset["captions"]} if "captions" in run_preset else {}
     else:
