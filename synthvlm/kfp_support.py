@@ -202,8 +202,39 @@ def compile_all(output_dir: str, names: list[str] | None = None) -> list[str]:
         module = pipeline_module(name)
         path = str(Path(output_dir) / f"{name}.yaml")
         compiler.Compiler().compile(module.pipeline, package_path=path)
+        _stable_header(path)
         written.append(path)
     return written
+
+
+_HEADER_DEFAULT = re.compile(r"^(#\s+\w+: \w+ \[Default: )(.*)(\])$")
+
+
+def _sorted_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(item) for item in value]
+    return value
+
+
+def _stable_header(path: str) -> None:
+    """kfp writes mapping defaults into the YAML's comment header in protobuf map order, which changes
+    from process to process: sort their keys, so compiling twice gives the same bytes."""
+    import ast
+
+    lines = Path(path).read_text().split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break  # the header ends where the YAML starts
+        match = _HEADER_DEFAULT.match(line)
+        if match and match[2][:1] in "[{":
+            try:
+                value = ast.literal_eval(match[2])
+            except (ValueError, SyntaxError):
+                continue
+            lines[i] = f"{match[1]}{_sorted_keys(value)!r}{match[3]}"
+    Path(path).write_text("\n".join(lines))
 
 
 def run_local(name: str, arguments: dict[str, Any], pipeline_root: str, *, verbose: bool = False) -> None:
