@@ -12,8 +12,10 @@ import html
 import io
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,9 @@ from synthvlm.stage import StageStats, read_stats, require_done
 log = logging.getLogger(__name__)
 
 _JPEG_QUALITY = 85  # our choice: thumbnails only need to be recognisable, and small
-_SVG_WIDTH, _SVG_HEIGHT, _SVG_MARGIN = 640, 240, 40
+_SVG_WIDTH, _SVG_HEIGHT = 640, 260
+# Plot area margins: room for the y ticks and label on the left, x ticks and label below.
+_SVG_LEFT, _SVG_RIGHT, _SVG_TOP, _SVG_BOTTOM = 64, 20, 28, 48
 _STATS_COLUMNS = ("stage", "count_in", "count_out", "rejects", "seconds")
 # What the runner writes into every marker: shown in the settings table, not in the stage table.
 _RUN_KEYS = (
@@ -74,9 +78,13 @@ def gpu_seconds(all_stats: Sequence[dict[str, Any]]) -> float:
 
 
 def cost_line(all_stats: Sequence[dict[str, Any]], gpu_hour_usd: float) -> str:
+    """The estimated GPU cost, naming the price it assumes and the seconds it counts."""
     seconds = gpu_seconds(all_stats)
     return (
-        f"GPU stages (generate + CLIP score): {seconds:.1f} GPU-seconds ({seconds / 3600:.3f} GPU-hours); "
+        "Counted: one GPU per shard pod of the GPU stages, generate (its painting time, generate_seconds) "
+        "and CLIP score (its wall seconds); CPU stages, pod start-up and idle GPUs are not counted. "
+        f"Assumed price: gpu_hour_usd = ${gpu_hour_usd:.2f} per GPU-hour (a report setting). "
+        f"{seconds:.1f} GPU-seconds ({seconds / 3600:.3f} GPU-hours); "
         f"estimated cost ${seconds / 3600 * gpu_hour_usd:.2f} at ${gpu_hour_usd:.2f} per GPU-hour"
     )
 
@@ -135,43 +143,89 @@ def compute_histogram(kept: Sequence[float], all_scores: Sequence[float] | None,
 
 
 def _bar(x: float, width: float, count: int, max_count: int, cls: str, label: str) -> str:
-    plot_h = _SVG_HEIGHT - 2 * _SVG_MARGIN
+    plot_h = _SVG_HEIGHT - _SVG_TOP - _SVG_BOTTOM
     height = plot_h * count / max_count if max_count else 0.0
-    y = _SVG_HEIGHT - _SVG_MARGIN - height
+    y = _SVG_HEIGHT - _SVG_BOTTOM - height
     return (
         f'<rect class="bar {cls}" data-count="{count}" x="{x:.2f}" y="{y:.2f}" '
         f'width="{width:.2f}" height="{height:.2f}"><title>{html.escape(label)}</title></rect>'
     )
 
 
-def histogram_svg(hist: Histogram, score_key: str) -> str:
-    """Inline SVG: grey bars for all scores (when given) behind blue bars for kept scores."""
+def _y_ticks(max_count: int) -> list[int]:
+    """Up to 5 whole-number ticks from 0 to max_count."""
+    if max_count <= 0:
+        return [0]
+    step = max(1, math.ceil(max_count / 4))
+    ticks = list(range(0, max_count + 1, step))
+    return ticks if ticks[-1] == max_count else [*ticks, max_count]
+
+
+def histogram_svg(hist: Histogram, score_key: str, cut: float | None = None) -> str:
+    """Inline SVG: grey bars for all scores (when given) behind blue bars for kept scores, with axes,
+    tick values and (given `cut`, the lowest kept score) a vertical line at the selection cut."""
     n_bins = len(hist.kept_counts)
     max_count = max(hist.kept_counts + (hist.all_counts or []) + [0])
-    plot_w = _SVG_WIDTH - 2 * _SVG_MARGIN
+    left, right = _SVG_LEFT, _SVG_WIDTH - _SVG_RIGHT
+    top, bottom = _SVG_TOP, _SVG_HEIGHT - _SVG_BOTTOM
+    plot_w = right - left
     bar_w = plot_w / n_bins
-    bottom = _SVG_HEIGHT - _SVG_MARGIN
+    lo_edge, hi_edge = hist.edges[0], hist.edges[-1]
+
+    def x_of(value: float) -> float:
+        span = hi_edge - lo_edge
+        return left + (plot_w * (value - lo_edge) / span if span else plot_w / 2)
+
     parts = [
         f'<svg class="histogram" width="{_SVG_WIDTH}" '
         f'height="{_SVG_HEIGHT}" viewBox="0 0 {_SVG_WIDTH} {_SVG_HEIGHT}" role="img">'
+        f"<title>{html.escape(score_key)} score histogram</title>"
     ]
     for i in range(n_bins):
-        x = _SVG_MARGIN + i * bar_w
+        x = left + i * bar_w
         lo, hi = hist.edges[i], hist.edges[i + 1]
         if hist.all_counts is not None:
             label = f"[{lo:.4f}, {hi:.4f}): {hist.all_counts[i]} all"
             parts.append(_bar(x, bar_w - 1, hist.all_counts[i], max_count, "all", label))
         label = f"[{lo:.4f}, {hi:.4f}): {hist.kept_counts[i]} kept"
         parts.append(_bar(x, bar_w - 1, hist.kept_counts[i], max_count, "kept", label))
-    right = _SVG_WIDTH - _SVG_MARGIN
-    parts.append(f'<line x1="{_SVG_MARGIN}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>')
-    label_y = bottom + 16
-    parts.append(f'<text x="{_SVG_MARGIN}" y="{label_y}" text-anchor="start">{hist.edges[0]:.4f}</text>')
-    parts.append(f'<text x="{right}" y="{label_y}" text-anchor="end">{hist.edges[-1]:.4f}</text>')
+    # Axes, with tick values: scores below the x axis, counts left of the y axis.
+    parts.append(f'<line class="axis" x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>')
+    parts.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#333"/>')
+    for i in range(5):
+        value = lo_edge + (hi_edge - lo_edge) * i / 4
+        x = x_of(value) if hi_edge > lo_edge else left + plot_w * i / 4
+        parts.append(f'<line x1="{x:.2f}" y1="{bottom}" x2="{x:.2f}" y2="{bottom + 4}" stroke="#333"/>')
+        parts.append(
+            f'<text class="tick x" x="{x:.2f}" y="{bottom + 16}" text-anchor="middle">{value:.4g}</text>'
+        )
+    plot_h = bottom - top
+    for count in _y_ticks(max_count):
+        y = bottom - (plot_h * count / max_count if max_count else 0)
+        parts.append(f'<line x1="{left - 4}" y1="{y:.2f}" x2="{left}" y2="{y:.2f}" stroke="#333"/>')
+        parts.append(f'<text class="tick y" x="{left - 7}" y="{y + 4:.2f}" text-anchor="end">{count}</text>')
     parts.append(
-        f'<text x="{_SVG_WIDTH / 2}" y="{label_y + 16}" text-anchor="middle">{html.escape(score_key)}</text>'
+        f'<text class="axis-label" x="{(left + right) / 2:.2f}" y="{_SVG_HEIGHT - 8}" '
+        f'text-anchor="middle">{html.escape(score_key)} score</text>'
     )
-    parts.append(f'<text x="{_SVG_MARGIN}" y="{_SVG_MARGIN - 8}" text-anchor="start">max {max_count}</text>')
+    mid_y = (top + bottom) / 2
+    parts.append(
+        f'<text class="axis-label" x="16" y="{mid_y:.2f}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {mid_y:.2f})">count (records)</text>'
+    )
+    if cut is not None and math.isfinite(cut):
+        x = x_of(cut)
+        parts.append(
+            f'<line class="cut" x1="{x:.2f}" y1="{top - 6}" x2="{x:.2f}" y2="{bottom}" stroke="#c0392b" '
+            f'stroke-width="2" stroke-dasharray="5,3"><title>selection cut: lowest kept score {cut:.4f}'
+            "</title></line>"
+        )
+        # The label sits right of the line, or left of it near the right edge.
+        tx, anchor = (x + 4, "start") if x < right - 70 else (x - 4, "end")
+        parts.append(
+            f'<text class="cut-label" x="{tx:.2f}" y="{top - 10}" fill="#c0392b" text-anchor="{anchor}">'
+            f"cut {cut:.4g}</text>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -183,26 +237,219 @@ def _format_rejects(rejects: dict[str, Any]) -> str:
     return "<br>".join(f"{html.escape(str(reason))}: {count}" for reason, count in items)
 
 
-def _format_extra(stats: dict[str, Any]) -> str:
-    extra = sorted((k, v) for k, v in stats.items() if k not in _STATS_COLUMNS and k not in _RUN_KEYS)
-    return "<br>".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in extra) or "-"
+def _sig(value: float) -> str:
+    """A float to 4 significant digits (no exponent for everyday magnitudes)."""
+    if value != value or value in (math.inf, -math.inf):
+        return str(value)
+    if value and (abs(value) >= 1e6 or abs(value) < 1e-3):
+        return f"{value:.3e}"
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{_sig(seconds)} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+    return f"{int(seconds // 3600)} h {seconds % 3600 / 60:.0f} min"
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a float when it is a plain (non-bool) number, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _aggregate(members: Sequence[dict[str, Any]], key: str, how: str) -> Any:
+    """One value of `key` over a stage's shards: sum, min, max, first, or mean weighted by count_out."""
+    present = [m for m in members if m.get(key) is not None]
+    if not present:
+        return None
+    values = [m[key] for m in present]
+    if how == "first":
+        return (
+            values[0] if all(v == values[0] for v in values) else ", ".join(sorted({str(v) for v in values}))
+        )
+    numbers = [_number(v) for v in values]
+    if any(n is None for n in numbers):
+        return None
+    if how == "sum":
+        return sum(numbers)  # type: ignore[arg-type]
+    if how == "min":
+        return min(numbers)  # type: ignore[type-var]
+    if how == "max":
+        return max(numbers)  # type: ignore[type-var]
+    weights = [float(m.get("count_out", 0) or 0) for m in present]
+    if sum(weights) <= 0:
+        weights = [1.0] * len(present)
+    return sum(w * n for w, n in zip(weights, numbers, strict=True)) / sum(weights)  # type: ignore[operator]
+
+
+# Per stage, its key numbers: (label, marker key, how shards combine, format). Formats: "n" a count,
+# "g" a float to 4 significant digits, "s" a duration, "usd" dollars, "%" a fraction as a percentage,
+# "t" text.
+_KEY_NUMBERS: dict[str, list[tuple[str, str, str, str]]] = {
+    "curate": [
+        ("LLM judge", "llm_model", "first", "t"),
+        ("LLM requests", "llm_requests", "sum", "n"),
+        ("LLM cost", "llm_cost_usd", "sum", "usd"),
+    ],
+    "generate": [
+        ("painting time (GPU)", "generate_seconds", "sum", "s"),
+        ("retried", "retried", "sum", "n"),
+    ],
+    "clip_score": [
+        ("mean score", "mean_score", "mean", "g"),
+        ("min score", "min_score", "min", "g"),
+        ("max score", "max_score", "max", "g"),
+        ("model", "model", "first", "t"),
+        ("device", "device", "first", "t"),
+    ],
+    "select": [
+        ("mode", "mode", "first", "t"),
+        ("k", "k", "first", "n"),
+        ("mean score of input", "mean_score_in", "first", "g"),
+        ("mean score kept", "mean_score_kept", "first", "g"),
+        ("cut (lowest kept)", "min_score_kept", "first", "g"),
+        ("near-duplicates", "near_duplicates", "sum", "n"),
+    ],
+    "export_llava": [("data root", "data_root", "first", "t")],
+}
+_MAX_GENERIC_NUMBERS = 4  # our choice: a stage we do not know gets a few of its scalar statistics
+
+
+def _format_value(value: Any, fmt: str) -> str:
+    number = _number(value)
+    if number is None or fmt == "t":
+        return html.escape(str(value))
+    if fmt == "n":
+        return f"{number:,.0f}" if number == int(number) else _sig(number)
+    if fmt == "s":
+        return _duration(number)
+    if fmt == "usd":
+        return f"${number:,.2f}"
+    if fmt == "%":
+        return f"{100 * number:.1f}%"
+    return _sig(number)
+
+
+def _generic_numbers(members: Sequence[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """Key numbers of a stage without a list in _KEY_NUMBERS: its first few scalar statistics."""
+    first = members[0]
+    picked = []
+    for key in sorted(first):
+        value = first[key]
+        if key in _STATS_COLUMNS or key in _RUN_KEYS or isinstance(value, dict | list) or value is None:
+            continue
+        if _number(value) is None and (not isinstance(value, str) or len(value) > 40):
+            continue
+        if _number(value) is None:
+            how, fmt = "first", "t"
+        elif "seconds" in key:
+            how, fmt = "sum", "s"
+        elif key.startswith("min"):
+            how, fmt = "min", "g"
+        elif key.startswith("max"):
+            how, fmt = "max", "g"
+        elif "fraction" in key:
+            how, fmt = "mean", "%"
+        elif isinstance(value, int):
+            how, fmt = "sum", "n"
+        else:
+            how, fmt = "mean", "g"
+        picked.append((key.replace("_", " "), key, how, fmt))
+    return picked[:_MAX_GENERIC_NUMBERS]
+
+
+def _key_numbers(members: Sequence[dict[str, Any]], specs: Sequence[tuple[str, str, str, str]]) -> list[str]:
+    items = []
+    for label, key, how, fmt in specs:
+        value = _aggregate(members, key, how)
+        if value is not None:
+            items.append(f"{html.escape(label)}: {_format_value(value, fmt)}")
+    return items
+
+
+def _key_numbers_html(stage_name: str, members: Sequence[dict[str, Any]]) -> str:
+    # A known stage whose markers lack its usual statistics falls back to the generic pick.
+    items = _key_numbers(members, _KEY_NUMBERS.get(stage_name, ())) or _key_numbers(
+        members, _generic_numbers(members)
+    )
+    if stage_name == "generate":
+        painting = _aggregate(members, "generate_seconds", "sum")
+        images = sum(int(m.get("count_out", 0) or 0) for m in members)
+        if painting:
+            items.append(f"images per painting-second: {_sig(images / painting)}")
+    return "<br>".join(items) or "-"
+
+
+def _group_by_stage(all_stats: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for stats in all_stats:
+        groups.setdefault(str(stats.get("stage", "?")), []).append(stats)
+    return groups
+
+
+def _sum_rejects(members: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {}
+    for m in members:
+        for reason, count in (m.get("rejects") or {}).items():
+            total[reason] = total.get(reason, 0) + count
+    return total
+
+
+def _kept(count_in: int, count_out: int) -> str:
+    return f"{100 * count_out / count_in:.1f}%" if count_in else "-"
+
+
+def _seconds_cell(members: Sequence[dict[str, Any]]) -> str:
+    seconds = _aggregate(members, "seconds", "sum")
+    return _duration(seconds) if seconds is not None else "-"
+
+
+def _shard_rows_html(groups: dict[str, list[dict[str, Any]]]) -> str:
+    """Every output (shard) on its own row, folded away in a <details> element."""
+    n_outputs = sum(len(members) for members in groups.values())
+    rows = [
+        f"<details class='shards'><summary>Per-shard rows ({n_outputs} outputs)</summary>"
+        "<table class='stages shard-rows'><thead><tr><th>stage</th><th>output</th><th>in</th><th>out</th>"
+        "<th>kept</th><th>rejects by reason</th><th>wall time</th></tr></thead><tbody>"
+    ]
+    for stage_name, members in groups.items():
+        for m in members:
+            count_in, count_out = int(m.get("count_in", 0) or 0), int(m.get("count_out", 0) or 0)
+            output = str(m.get("output", "-")).rsplit("/", 1)[-1]
+            rows.append(
+                f"<tr class='shard'><td>{html.escape(stage_name)}</td>"
+                f"<td><code>{html.escape(output)}</code></td>"
+                f"<td>{count_in}</td><td>{count_out}</td><td>{_kept(count_in, count_out)}</td>"
+                f"<td>{_format_rejects(m.get('rejects') or {})}</td><td>{_seconds_cell([m])}</td></tr>"
+            )
+    rows.append("</tbody></table></details>")
+    return "".join(rows)
 
 
 def stages_table_html(all_stats: Sequence[dict[str, Any]]) -> str:
+    """One row per stage, summed over its shards, with a few key numbers; per-shard rows in <details>."""
+    groups = _group_by_stage(all_stats)
     rows = [
-        "<table class='stages'><thead><tr><th>stage</th><th>in</th><th>out</th><th>kept</th>"
-        "<th>rejects by reason</th><th>seconds</th><th>other</th></tr></thead><tbody>"
+        "<table class='stages'><thead><tr><th>stage</th><th>shards</th><th>in</th><th>out</th><th>kept</th>"
+        "<th>rejects by reason</th><th title='wall-clock seconds of the stage runs, summed over shards'>"
+        "wall time<br>(sum over shards)</th><th>key numbers</th></tr></thead><tbody>"
     ]
-    for stats in all_stats:
-        count_in, count_out = stats.get("count_in", 0), stats.get("count_out", 0)
-        kept = f"{100 * count_out / count_in:.1f}%" if count_in else "-"
+    for stage_name, members in groups.items():
+        count_in = sum(int(m.get("count_in", 0) or 0) for m in members)
+        count_out = sum(int(m.get("count_out", 0) or 0) for m in members)
         rows.append(
-            f"<tr><td>{html.escape(str(stats.get('stage', '?')))}</td>"
-            f"<td class='count-in'>{count_in}</td><td class='count-out'>{count_out}</td><td>{kept}</td>"
-            f"<td>{_format_rejects(stats.get('rejects', {}))}</td>"
-            f"<td>{html.escape(str(stats.get('seconds', '-')))}</td><td>{_format_extra(stats)}</td></tr>"
+            f"<tr><td>{html.escape(stage_name)}</td><td class='shards'>{len(members)}</td>"
+            f"<td class='count-in'>{count_in}</td><td class='count-out'>{count_out}</td>"
+            f"<td>{_kept(count_in, count_out)}</td><td>{_format_rejects(_sum_rejects(members))}</td>"
+            f"<td class='seconds'>{_seconds_cell(members)}</td>"
+            f"<td class='key-numbers'>{_key_numbers_html(stage_name, members)}</td></tr>"
         )
     rows.append("</tbody></table>")
+    rows.append(_shard_rows_html(groups))
     return "".join(rows)
 
 
@@ -263,15 +510,107 @@ def _summary_line(kept: Sequence[float], n_selected: int, n_all: int | None, sco
     return text
 
 
+# Model names of the random-weight test models (synthvlm.run_config's tiny presets).
+_TINY_GENERATE_PREFIX, _TINY_CLIP_PREFIX = "synthvlm/tiny", "synthvlm-tiny"
+
+
+def _first_of(all_stats: Sequence[dict[str, Any]], *stage_names: str) -> dict[str, Any] | None:
+    for stats in all_stats:
+        name = str(stats.get("stage", ""))
+        if name in stage_names or any(name.startswith(f"{n}_") for n in stage_names):
+            return stats
+    return None
+
+
+def _revision(value: Any) -> str:
+    return "default branch" if value is None else str(value)
+
+
+def _models(all_stats: Sequence[dict[str, Any]]) -> list[str]:
+    """'role: model (revision)' of the generate and CLIP score stages, as their markers name them."""
+    out = []
+    generate = _first_of(all_stats, "generate")
+    if generate is not None:
+        settings = generate.get("settings") or {}
+        if settings.get("model") is not None:
+            out.append(
+                f"image generator: {settings['model']} (revision: {_revision(settings.get('revision'))})"
+            )
+        if settings.get("refiner_model") is not None:
+            revision = _revision(settings.get("refiner_revision"))
+            out.append(f"refiner: {settings['refiner_model']} (revision: {revision})")
+    clip = _first_of(all_stats, "clip_score")
+    if clip is not None:
+        settings = clip.get("settings") or {}
+        if settings.get("model") is not None:
+            pretrained = settings.get("pretrained")
+            weights = "none (random init)" if pretrained is None else str(pretrained)
+            out.append(f"CLIP scorer: {settings['model']} (pretrained: {weights})")
+    return out
+
+
+def random_test_models(all_stats: Sequence[dict[str, Any]]) -> bool:
+    """Whether the run used the random-weight test models (tiny generator or tiny CLIP)."""
+    generate = _first_of(all_stats, "generate")
+    clip = _first_of(all_stats, "clip_score")
+    gen_model = str(((generate or {}).get("settings") or {}).get("model") or "")
+    clip_model = str(((clip or {}).get("settings") or {}).get("model") or "")
+    return gen_model.startswith(_TINY_GENERATE_PREFIX) or clip_model.startswith(_TINY_CLIP_PREFIX)
+
+
+def _data_root(all_stats: Sequence[dict[str, Any]], selected_uri: str) -> str:
+    export = _first_of(all_stats, "export")
+    if export is not None:
+        root = (export.get("params") or {}).get("data_root") or export.get("data_root")
+        if root:
+            return str(root)
+    if selected_uri:
+        return selected_uri.rstrip("/").rsplit("/", 1)[0] + "/"
+    return "-"
+
+
+def header_html(
+    all_stats: Sequence[dict[str, Any]], selected_uri: str = "", now: datetime | None = None
+) -> str:
+    """Date written, data root, models with revisions and selection fingerprint; a banner for test models."""
+    written = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    select = _first_of(all_stats, "select")
+    fingerprint = str((select or {}).get("fingerprint") or "-")[:16]
+    models = _models(all_stats) or ["- (no generate or CLIP score marker given)"]
+    items = [
+        ("written", html.escape(written)),
+        ("data root", f"<code>{html.escape(_data_root(all_stats, selected_uri))}</code>"),
+        ("models", "<br>".join(html.escape(m) for m in models)),
+        ("selection fingerprint", f"<code class='fingerprint'>{html.escape(fingerprint)}</code>"),
+    ]
+    parts = []
+    if random_test_models(all_stats):
+        parts.append(
+            "<div class='banner' role='alert'><strong>Random-weight test models:</strong> "
+            "images are noise and scores meaningless.</div>"
+        )
+    rows = "".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in items)
+    parts.append(f"<table class='header'>{rows}</table>")
+    return "".join(parts)
+
+
 _STYLE = """
-body{font-family:sans-serif;margin:1.5em;color:#222}
+body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}
 table.stages{border-collapse:collapse}table.stages td,table.stages th{border:1px solid #ccc;padding:4px 8px;
 text-align:right;vertical-align:top}table.stages td:first-child{text-align:left}
+table.stages th{background:#f3f3f3}table.stages td.key-numbers{text-align:left;font-size:13px}
 table.settings td{text-align:left;font-size:12px;max-width:60em;word-break:break-all}
+table.header th{text-align:left;padding:2px 12px 2px 0;vertical-align:top;color:#555}
+table.header td{padding:2px 0}
+.banner{background:#fdecea;border:2px solid #c0392b;color:#7b1d13;padding:10px 14px;margin:0 0 1em;
+font-size:18px}
+details.shards{margin-top:.6em}details.shards summary{cursor:pointer;color:#245}
+table.shard-rows{margin-top:.4em;font-size:13px}
+p.cost{font-size:13px;color:#444;max-width:70em}
 .grid{display:flex;flex-wrap:wrap;gap:12px}figure{width:%(size)dpx;margin:0;font-size:12px}
 figure img{max-width:100%%;display:block}.missing{height:%(size)dpx;background:#eee;color:#900;padding:4px}
 .score{font-weight:bold}.id{color:#777}.bar.all{fill:#c8c8c8}.bar.kept{fill:#3b75c4;fill-opacity:.85}
-svg text{font-size:11px}
+svg text{font-size:11px}svg text.axis-label{font-size:12px}svg text.cut-label{font-size:12px;font-weight:bold}
 """
 
 
@@ -280,24 +619,29 @@ def render_html(
     selected: Sequence[Record],
     all_stats: Sequence[dict[str, Any]],
     all_scores: Sequence[float] | None,
+    selected_uri: str = "",
 ) -> tuple[str, int]:
     """The report document and the number of thumbnails it holds."""
     kept_scores = _scores(selected, config.score_key)
     hist = compute_histogram(kept_scores, all_scores, config.histogram_bins)
+    cut = min(kept_scores) if kept_scores else None
     cells = [_grid_cell(rec, config) for rec in grid_records(selected, config.max_images, config.score_key)]
     n_all = len(all_scores) if all_scores is not None else None
     summary = _summary_line(kept_scores, len(selected), n_all, config.score_key)
     legend = "grey: all scored records, blue: kept" if all_scores is not None else "kept records"
+    if cut is not None:
+        legend += "; red dashed line: the selection cut (lowest kept score)"
     doc = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>synthvlm report</title>"
         f"<style>{_STYLE % {'size': config.thumbnail_size}}</style></head><body>"
-        f"<h1>synthvlm report</h1><p class='summary'>{html.escape(summary)}</p>"
+        f"<h1>synthvlm report</h1>{header_html(all_stats, selected_uri)}"
+        f"<p class='summary'>{html.escape(summary)}</p>"
         f"<p class='cost'>{html.escape(cost_line(all_stats, config.gpu_hour_usd))}</p>"
         f"<h2>Stages</h2>{stages_table_html(all_stats)}"
         f"<h2>What made this data</h2>{settings_table_html(all_stats)}"
         f"<h2>{html.escape(config.score_key)} scores</h2><p>{legend}; "
         f"{len(selected) - len(kept_scores)} selected record(s) without a score are not counted.</p>"
-        f"{histogram_svg(hist, config.score_key)}"
+        f"{histogram_svg(hist, config.score_key, cut)}"
         f"<h2>Images</h2><p>{len(cells)} of {len(selected)} selected records, spread from the highest to "
         f"the lowest score.</p><div class='grid'>{''.join(cell for cell, _ in cells)}</div>"
         "</body></html>\n"
@@ -328,7 +672,7 @@ def _process(config: ReportConfig, run: StageRun) -> StageStats:
     stats.count_in = len(selected)
     all_stats = _read_stats(run.inputs["stage_outputs"])
     all_scores = _read_all_scores(run.inputs["all_scores"], config.score_key)
-    doc, n_images = render_html(config, selected, all_stats, all_scores)
+    doc, n_images = render_html(config, selected, all_stats, all_scores, run.inputs["selected"])
     storage.write_text(run.output, doc, content_type="text/html; charset=utf-8")
     stats.count_out = n_images
     log.info("report with %d images", n_images)

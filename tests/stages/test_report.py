@@ -128,11 +128,13 @@ def test_report_shows_stage_counts_from_markers(run, tmp_path: Path) -> None:
     write_report(ReportConfig(thumbnail_size=16), selected, outputs, out)
     doc = Path(out).read_text()
     rows = re.findall(
-        r"<tr><td>(\w+)</td><td class='count-in'>(\d+)</td><td class='count-out'>(\d+)</td>", doc
+        r"<tr><td>(\w+)</td><td class='shards'>(\d+)</td><td class='count-in'>(\d+)</td>"
+        r"<td class='count-out'>(\d+)</td>",
+        doc,
     )
-    assert rows == [("curate", "1000", "400"), ("select", "400", "10")]
+    assert rows == [("curate", "1", "1000", "400"), ("select", "1", "400", "10")]
     assert "too_short: 350" in doc and "llm_judge: 250" in doc and "below_top_k: 390" in doc
-    assert "gpu_seconds: 12.5" in doc
+    assert "gpu seconds: 12.5 s" in doc
 
 
 def test_histogram_counts_add_up(run, tmp_path: Path) -> None:
@@ -224,7 +226,9 @@ def test_gpu_seconds_and_cost_estimate():
     ]
     assert gpu_seconds(stats) == 3960.0
     # 3960 s = 1.1 GPU-hours; at $3.00 per GPU-hour that is $3.30
-    assert cost_line(stats, 3.0).endswith("(1.100 GPU-hours); estimated cost $3.30 at $3.00 per GPU-hour")
+    line = cost_line(stats, 3.0)
+    assert line.endswith("(1.100 GPU-hours); estimated cost $3.30 at $3.00 per GPU-hour")
+    assert "gpu_hour_usd = $3.00" in line and "generate_seconds" in line and "not counted" in line
 
 
 def test_settings_table_shows_each_fingerprint_once_with_its_settings() -> None:
@@ -245,3 +249,148 @@ def test_settings_table_shows_each_fingerprint_once_with_its_settings() -> None:
     assert "a" * 16 in table and "a" * 17 not in table
     assert "shard-0.jsonl" in table and "shard-1.jsonl" in table
     assert "&quot;steps&quot;: 60" in table and "&quot;k&quot;: 3" in table
+
+
+def _marker(stage: str, output: str, count_in: int, count_out: int, **extra) -> dict:
+    return {
+        "stage": stage,
+        "fingerprint": (stage[0] * 64),
+        "settings": extra.pop("settings", {}),
+        "params": extra.pop("params", {}),
+        "output": output,
+        "count_in": count_in,
+        "count_out": count_out,
+        "rejects": extra.pop("rejects", {}),
+        "seconds": extra.pop("seconds", 1.0),
+        **extra,
+    }
+
+
+def _pipeline_stats(gen_model: str = "stabilityai/sdxl", clip_model: str = "ViT-L-14") -> list[dict]:
+    gen = {"model": gen_model, "revision": None, "steps": 30}
+    return [
+        _marker("captions", "/d/captions.jsonl", 20, 10, rejects={"beyond max_records": 10}),
+        _marker("generate", "/d/g/shard-0.jsonl", 5, 5, settings=gen, generate_seconds=1800.123456),
+        _marker(
+            "generate", "/d/g/shard-1.jsonl", 5, 4, settings=gen, generate_seconds=1700.0, rejects={"nsfw": 1}
+        ),
+        _marker(
+            "clip_score",
+            "/d/s/shard-0.jsonl",
+            5,
+            5,
+            settings={"model": clip_model, "pretrained": "openai"},
+            mean_score=0.312345678,
+            min_score=0.2,
+            max_score=0.4,
+            reject_examples={"x": ["y"]},
+        ),
+        _marker(
+            "clip_score",
+            "/d/s/shard-1.jsonl",
+            4,
+            4,
+            settings={"model": clip_model, "pretrained": "openai"},
+            mean_score=0.3,
+            min_score=0.25,
+            max_score=0.35,
+            reject_examples={"x": ["y"]},
+        ),
+        _marker("select", "/d/select/selected.jsonl", 9, 3, settings={"k": 3}, steps={"a": {"in": 1}}),
+        _marker("export_llava", "/d/e.json", 3, 3, params={"data_root": "gs://bucket/run-1"}),
+    ]
+
+
+def test_stage_table_has_one_row_per_stage_and_shard_rows_in_details() -> None:
+    from synthvlm.stages.report import stages_table_html
+
+    table = stages_table_html(_pipeline_stats())
+    main, details = table.split("<details", 1)
+    for stage in ("captions", "generate", "clip_score", "select", "export_llava"):
+        assert main.count(f"<tr><td>{stage}</td>") == 1
+    assert re.search(
+        r"<tr><td>generate</td><td class='shards'>2</td><td class='count-in'>10</td>"
+        r"<td class='count-out'>9</td>",
+        main,
+    )
+    assert "nsfw: 1" in main
+    assert "painting time (GPU): 58 min 20 s" in main  # 3500.1 s summed over the shards
+    assert "mean score: 0.3069" in main  # weighted by the records each shard scored
+    details = "<details" + details
+    assert details.count("<tr class='shard'>") == 7
+    assert "shard-0.jsonl" in details and "shard-1.jsonl" in details
+    assert "</details>" in details
+
+
+def test_stage_table_has_no_raw_python_reprs() -> None:
+    from synthvlm.stages.report import stages_table_html
+
+    table = stages_table_html(_pipeline_stats())
+    main = table.split("<details", 1)[0]
+    assert "{" not in main and "}" not in main and "[" not in main
+    assert "0.312345678" not in table and "1800.123456" not in table
+    assert "None" not in main
+
+
+def test_header_names_date_root_models_and_selection_fingerprint() -> None:
+    from datetime import UTC, datetime
+
+    from synthvlm.stages.report import header_html
+
+    header = header_html(
+        _pipeline_stats(), "/d/select/selected.jsonl", now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    )
+    assert "2026-01-02 03:04:05 UTC" in header
+    assert "gs://bucket/run-1" in header
+    assert "stabilityai/sdxl (revision: default branch)" in header
+    assert "ViT-L-14 (pretrained: openai)" in header
+    assert "s" * 16 in header and "s" * 17 not in header  # the select marker's fingerprint, 16 hex
+    assert "banner" not in header and "Random-weight" not in header
+    without_export = header_html(_pipeline_stats()[:-1], "/d/select/selected.jsonl")
+    assert "/d/select/" in without_export
+
+
+@pytest.mark.parametrize(
+    ("gen_model", "clip_model"),
+    [("synthvlm/tiny-sdxl", "ViT-L-14"), ("stabilityai/sdxl", "synthvlm-tiny-clip")],
+)
+def test_random_test_models_banner(gen_model: str, clip_model: str) -> None:
+    from synthvlm.stages.report import header_html
+
+    header = header_html(_pipeline_stats(gen_model, clip_model))
+    assert "class='banner'" in header
+    assert "images are noise and scores meaningless" in header
+
+
+def test_header_escapes_user_text() -> None:
+    from synthvlm.stages.report import header_html
+
+    header = header_html(_pipeline_stats(gen_model="<b>evil</b>"))
+    assert "<b>" not in header and "&lt;b&gt;evil&lt;/b&gt;" in header
+
+
+def test_histogram_has_axes_ticks_and_a_cut_line(run, tmp_path: Path) -> None:
+    selected, records, outputs = run
+    all_manifest = str(tmp_path / "all.jsonl")
+    write_manifest(all_manifest, _records(tmp_path / "all", 30))
+    out = str(tmp_path / "report.html")
+    write_report(ReportConfig(thumbnail_size=16), selected, outputs, out, all_scores_manifests=[all_manifest])
+    doc = Path(out).read_text()
+    svg = doc[doc.index("<svg") : doc.index("</svg>")]
+    assert svg.count('<line class="cut"') == 1 and ">cut 0.2<" in svg  # lowest kept score is 0.2
+    assert "clip score</text>" in svg and "count (records)</text>" in svg
+    assert (
+        len(re.findall(r'<text class="tick x"', svg)) >= 3
+        and len(re.findall(r'<text class="tick y"', svg)) >= 2
+    )
+    # The cut line sits at the lowest kept score, the left edge of the plot (scores span 0.2 .. 0.345).
+    x_cut = float(re.search(r'<line class="cut" x1="([\d.]+)"', svg).group(1))
+    x_axis = float(re.search(r'<line class="axis" x1="([\d.]+)"', svg).group(1))
+    assert x_cut == pytest.approx(x_axis)
+
+
+def test_histogram_svg_without_scores_has_no_cut_line() -> None:
+    from synthvlm.stages.report import histogram_svg
+
+    svg = histogram_svg(compute_histogram([], None, bins=5), "clip")
+    assert 'class="cut"' not in svg
