@@ -190,15 +190,18 @@ def read_marker(output: str, marker: bool = True) -> dict[str, Any] | None:
 
 
 def _clean_temp_files(directory: str, names: Sequence[str]) -> None:
-    """Remove temp files a killed write left for these names (local paths; object uploads leave none)."""
-    if storage.is_remote(directory):
-        return
+    """Remove temp files a killed write left for these files (relative to `directory`)."""
     for name in names:
-        target = Path(directory) / name
-        if target.parent.is_dir():
-            for tmp in target.parent.glob(f".{target.name}.*.tmp"):
-                log.info("removing %s, left by an interrupted write", tmp)
-                tmp.unlink(missing_ok=True)
+        folder, _, file_name = storage.join(directory, name).rpartition("/")
+        for tmp in storage.remove_interrupted_writes(folder, owned=file_name.__eq__):
+            log.info("removed %s, left by an interrupted write", tmp)
+
+
+def _published_marker(stage: Stage[Any], output: str) -> dict[str, Any] | None:
+    """The marker of the version published at `output`: its `.done`, or its pointer for uncopied outputs."""
+    if stage.publish_copy:
+        return read_marker(output)
+    return read_marker(output + LATEST_SUFFIX, marker=False)
 
 
 def publish(
@@ -312,17 +315,13 @@ def run_stage(
 
     done = read_marker(versioned)
     if done is not None and done.get("fingerprint") == fingerprint:
-        stable = read_marker(
-            output if stage.publish_copy else output + LATEST_SUFFIX, marker=stage.publish_copy
-        )
+        stable = _published_marker(stage, output)
         if stable is None or stable.get("fingerprint") != fingerprint:
             publish(vdir, root, relative, sidecars, done, copy=stage.publish_copy)
         log.info("%s: unchanged (fingerprint %s), skipping: %s", stage.name, short, versioned)
         return versioned
 
-    previous = read_marker(
-        output if stage.publish_copy else output + LATEST_SUFFIX, marker=stage.publish_copy
-    )
+    previous = _published_marker(stage, output)
     if previous is not None and previous.get("fingerprint"):
         changed = _changed_keys(previous, settings, input_fps, params)
         log.info(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
@@ -110,7 +110,7 @@ def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
@@ -121,6 +121,25 @@ def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_TEMP_SUFFIX = ".tmp"  # a local write's temp file: ".{name}.{random}.tmp" next to its target
+
+
+def remove_interrupted_writes(folder: str, owned: Callable[[str], bool] | None = None) -> list[str]:
+    """Delete the temp files that local writes killed mid-way left in `folder` (only those whose target
+    file name passes `owned`, when given); returns their paths. Object uploads leave none."""
+    if is_gcs(folder) or not Path(folder).is_dir():
+        return []
+    removed = []
+    for entry in os.scandir(folder):
+        if not (entry.name.startswith(".") and entry.name.endswith(_TEMP_SUFFIX)):
+            continue
+        target = entry.name[1:].rsplit(".", 2)[0]  # ".{name}.{random}.tmp" -> name (mkstemp: no dots)
+        if owned is None or owned(target):
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(entry.path)
+    return removed
 
 
 def write_text(uri: str, text: str, content_type: str = "text/plain; charset=utf-8") -> None:

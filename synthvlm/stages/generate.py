@@ -30,7 +30,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import platform
 import time
 from collections import deque
@@ -38,7 +37,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import diffusers
@@ -714,18 +712,12 @@ def _split_blocked(
 
 def _clean_interrupted_writes(run: stage_runner.StageRun, parts_dir: str, ids: set[str]) -> None:
     """Temp files a killed write of this shard left (its parts, its images); other shards' are theirs."""
-    if storage.is_remote(run.dir):
-        return
-    for folder, owned in ((Path(parts_dir), None), (Path(run.dir) / "images", ids)):
-        if not folder.is_dir():
-            continue
-        for entry in os.scandir(folder):
-            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
-                continue
-            target = entry.name[1:].rsplit(".", 2)[0]  # ".{name}.{random}.tmp" -> name
-            if owned is None or target.rsplit(".", 1)[0] in owned:
-                log.info("removing %s, left by an interrupted write", entry.path)
-                Path(entry.path).unlink(missing_ok=True)
+    removed = storage.remove_interrupted_writes(parts_dir)
+    removed += storage.remove_interrupted_writes(
+        storage.join(run.dir, "images"), owned=lambda name: name.rsplit(".", 1)[0] in ids
+    )
+    for tmp in removed:
+        log.info("removed %s, left by an interrupted write", tmp)
 
 
 def _process(config: GenerateConfig, run: stage_runner.StageRun) -> stage.StageStats:
