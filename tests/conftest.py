@@ -39,3 +39,19 @@ def gcs_emulator():
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = old
         storage.reset_client()
+
+
+@pytest.fixture
+def no_gcp_credentials(tmp_path, monkeypatch):
+    """No credentials anywhere google.auth looks, and no wait on a GCE metadata server (no network)."""
+    for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no gcloud ADC file
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # refused at once if it is asked anyway
+    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
+    from synthvlm import storage
+
+    storage.reset_client()
+    yield
+    storage.reset_client()  # the next test builds its client from its own environment

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from synthvlm import storage
 from synthvlm.cli import main
 from synthvlm.errors import TaskFailedError
 from synthvlm.kfp_support import one_line, strip_ansi, task_failure
@@ -61,20 +60,6 @@ def test_corrupt_parquet_captions(tmp_path: Path, capsys, damage: str):
         ["captions", "--input", str(src), "--output", str(out)], capsys, f"{src}: not a readable Parquet file"
     )
     assert done_markers(tmp_path) == []
-
-
-@pytest.fixture
-def no_gcp_credentials(tmp_path: Path, monkeypatch):
-    """No credentials anywhere google.auth looks, and no wait on a GCE metadata server (no network)."""
-    for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no gcloud ADC file
-    monkeypatch.setenv("NO_GCE_CHECK", "True")
-    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # refused at once if it is asked anyway
-    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
-    storage.reset_client()
-    yield
-    storage.reset_client()
 
 
 def test_gcs_without_credentials(tmp_path: Path, capsys, no_gcp_credentials):

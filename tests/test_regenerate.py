@@ -16,14 +16,8 @@ from synthvlm.models.sdxl import TINY_SDXL, TINY_SDXL_REFINER, build_tiny_sdxl
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stages.export_llava import ExportConfig, export_llava
 from synthvlm.stages.generate import GenerateConfig, generate, record_seed
+from tests.stages.test_generate import CAPTIONS
 
-CAPTIONS = [
-    "a red car on a bridge",
-    "a cat on a sofa",
-    "two dogs in the snow",
-    "a bowl of soup",
-    "a lighthouse",
-]
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 
