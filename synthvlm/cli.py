@@ -532,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_error(message: str) -> None:
-    from synthvlm.kfp_support import strip_ansi
+    from synthvlm.console import strip_ansi
 
     sys.stdout.flush()  # the error must come after everything already printed (the last line)
     print(f"error: {strip_ansi(message)}", file=sys.stderr)

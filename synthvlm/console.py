@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # kfp.local's own lines: "20:32:48.530 - INFO - Executing task 'load-captions'"
 _KFP_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - (?P<level>[A-Z]+) - (?P<message>.*)$")
 # A task's log line in synthvlm.kfp_support.setup_logging's format.
@@ -29,6 +29,11 @@ _STARTED = re.compile(r"^Executing task '(?P<task>[^']+)'")
 _FINISHED = re.compile(r"^Task '(?P<task>[^']+)' finished with status (?P<status>\w+)")
 _PIPELINE_DONE = re.compile(r"^Pipeline '(?P<name>[^']+)' finished with status (?P<status>\w+)")
 _SKIPPED = re.compile(r"^Skipping (conditional )?task (?P<task>\S+)")
+
+
+def strip_ansi(text: str) -> str:
+    """`text` without terminal colour codes (kfp.local colours task names and statuses)."""
+    return _ANSI.sub("", text)
 
 
 def _is_ours(logger: str, level: str) -> bool:
@@ -69,7 +74,7 @@ class QuietConsole:
         self.out.flush()
 
     def _line(self, raw: str) -> None:
-        line = _ANSI.sub("", raw).rstrip()
+        line = strip_ansi(raw).rstrip()
         kfp = _KFP_LINE.match(line)
         if kfp:
             self._in_dump = False

@@ -21,8 +21,9 @@ from types import TracebackType
 from typing import Any
 
 from synthvlm import stage
-from synthvlm.console import QuietConsole
+from synthvlm.console import QuietConsole, strip_ansi
 from synthvlm.errors import SynthVLMError, TaskFailedError
+from synthvlm.runner import RUN_RECORD_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,6 @@ PIPELINE_MODULES = {
     "train": "pipelines.train_pipeline",
     "end-to-end": "pipelines.end_to_end_pipeline",
 }
-
-
-# What the stage runner records in a marker besides the stage's statistics (synthvlm.runner).
-RUN_RECORD_KEYS = frozenset(
-    {"settings", "params", "inputs", "excluded_from_fingerprint", "format_version", "fingerprint", "output"}
-)
 
 
 def setup_logging() -> None:
@@ -56,12 +51,6 @@ def setup_logging() -> None:
 # Set by run_local: the file where a failing component records its error, for the run's last line.
 ERROR_LOG_ENV = "SYNTHVLM_ERROR_LOG"
 ERROR_PREFIX = "synthvlm error: "
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def strip_ansi(text: str) -> str:
-    """`text` without terminal colour codes (kfp.local colours task names and statuses)."""
-    return _ANSI.sub("", text)
 
 
 def one_line(text: str) -> str:

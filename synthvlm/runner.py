@@ -53,6 +53,19 @@ Inputs = Mapping[str, str | Sequence[str] | None]
 FINGERPRINT_CHARS = 16  # of the sha256 hex in folder names: 64 bits, no collision in any one data root
 LATEST_SUFFIX = ".latest.json"  # pointer to the latest version of an output that is not copied
 LLM_CACHE_DIR = "llm-cache"  # under the data root: answers outlive any one fingerprint
+# What the runner writes into a marker besides the stage's statistics: what made the output, not counts.
+RUN_RECORD_KEYS = frozenset(
+    {
+        "fingerprint",
+        "format_version",
+        "settings",
+        "params",
+        "inputs",
+        "output",
+        "excluded_from_fingerprint",
+        "published_from",
+    }
+)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pydantic import Field
 from synthvlm import storage
 from synthvlm.config import StageConfig
 from synthvlm.records import Record, read_manifest
-from synthvlm.runner import Stage, StageRun, run_stage
+from synthvlm.runner import RUN_RECORD_KEYS, Stage, StageRun, run_stage
 from synthvlm.stage import StageStats, read_stats, require_done
 
 log = logging.getLogger(__name__)
@@ -35,17 +35,6 @@ _SVG_WIDTH, _SVG_HEIGHT = 640, 260
 # Plot area margins: room for the y ticks and label on the left, x ticks and label below.
 _SVG_LEFT, _SVG_RIGHT, _SVG_TOP, _SVG_BOTTOM = 64, 20, 28, 48
 _STATS_COLUMNS = ("stage", "count_in", "count_out", "rejects", "seconds")
-# What the runner writes into every marker: shown in the settings table, not in the stage table.
-_RUN_KEYS = (
-    "fingerprint",
-    "format_version",
-    "settings",
-    "params",
-    "inputs",
-    "output",
-    "excluded_from_fingerprint",
-    "published_from",
-)
 
 
 class ReportConfig(StageConfig):
@@ -340,7 +329,7 @@ def _generic_numbers(members: Sequence[dict[str, Any]]) -> list[tuple[str, str, 
     picked = []
     for key in sorted(first):
         value = first[key]
-        if key in _STATS_COLUMNS or key in _RUN_KEYS or isinstance(value, dict | list) or value is None:
+        if key in _STATS_COLUMNS or key in RUN_RECORD_KEYS or isinstance(value, dict | list) or value is None:
             continue
         if _number(value) is None and (not isinstance(value, str) or len(value) > 40):
             continue
