@@ -41,3 +41,40 @@ def write_report(
     with open(summary.path, "w", encoding="utf-8") as fh:
         fh.write(report_markdown(config, selected_manifest, stage_outputs))
     return out
+
+
+@dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
+def write_stablellava_report(
+    config_json: str,
+    keywords: str,
+    prompts_manifest: str,
+    dialogues: str,
+    generated_manifests: list[str],
+    scored_manifests: list[str],
+    selected_manifest: str,
+    exported: str,
+    data_root: str,
+    report: Output[HTML],
+) -> str:
+    """HTML report: per-ability counts, rejects, samples with their prompts and dialogues, LLM cost."""
+    import shutil
+
+    from synthvlm import storage
+    from synthvlm.kfp_support import setup_logging
+    from synthvlm.stages.stablellava_report import StableLLaVAReportConfig, write_stablellava_report
+
+    setup_logging()
+    out = write_stablellava_report(
+        StableLLaVAReportConfig.model_validate_json(config_json),
+        keywords=keywords,
+        prompts=prompts_manifest,
+        dialogues=dialogues,
+        generated=sorted(generated_manifests),
+        scored=sorted(scored_manifests),
+        selected=selected_manifest,
+        exported=exported,
+        output_uri=storage.join(data_root, "stablellava", "report.html"),
+    )
+    with storage.local_copy(out) as local:
+        shutil.copyfile(local, report.path)
+    return out

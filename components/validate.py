@@ -1,3 +1,9 @@
+"""The first task of every pipeline: validate every parameter with the pydantic configs before any GPU pod
+is requested, and hand each stage its effective config (its JSON parameter with the run form's typed
+fields filled in) as an output, so every later task reads one validated config."""
+
+from typing import NamedTuple
+
 from kfp import dsl
 
 from synthvlm.images import image_for
@@ -5,41 +11,73 @@ from synthvlm.images import image_for
 
 @dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
 def validate_synthvlm_config(
+    data_root: str,
     captions: str,
     max_captions: int,
     curate_captions: bool,
     llm_secret: str,
-    data_root: str,
     num_shards: int,
     gpu_node_selector: dict,
     gpu_tolerations: list,
+    generation_model: str,
+    steps: int,
+    guidance_scale: float,
+    resolution: int,
+    clip_model: str,
+    clip_pretrained: str,
+    select_mode: str,
+    select_k: int,
+    select_fraction: float,
+    select_threshold: float,
+    llm_base_url: str,
+    llm_model: str,
     curate_config: str,
     generate_config: str,
     score_config: str,
     select_config: str,
     export_config: str,
     report_config: str,
+) -> NamedTuple(
+    "Configs",
+    [
+        ("curate_config", str),
+        ("generate_config", str),
+        ("score_config", str),
+        ("select_config", str),
+        ("export_config", str),
+        ("report_config", str),
+    ],
 ):
-    """Validate every parameter with the pydantic configs before any GPU pod is requested."""
+    """Validate every parameter; return each stage's effective config JSON."""
     parameters = dict(locals())  # first statement: exactly the pipeline parameters
 
-    from synthvlm.kfp_support import setup_logging
-    from synthvlm.run_config import SynthVLMRunConfig, from_pipeline_arguments
-    from synthvlm.safety import validate_safety
+    from synthvlm.run_config import validated_stage_configs
 
-    setup_logging()
-    config = from_pipeline_arguments(parameters, SynthVLMRunConfig)
-    config.require_data_root()
-    validate_safety(config.generate.safety)  # blocklist file readable, checker known: before any GPU pod
+    # In the order of the outputs above: the run config\'s sections (checked by a test).
+    return tuple(validated_stage_configs(parameters, "synthvlm").values())
 
 
 @dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
 def validate_stablellava_config(
-    llm_secret: str,
     data_root: str,
+    llm_secret: str,
     num_shards: int,
     gpu_node_selector: dict,
     gpu_tolerations: list,
+    abilities: list,
+    prompts_per_ability: int,
+    generation_model: str,
+    steps: int,
+    guidance_scale: float,
+    resolution: int,
+    clip_model: str,
+    clip_pretrained: str,
+    select_mode: str,
+    select_k: int,
+    select_fraction: float,
+    select_threshold: float,
+    llm_base_url: str,
+    llm_model: str,
     keywords_config: str,
     prompts_config: str,
     dialogues_config: str,
@@ -47,18 +85,26 @@ def validate_stablellava_config(
     score_config: str,
     select_config: str,
     export_config: str,
+    report_config: str,
+) -> NamedTuple(
+    "Configs",
+    [
+        ("keywords_config", str),
+        ("prompts_config", str),
+        ("dialogues_config", str),
+        ("generate_config", str),
+        ("score_config", str),
+        ("select_config", str),
+        ("export_config", str),
+    ],
 ):
-    """Validate every parameter with the pydantic configs before any GPU pod is requested."""
+    """Validate every parameter; return each stage's effective config JSON."""
     parameters = dict(locals())  # first statement: exactly the pipeline parameters
 
-    from synthvlm.kfp_support import setup_logging
-    from synthvlm.run_config import StableLLaVARunConfig, from_pipeline_arguments
-    from synthvlm.safety import validate_safety
+    from synthvlm.run_config import validated_stage_configs
 
-    setup_logging()
-    config = from_pipeline_arguments(parameters, StableLLaVARunConfig)
-    config.require_data_root()
-    validate_safety(config.generate.safety)  # blocklist file readable, checker known: before any GPU pod
+    # In the order of the outputs above: the run config\'s sections (checked by a test).
+    return tuple(validated_stage_configs(parameters, "stablellava").values())
 
 
 @dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
@@ -75,20 +121,27 @@ def validate_train_config(
     pretrain_config: str,
     sft_config: str,
     eval_config: str,
+) -> NamedTuple(
+    "Configs",
+    [
+        ("pretrain_config", str),
+        ("sft_config", str),
+        ("eval_config", str),
+    ],
 ):
-    """Validate every parameter with the pydantic configs before any GPU pod is requested."""
+    """Validate every parameter; return each stage's effective config JSON."""
     parameters = dict(locals())  # first statement: exactly the pipeline parameters
 
-    from synthvlm.kfp_support import setup_logging
-    from synthvlm.run_config import TrainRunConfig, from_pipeline_arguments
+    from synthvlm.run_config import validated_stage_configs
 
-    setup_logging()
-    from_pipeline_arguments(parameters, TrainRunConfig).require_data_root()
+    # In the order of the outputs above: the run config\'s sections (checked by a test).
+    return tuple(validated_stage_configs(parameters, "train").values())
 
 
 @dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
 def validate_end_to_end_config(
     data_root: str,
+    captions: str,
     gpu_node_selector: dict,
     gpu_tolerations: list,
     llm_secret: str,
@@ -98,10 +151,21 @@ def validate_end_to_end_config(
     sft_datasets: str,
     benchmarks: list,
     num_shards: int,
-    captions: str,
     max_captions: int,
     curate_captions: bool,
     sft_on_synthetic: bool,
+    generation_model: str,
+    steps: int,
+    guidance_scale: float,
+    resolution: int,
+    clip_model: str,
+    clip_pretrained: str,
+    select_mode: str,
+    select_k: int,
+    select_fraction: float,
+    select_threshold: float,
+    llm_base_url: str,
+    llm_model: str,
     pretrain_config: str,
     sft_config: str,
     eval_config: str,
@@ -111,15 +175,24 @@ def validate_end_to_end_config(
     select_config: str,
     export_config: str,
     report_config: str,
+) -> NamedTuple(
+    "Configs",
+    [
+        ("pretrain_config", str),
+        ("sft_config", str),
+        ("eval_config", str),
+        ("curate_config", str),
+        ("generate_config", str),
+        ("score_config", str),
+        ("select_config", str),
+        ("export_config", str),
+        ("report_config", str),
+    ],
 ):
-    """Validate every parameter with the pydantic configs before any GPU pod is requested."""
+    """Validate every parameter; return each stage's effective config JSON."""
     parameters = dict(locals())  # first statement: exactly the pipeline parameters
 
-    from synthvlm.kfp_support import setup_logging
-    from synthvlm.run_config import EndToEndRunConfig, from_pipeline_arguments
-    from synthvlm.safety import validate_safety
+    from synthvlm.run_config import validated_stage_configs
 
-    setup_logging()
-    config = from_pipeline_arguments(parameters, EndToEndRunConfig)
-    config.require_data_root()
-    validate_safety(config.generate.safety)  # blocklist file readable, checker known: before any GPU pod
+    # In the order of the outputs above: the run config\'s sections (checked by a test).
+    return tuple(validated_stage_configs(parameters, "end-to-end").values())

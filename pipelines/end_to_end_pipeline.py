@@ -3,7 +3,7 @@
 from kfp import dsl
 
 from components.validate import validate_end_to_end_config
-from pipelines.common import named, train_and_evaluate
+from pipelines.common import form_documented, named, train_and_evaluate
 from pipelines.synthvlm_pipeline import pipeline as synthvlm_data
 from synthvlm.run_config import EndToEndRunConfig, to_pipeline_arguments
 
@@ -48,13 +48,15 @@ def llava_training(
         image_folder=data_root,
         sft_on_synthetic=sft_on_synthetic,
     )
-    named(evaluation, "evaluate SFT model")
+    evaluation.set_display_name("evaluate SFT model")
     return evaluation.outputs["Output"]
 
 
 @dsl.pipeline(name="end-to-end", description=__doc__)
+@form_documented("end-to-end")
 def pipeline(
-    data_root: str = _DEFAULTS["data_root"],
+    data_root: str,
+    captions: str,
     gpu_node_selector: dict = _DEFAULTS["gpu_node_selector"],
     gpu_tolerations: list = _DEFAULTS["gpu_tolerations"],
     llm_secret: str = _DEFAULTS["llm_secret"],
@@ -64,10 +66,21 @@ def pipeline(
     sft_datasets: str = _DEFAULTS["sft_datasets"],
     benchmarks: list = _DEFAULTS["benchmarks"],
     num_shards: int = _DEFAULTS["num_shards"],
-    captions: str = _DEFAULTS["captions"],
     max_captions: int = _DEFAULTS["max_captions"],
     curate_captions: bool = _DEFAULTS["curate_captions"],
     sft_on_synthetic: bool = _DEFAULTS["sft_on_synthetic"],
+    generation_model: str = _DEFAULTS["generation_model"],
+    steps: int = _DEFAULTS["steps"],
+    guidance_scale: float = _DEFAULTS["guidance_scale"],
+    resolution: int = _DEFAULTS["resolution"],
+    clip_model: str = _DEFAULTS["clip_model"],
+    clip_pretrained: str = _DEFAULTS["clip_pretrained"],
+    select_mode: str = _DEFAULTS["select_mode"],
+    select_k: int = _DEFAULTS["select_k"],
+    select_fraction: float = _DEFAULTS["select_fraction"],
+    select_threshold: float = _DEFAULTS["select_threshold"],
+    llm_base_url: str = _DEFAULTS["llm_base_url"],
+    llm_model: str = _DEFAULTS["llm_model"],
     pretrain_config: str = _DEFAULTS["pretrain_config"],
     sft_config: str = _DEFAULTS["sft_config"],
     eval_config: str = _DEFAULTS["eval_config"],
@@ -81,7 +94,7 @@ def pipeline(
     """Synthetic data, training and evaluation in one run.
 
     Args:
-        data_root: Where models, checkpoints and eval results go (gs://bucket/prefix). Required.
+        data_root: Where data, models, checkpoints and eval results go (gs://, s3:// or a PVC path).
         gpu_node_selector: Picks the GPU model ({"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}).
         gpu_tolerations: Tolerations for GPU pods (list of Kubernetes toleration objects).
         llm_secret: Kubernetes Secret with the LLM API key (LLM-judge evaluation; curation).
@@ -91,7 +104,7 @@ def pipeline(
         sft_datasets: JSON list of LLaVA datasets for stage 2 (SynthVLM §4.1: LLaVA-665K). Required.
         benchmarks: Benchmark JSONL URIs or lmms_eval:<task> (default: SynthVLM Table 4 via lmms-eval).
         num_shards: Number of generation shards, one GPU pod each.
-        captions: Captions file/URI (.jsonl/.csv/.parquet with id, caption). Default: bundled demo.
+        captions: Captions file/URI (.jsonl/.csv/.parquet: id, caption); bundled:demo_captions.jsonl = demo.
         max_captions: Use only the first N captions; 0 = all.
         curate_captions: Curate captions first (SynthVLM §3.1).
         sft_on_synthetic: Also fine-tune on the synthetic data (SynthVLM §4.1: no).
@@ -120,6 +133,18 @@ def pipeline(
         max_captions=max_captions,
         curate_captions=curate_captions,
         sft_on_synthetic=sft_on_synthetic,
+        generation_model=generation_model,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        resolution=resolution,
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        select_mode=select_mode,
+        select_k=select_k,
+        select_fraction=select_fraction,
+        select_threshold=select_threshold,
+        llm_base_url=llm_base_url,
+        llm_model=llm_model,
         pretrain_config=pretrain_config,
         sft_config=sft_config,
         eval_config=eval_config,
@@ -129,7 +154,7 @@ def pipeline(
         select_config=select_config,
         export_config=export_config,
         report_config=report_config,
-    ).set_caching_options(False)
+    )
     named(cfg, "validate parameters")
     data = synthvlm_data(
         data_root=data_root,
@@ -140,6 +165,18 @@ def pipeline(
         captions=captions,
         max_captions=max_captions,
         curate_captions=curate_captions,
+        generation_model=generation_model,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        resolution=resolution,
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        select_mode=select_mode,
+        select_k=select_k,
+        select_fraction=select_fraction,
+        select_threshold=select_threshold,
+        llm_base_url=llm_base_url,
+        llm_model=llm_model,
         curate_config=curate_config,
         generate_config=generate_config,
         score_config=score_config,
@@ -147,7 +184,7 @@ def pipeline(
         export_config=export_config,
         report_config=report_config,
     ).after(cfg)
-    named(data, "SynthVLM data")
+    data.set_display_name("SynthVLM data")
     training = llava_training(
         data_root=data_root,
         gpu_node_selector=gpu_node_selector,
@@ -157,10 +194,10 @@ def pipeline(
         pretrain_datasets=pretrain_datasets,
         sft_datasets=sft_datasets,
         benchmarks=benchmarks,
-        pretrain_config=pretrain_config,
-        sft_config=sft_config,
-        eval_config=eval_config,
+        pretrain_config=cfg.outputs["pretrain_config"],
+        sft_config=cfg.outputs["sft_config"],
+        eval_config=cfg.outputs["eval_config"],
         synthetic_dataset=data.output,
         sft_on_synthetic=sft_on_synthetic,
     )
-    named(training, "LLaVA-1.5 training + evaluation")
+    training.set_display_name("LLaVA-1.5 training + evaluation")

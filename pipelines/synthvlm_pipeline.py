@@ -10,22 +10,35 @@ from components.passthrough import same_manifest
 from components.report import write_report
 from components.select import select_pairs
 from components.validate import validate_synthvlm_config
-from pipelines.common import generate_and_score, named, with_llm_key
+from pipelines.common import form_documented, generate_and_score, named, with_llm_key
 from synthvlm.run_config import SynthVLMRunConfig, to_pipeline_arguments
 
 _DEFAULTS = to_pipeline_arguments(SynthVLMRunConfig())
 
 
 @dsl.pipeline(name="synthvlm", description=__doc__)
+@form_documented("synthvlm")
 def pipeline(
-    captions: str = _DEFAULTS["captions"],
+    data_root: str,
+    captions: str,
     max_captions: int = _DEFAULTS["max_captions"],
     curate_captions: bool = _DEFAULTS["curate_captions"],
     llm_secret: str = _DEFAULTS["llm_secret"],
-    data_root: str = _DEFAULTS["data_root"],
     num_shards: int = _DEFAULTS["num_shards"],
     gpu_node_selector: dict = _DEFAULTS["gpu_node_selector"],
     gpu_tolerations: list = _DEFAULTS["gpu_tolerations"],
+    generation_model: str = _DEFAULTS["generation_model"],
+    steps: int = _DEFAULTS["steps"],
+    guidance_scale: float = _DEFAULTS["guidance_scale"],
+    resolution: int = _DEFAULTS["resolution"],
+    clip_model: str = _DEFAULTS["clip_model"],
+    clip_pretrained: str = _DEFAULTS["clip_pretrained"],
+    select_mode: str = _DEFAULTS["select_mode"],
+    select_k: int = _DEFAULTS["select_k"],
+    select_fraction: float = _DEFAULTS["select_fraction"],
+    select_threshold: float = _DEFAULTS["select_threshold"],
+    llm_base_url: str = _DEFAULTS["llm_base_url"],
+    llm_model: str = _DEFAULTS["llm_model"],
     curate_config: str = _DEFAULTS["curate_config"],
     generate_config: str = _DEFAULTS["generate_config"],
     score_config: str = _DEFAULTS["score_config"],
@@ -36,45 +49,59 @@ def pipeline(
     """SynthVLM synthetic pretraining data; returns the LLaVA pretraining JSON URI.
 
     Args:
-        captions: Captions file/URI (.jsonl/.csv/.parquet with id, caption). Default: bundled demo.
-        max_captions: Use only the first N captions; 0 = all.
+        data_root: Where images, manifests, the dataset and the report go (gs://, s3:// or a PVC path).
+        captions: Captions file/URI (.jsonl/.csv/.parquet: id, caption); bundled:demo_captions.jsonl = demo.
+        max_captions: Use only the first N captions (the number of images); 0 = all.
         curate_captions: Curate captions first (SynthVLM §3.1: heuristics, dedup, LLM judge, raw-image CLIP).
         llm_secret: Kubernetes Secret with the LLM API key (key OPENAI_API_KEY); never a parameter value.
-        data_root: Where images, manifests, the dataset and the report go (gs://bucket/prefix). Required.
         num_shards: Number of generation shards, one GPU pod each.
         gpu_node_selector: Picks the GPU model ({"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}).
         gpu_tolerations: Tolerations for GPU pods (list of Kubernetes toleration objects).
-        curate_config: JSON of CurateConfig (SynthVLM §3.1 thresholds; judge LLM endpoint and model).
-        generate_config: JSON of GenerateConfig (SDXL base 1.0, 60 steps, 1024x1024: SynthVLM §3.1).
-        score_config: JSON of ScoreConfig (open_clip model + pretrained tag; CLIPScore, SynthVLM §3.2).
-        select_config: JSON of SelectConfig (top_k k=100000 of 1M: SynthVLM §3.2; top_fraction; threshold).
-        export_config: JSON of ExportConfig (LLaVA pretraining JSON).
-        report_config: JSON of ReportConfig (HTML report).
+        curate_config: Expert settings: JSON of CurateConfig (SynthVLM §3.1 thresholds).
+        generate_config: Expert settings: JSON of GenerateConfig beyond the typed fields (scheduler, seed...).
+        score_config: Expert settings: JSON of ScoreConfig beyond the typed fields (CLIPScore, §3.2).
+        select_config: Expert settings: JSON of SelectConfig beyond the typed fields.
+        export_config: Expert settings: JSON of ExportConfig (LLaVA pretraining JSON).
+        report_config: Expert settings: JSON of ReportConfig (HTML report).
     """
     cfg = validate_synthvlm_config(
+        data_root=data_root,
         captions=captions,
         max_captions=max_captions,
         curate_captions=curate_captions,
         llm_secret=llm_secret,
-        data_root=data_root,
         num_shards=num_shards,
         gpu_node_selector=gpu_node_selector,
         gpu_tolerations=gpu_tolerations,
+        generation_model=generation_model,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        resolution=resolution,
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        select_mode=select_mode,
+        select_k=select_k,
+        select_fraction=select_fraction,
+        select_threshold=select_threshold,
+        llm_base_url=llm_base_url,
+        llm_model=llm_model,
         curate_config=curate_config,
         generate_config=generate_config,
         score_config=score_config,
         select_config=select_config,
         export_config=export_config,
         report_config=report_config,
-    ).set_caching_options(False)
+    )
     named(cfg, "validate parameters")
     caps = load_captions(captions=captions, max_captions=max_captions, data_root=data_root).after(cfg)
-    named(caps, "load captions")
+    named(caps, "load captions", size="records")
     with dsl.If(curate_captions == True, name="curate captions"):  # noqa: E712 - a KFP condition, not Python
         curated = curate_captions_op(
-            config_json=curate_config, captions_manifest=caps.outputs["Output"], data_root=data_root
+            config_json=cfg.outputs["curate_config"],
+            captions_manifest=caps.outputs["Output"],
+            data_root=data_root,
         )
-        named(curated, "curate captions (SynthVLM §3.1)")
+        named(curated, "curate captions (SynthVLM §3.1)", size="records")
         with_llm_key(curated, llm_secret)
     with dsl.Else(name="all captions"):
         uncurated = same_manifest(manifest=caps.outputs["Output"])
@@ -85,24 +112,26 @@ def pipeline(
         captions_manifest,
         num_shards,
         data_root,
-        generate_config,
-        score_config,
+        cfg.outputs["generate_config"],
+        cfg.outputs["score_config"],
         gpu_node_selector,
         gpu_tolerations,
     )
 
     selected = select_pairs(
-        config_json=select_config,
+        config_json=cfg.outputs["select_config"],
         scored_manifests=dsl.Collected(scored.outputs["Output"]),
         data_root=data_root,
     )
-    named(selected, "select (global)")
+    named(selected, "select (global)", size="records")
     exported = export_llava(
-        config_json=export_config, selected_manifest=selected.outputs["Output"], data_root=data_root
+        config_json=cfg.outputs["export_config"],
+        selected_manifest=selected.outputs["Output"],
+        data_root=data_root,
     )
-    named(exported, "export LLaVA pretrain JSON")
+    named(exported, "export LLaVA pretrain JSON", size="records")
     report = write_report(
-        config_json=report_config,
+        config_json=cfg.outputs["report_config"],
         captions_manifest=caps.outputs["Output"],
         used_captions_manifest=captions_manifest,
         generated_manifests=dsl.Collected(gen.outputs["Output"]),
@@ -111,5 +140,5 @@ def pipeline(
         exported=exported.outputs["Output"],
         data_root=data_root,
     )
-    named(report, "report")
+    named(report, "report", size="records")
     return exported.outputs["Output"]

@@ -13,7 +13,7 @@ _DEFAULTS = to_pipeline_arguments(TrainRunConfig.model_construct())
 
 @dsl.pipeline(name="train", description=__doc__)
 def pipeline(
-    data_root: str = _DEFAULTS["data_root"],
+    data_root: str,
     gpu_node_selector: dict = _DEFAULTS["gpu_node_selector"],
     gpu_tolerations: list = _DEFAULTS["gpu_tolerations"],
     llm_secret: str = _DEFAULTS["llm_secret"],
@@ -29,7 +29,7 @@ def pipeline(
     """Train and evaluate LLaVA-1.5.
 
     Args:
-        data_root: Where models, checkpoints and eval results go (gs://bucket/prefix). Required.
+        data_root: Where models, checkpoints and eval results go (gs://, s3:// or a PVC path).
         gpu_node_selector: Picks the GPU model ({"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}).
         gpu_tolerations: Tolerations for GPU pods (list of Kubernetes toleration objects).
         llm_secret: Kubernetes Secret with the LLM API key (LLM-judge evaluation; curation).
@@ -55,15 +55,15 @@ def pipeline(
         pretrain_config=pretrain_config,
         sft_config=sft_config,
         eval_config=eval_config,
-    ).set_caching_options(False)
+    )
     named(cfg, "validate parameters")
     evaluation = train_and_evaluate(
         data_root=data_root,
         gpus_per_node=gpus_per_node,
         num_nodes=num_nodes,
-        pretrain_config=pretrain_config,
-        sft_config=sft_config,
-        eval_config=eval_config,
+        pretrain_config=cfg.outputs["pretrain_config"],
+        sft_config=cfg.outputs["sft_config"],
+        eval_config=cfg.outputs["eval_config"],
         pretrain_datasets=pretrain_datasets,
         sft_datasets=sft_datasets,
         benchmarks=benchmarks,
@@ -71,4 +71,4 @@ def pipeline(
         tolerations=gpu_tolerations,
         after=cfg,
     )
-    named(evaluation, "evaluate SFT model")
+    evaluation.set_display_name("evaluate SFT model")

@@ -1,12 +1,15 @@
-"""`synthvlm` command line: one subcommand per stage, plus `compile` and `run`.
+"""`synthvlm` command line: a subcommand per stage, plus `run`, `config show`, `compile`, `upload`, `submit`.
 
-Every stage subcommand takes `--config FILE` (YAML of the stage's config) and `--set key=value`
-(repeatable); `--preset demo|paper` starts from that preset's section for the stage.
+Every command reads the same settings: `--config FILE` (a run config YAML, as `synthvlm config show` prints;
+a stage command reads its own section of it) and `--set key=value` with the run's dotted keys
+(`--set generate.steps=2`); `--preset demo|paper` starts from a preset. `--output` is always a folder:
+the files a command writes inside it have fixed names.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -24,15 +27,75 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", choices=["demo", "paper"], help="start from a preset (default: paper defaults)"
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML file with config fields")
+    parser.add_argument("--config", metavar="FILE", help="run config YAML (as `synthvlm config show` prints)")
     parser.add_argument(
         "--set",
         dest="sets",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="set a config field (repeatable)",
+        help="set a config field with the run's dotted key, e.g. generate.steps=2; lists and mappings as "
+        "JSON/YAML, e.g. 'keywords.abilities=[colour, animal]' (repeatable)",
     )
+
+
+# The layout of every pipeline's run config (synthvlm.run_config), known here without importing it (it
+# imports every stage, torch among them): stage commands read their section of a run config YAML and
+# take the run's dotted keys. tests/test_cli.py checks this against run_config.
+RUN_SECTIONS = frozenset(
+    {"curate", "generate", "score", "select", "export", "report", "keywords", "prompts", "dialogues",
+     "pretrain", "sft", "eval"}
+)  # fmt: skip
+RUN_SETTINGS = frozenset(
+    {"data_root", "num_shards", "gpu_node_selector", "gpu_tolerations", "llm_secret", "captions",
+     "max_captions", "curate_captions", "gpus_per_node", "num_nodes", "pretrain_datasets", "sft_datasets",
+     "benchmarks", "sft_on_synthetic"}
+)  # fmt: skip
+# The captions stage's fields live at the top level of a run config, under run names.
+CAPTIONS_FROM_RUN = {"captions": "captions", "max_captions": "max_records"}
+
+
+def _stage_layer(command: str, section: str, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A stage's settings from a mapping that is either a run config (sections) or the stage's own config."""
+    from synthvlm.errors import ConfigError
+
+    run_keys = RUN_SECTIONS | RUN_SETTINGS
+    if not set(data) & run_keys:  # the stage's own config (the older form): used as it is
+        return data
+    unknown = sorted(set(data) - run_keys)
+    if unknown:
+        raise ConfigError(
+            f"{source}: {', '.join(unknown)}: not run config keys (a run config has sections "
+            f"{', '.join(sorted(RUN_SECTIONS))} and settings {', '.join(sorted(RUN_SETTINGS))})"
+        )
+    if section == "captions":
+        return {field: data[key] or None for key, field in CAPTIONS_FROM_RUN.items() if key in data}
+    layer = data.get(section) or {}
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{source}: section '{section}' must be a mapping")
+    return layer
+
+
+def _stage_sets(command: str, section: str, sets: Sequence[str]) -> list[str]:
+    """`--set` with the run's dotted keys (`generate.steps=2`) -> the stage's keys (`steps=2`)."""
+    from synthvlm.errors import ConfigError
+
+    stage_sets = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        head, dot, rest = key.strip().partition(".")
+        if section == "captions" and not dot and head in CAPTIONS_FROM_RUN:
+            stage_sets.append(f"{CAPTIONS_FROM_RUN[head]}{sep}{value}")
+        elif head == section and dot:
+            stage_sets.append(f"{rest}{sep}{value}")
+        elif head in RUN_SECTIONS | RUN_SETTINGS:
+            raise ConfigError(
+                f"--set {item}: `synthvlm {command}` reads the run config's '{section}' settings "
+                f"({section}.KEY=VALUE), not '{head}'"
+            )
+        else:  # a bare stage key (the older form)
+            stage_sets.append(item)
+    return stage_sets
 
 
 def _stage_config(
@@ -42,19 +105,18 @@ def _stage_config(
     extra: dict[str, Any] | None = None,
     pipeline: str = "synthvlm",
 ):
-    from synthvlm.config import build_config
+    from synthvlm.config import build_config, deep_merge, load_yaml
 
     run_preset: dict[str, Any] = {}
     if args.preset:  # run_config imports every stage's config, torch's among them: only when needed
         from synthvlm.run_config import preset
 
         run_preset = preset(args.preset, pipeline)
-    if section == "captions":  # the run config keeps the captions URI at top level
-        base = {"captions": run_preset["captions"]} if "captions" in run_preset else {}
-    else:
-        base = dict(run_preset.get(section, {}))
+    base = _stage_layer(args.command, section, run_preset, f"preset {args.preset}")
+    if args.config:
+        base = deep_merge(base, _stage_layer(args.command, section, load_yaml(args.config), args.config))
     base.update(extra or {})
-    return build_config(cls, preset=base, config_file=args.config, sets=args.sets)
+    return build_config(cls, preset=base, sets=_stage_sets(args.command, section, args.sets))
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -67,41 +129,53 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return rank, world
 
 
-# What each stage command's --output must end with (its writer picks the format by the name): checked
-# before any input is read, so a wrong name fails at once instead of after the work.
-_MANIFEST = ("caption manifest", (".jsonl", ".parquet"))
-OUTPUT_SUFFIXES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "captions": _MANIFEST,
-    "curate": _MANIFEST,
-    "score": _MANIFEST,
-    "select": _MANIFEST,
-    "report": ("HTML report", (".html",)),
-    "stablellava-keywords": ("keywords JSON", (".json",)),
-    "stablellava-prompts": ("prompt manifest", (".jsonl", ".parquet")),
-    "stablellava-dialogues": ("dialogues JSONL", (".jsonl",)),
-    "evaluate": ("results JSON", (".json",)),
-    "compare-evals": ("HTML table", (".html",)),
+# The file each command writes inside its --output folder (fixed names, as the pipelines' tasks use).
+OUTPUT_FILES: dict[str, str] = {
+    "captions": "captions.jsonl",
+    "curate": "curated.jsonl",
+    "score": "scored.jsonl",
+    "select": "selected.jsonl",
+    "report": "report.html",
+    "stablellava-keywords": "keywords.json",
+    "stablellava-prompts": "prompts.jsonl",
+    "stablellava-dialogues": "dialogues.jsonl",
+    "evaluate": "results.json",
+    "compare-evals": "comparison.html",
 }
+REJECTS_FILE = "rejects.jsonl"  # curate's rejects, beside curated.jsonl
+# --output used to name a file for these commands: such a value is rejected with the new form.
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".html", ".jpg", ".jpeg", ".png", ".webp")
+
+
+def _output_file(args: argparse.Namespace, name: str | None = None) -> str:
+    from synthvlm import storage
+
+    return storage.join(args.output, name or OUTPUT_FILES[args.command])
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    """Fail before any work on an output name with the wrong extension or a gs:// URI without a bucket."""
+    """Fail before any work on an --output that names a file, or a gs:// / s3:// URI without a bucket."""
     from synthvlm import storage
 
-    what, suffixes = OUTPUT_SUFFIXES.get(args.command, ("", ()))
-    checks = [("--output", getattr(args, "output", None), what, suffixes)]
-    if args.command == "curate":
-        checks.append(("--rejects", args.rejects, "rejects file", (".jsonl",)))  # always written as JSONL
-    for flag, value, kind, allowed in checks:
-        if value and allowed and not value.endswith(allowed):
-            raise SynthVLMError(
-                f"{flag} {value}: `synthvlm {args.command}` writes a {kind}; its name must end with "
-                + " or ".join(allowed)
-            )
+    output = getattr(args, "output", None)
+    if output and output.lower().endswith(_FILE_SUFFIXES):
+        name = OUTPUT_FILES.get(args.command, "its files")
+        parent = os.path.dirname(output.rstrip("/")) or "."
+        raise SynthVLMError(
+            f"--output {output}: --output is a folder for every command; `synthvlm {args.command}` writes "
+            f"{name} inside it (for example --output {parent})"
+        )
+    if output and not storage.is_remote(output) and os.path.isfile(output):
+        raise SynthVLMError(f"--output {output}: is a file; --output must be a folder (created if missing)")
+    if getattr(args, "rejects", None):
+        raise SynthVLMError(
+            f"--rejects {args.rejects}: no longer taken; `synthvlm curate` writes {REJECTS_FILE} beside "
+            f"{OUTPUT_FILES['curate']} in the --output folder"
+        )
     for value in vars(args).values():  # every URI argument (strings and lists of strings)
         for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str) and storage.is_gcs(item):
-                storage.split_gcs(item)  # raises an InputError naming the URI the user typed
+            if isinstance(item, str) and storage.is_remote(item):
+                storage.split_remote(item)  # raises an InputError naming the URI the user typed
 
 
 # ---------------------------------------------------------------- stage commands
@@ -112,15 +186,14 @@ def cmd_captions(args: argparse.Namespace) -> None:
 
     extra = {"captions": args.input} if args.input else {}
     config = _stage_config(args, CaptionsConfig, "captions", extra)
-    print(load_captions(config, args.output))
+    print(load_captions(config, _output_file(args)))
 
 
 def cmd_curate(args: argparse.Namespace) -> None:
     from synthvlm.stages.curate import CurateConfig, curate
 
     config = _stage_config(args, CurateConfig, "curate")
-    rejects = args.rejects or args.output.rsplit(".", 1)[0] + ".rejects.jsonl"
-    print(curate(config, args.input, args.output, rejects))
+    print(curate(config, args.input, _output_file(args), _output_file(args, REJECTS_FILE)))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -133,13 +206,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     from synthvlm.stages.clip_score import ScoreConfig, score
 
-    print(score(_stage_config(args, ScoreConfig, "score"), args.input, args.output))
+    print(score(_stage_config(args, ScoreConfig, "score"), args.input, _output_file(args)))
 
 
 def cmd_select(args: argparse.Namespace) -> None:
     from synthvlm.stages.select import SelectConfig, select
 
-    print(select(_stage_config(args, SelectConfig, "select"), args.input, args.output))
+    print(select(_stage_config(args, SelectConfig, "select"), args.input, _output_file(args)))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -149,9 +222,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_regenerate(args: argparse.Namespace) -> None:
-    from synthvlm.regenerate import regenerate
+    from synthvlm import storage
+    from synthvlm.regenerate import EXTENSIONS, find_record, generation_provenance, regenerate
 
-    result = regenerate(args.manifest, args.id, args.output, check=args.check)
+    image_format = generation_provenance(find_record(args.manifest, args.id), args.manifest)["image_format"]
+    name = args.id.replace("/", "_") + EXTENSIONS.get(image_format, (".img",))[0]
+    result = regenerate(args.manifest, args.id, storage.join(args.output, name), check=args.check)
     status = {True: "byte-identical", False: "DIFFERENT", None: "not compared (original unreadable)"}
     print(f"{result.output}: {status[result.identical]}")
 
@@ -162,7 +238,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     config = _stage_config(args, ReportConfig, "report")
     print(
         write_report(
-            config, args.input, args.stage_outputs, args.output, all_scores_manifests=args.all_scores
+            config, args.input, args.stage_outputs, _output_file(args), all_scores_manifests=args.all_scores
         )
     )
 
@@ -172,7 +248,7 @@ def cmd_sl_keywords(args: argparse.Namespace) -> None:
 
     print(
         generate_keywords(
-            _stage_config(args, KeywordsConfig, "keywords", pipeline="stablellava"), args.output
+            _stage_config(args, KeywordsConfig, "keywords", pipeline="stablellava"), _output_file(args)
         )
     )
 
@@ -181,14 +257,14 @@ def cmd_sl_prompts(args: argparse.Namespace) -> None:
     from synthvlm.stages.stablellava import PromptsConfig, generate_prompts
 
     config = _stage_config(args, PromptsConfig, "prompts", pipeline="stablellava")
-    print(generate_prompts(config, args.keywords, args.output))
+    print(generate_prompts(config, args.keywords, _output_file(args)))
 
 
 def cmd_sl_dialogues(args: argparse.Namespace) -> None:
     from synthvlm.stages.stablellava import DialoguesConfig, generate_dialogues
 
     config = _stage_config(args, DialoguesConfig, "dialogues", pipeline="stablellava")
-    print(generate_dialogues(config, args.prompts, args.output))
+    print(generate_dialogues(config, args.prompts, _output_file(args)))
 
 
 def cmd_sl_export(args: argparse.Namespace) -> None:
@@ -210,25 +286,98 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from synthvlm.stages.evaluate import EvalConfig, evaluate
 
     config = _stage_config(args, EvalConfig, "eval", pipeline="train")
-    print(evaluate(config, args.model, args.benchmark, args.output, model_name=args.name))
+    print(evaluate(config, args.model, args.benchmark, _output_file(args), model_name=args.name))
 
 
 def cmd_compare_evals(args: argparse.Namespace) -> None:
     from synthvlm.evaluation.report import write_comparison
 
-    print(write_comparison(args.results, args.output))
+    print(write_comparison(args.results, _output_file(args)))
 
 
 # ---------------------------------------------------------------- pipelines
 
 
-def cmd_compile(args: argparse.Namespace) -> None:
-    if args.max_parallel_gpus is not None:  # read when pipelines/common.py is imported, below
+def _parse_resources(text: str) -> tuple[str, list[str | None]]:
+    kind, sep, size = text.partition("=")
+    parts = size.split(",")
+    if not sep or len(parts) not in (2, 3) or not all(parts):
+        raise argparse.ArgumentTypeError(
+            f"--resources expects KIND=CPU,MEMORY[,MEMORY_LIMIT] (e.g. generate=8,48Gi,64Gi), got {text!r}"
+        )
+    return kind, [*parts, None][:3]
+
+
+def _compile_options(args: argparse.Namespace) -> None:
+    """Compile-time settings, read when pipelines/common.py is imported (so: before compiling)."""
+    if args.max_parallel_gpus is not None:
         os.environ["SYNTHVLM_MAX_PARALLEL_GPU_PODS"] = str(args.max_parallel_gpus)
+    if args.resources:
+        kinds = {"light", "llm", "records", "generate", "score", "train", "eval"}
+        unknown = sorted({kind for kind, _ in args.resources} - kinds)
+        if unknown:
+            raise SynthVLMError(
+                f"--resources {', '.join(unknown)}: unknown kind; kinds: {', '.join(sorted(kinds))}"
+            )
+        os.environ["SYNTHVLM_TASK_RESOURCES"] = json.dumps(dict(args.resources))
+    if args.data_pvc:
+        name, _, mount = args.data_pvc.partition(":")
+        os.environ["SYNTHVLM_DATA_PVC"] = name
+        if mount:
+            os.environ["SYNTHVLM_DATA_MOUNT"] = mount
+    if args.model_cache_pvc:
+        os.environ["SYNTHVLM_MODEL_CACHE_PVC"] = args.model_cache_pvc
+    if args.s3_endpoint:
+        os.environ["SYNTHVLM_S3_ENDPOINT"] = args.s3_endpoint
+    if args.s3_secret:
+        os.environ["SYNTHVLM_S3_SECRET"] = args.s3_secret
     if args.image_registry or args.image_tag:
         from synthvlm.images import set_image_overrides
 
         set_image_overrides(args.image_registry, args.image_tag)
+
+
+def _compile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-registry", help="override the component image registry")
+    p.add_argument("--image-tag", help="override the component image tag")
+    p.add_argument(
+        "--max-parallel-gpus",
+        type=int,
+        metavar="N",
+        help="most GPU pods generating at once (ParallelFor; default 8)",
+    )
+    p.add_argument(
+        "--resources",
+        type=_parse_resources,
+        action="append",
+        default=[],
+        metavar="KIND=CPU,MEM[,LIMIT]",
+        help="CPU and memory of a kind of task (light, llm, records, generate, score, train, eval); "
+        "defaults and their reasons in pipelines/common.py (repeatable)",
+    )
+    p.add_argument(
+        "--data-pvc",
+        metavar="NAME[:PATH]",
+        help="mount this PersistentVolumeClaim in every task at PATH (default /data), so data_root can be "
+        "a path on it",
+    )
+    p.add_argument(
+        "--model-cache-pvc",
+        metavar="NAME",
+        help="mount this PVC at /models in every model-loading task, with HF_HOME=/models/huggingface "
+        "(fill it once: README, model cache)",
+    )
+    p.add_argument("--s3-endpoint", metavar="URL", help="AWS_ENDPOINT_URL of every task (s3:// data roots)")
+    p.add_argument(
+        "--s3-secret",
+        metavar="NAME[:ACCESS,SECRET]",
+        help="Secret with the S3 credentials and its two keys (default: AWS_ACCESS_KEY_ID,"
+        "AWS_SECRET_ACCESS_KEY; KFP's MinIO: mlpipeline-minio-artifact:accesskey,secretkey)",
+    )
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    _compile_options(args)
     from synthvlm.kfp_support import compile_all
 
     for path in compile_all(args.output_dir, args.pipelines or None):
@@ -245,8 +394,11 @@ RUN_RESULTS = {
     "stablellava": [
         ("LLaVA SFT JSON", "stablellava/export/stablellava_sft.json"),
         ("LLaVA pretraining JSON", "stablellava/export/stablellava_pretrain.json"),
+        ("LLaVA SFT JSON, interleaved", "stablellava/export/stablellava_sft_interleaved.json"),
         ("eval set", "stablellava/export/stablellava_eval.jsonl"),
+        ("which file for which trainer", "stablellava/export/README.md"),
         ("dataset manifest", "stablellava/export/manifest.jsonl"),
+        ("report", "stablellava/report.html"),
     ],
     "train": [
         ("SFT model", "train/sft/model"),
@@ -262,12 +414,23 @@ def _run_config(args: argparse.Namespace, data_root: str | None = None):
     from synthvlm.run_config import preset, run_config_class
 
     base = preset(args.preset, args.pipeline)
+    if "report" in run_config_class(args.pipeline).model_fields:  # the report's header names them
+        base["report"] = {**base.get("report", {}), "pipeline": args.pipeline, "preset": args.preset}
     if data_root is not None:
         base["data_root"] = data_root
     return build_config(run_config_class(args.pipeline), preset=base, config_file=args.config, sets=args.sets)
 
 
+def cmd_config(args: argparse.Namespace) -> None:
+    from synthvlm.config import dump_yaml
+
+    print(dump_yaml(_run_config(args)), end="")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
+    import shutil
+    import tempfile
+
     from synthvlm import storage
     from synthvlm.kfp_support import run_local
     from synthvlm.run_config import to_pipeline_arguments
@@ -277,9 +440,12 @@ def cmd_run(args: argparse.Namespace) -> None:
             "only --local runs are started by `synthvlm run`; on a cluster, upload the pipeline and start it "
             "from the Kubeflow UI or with `synthvlm submit` (README: cluster workflow)"
         )
-    output = os.path.abspath(args.output)
+    remote = storage.is_remote(args.output)  # gs:// or s3://: the tasks read and write there
+    output = args.output if remote else os.path.abspath(args.output)
     config = _run_config(args, data_root=output)
-    Path(output).mkdir(parents=True, exist_ok=True)
+    # kfp.local's own task outputs need a local folder: beside a local data root, else a temp folder.
+    local_root = tempfile.mkdtemp(prefix="synthvlm-kfp-local-") if remote else output
+    Path(local_root).mkdir(parents=True, exist_ok=True)
     if args.preset == "demo":
         print(
             "NOTE: the demo preset uses tiny RANDOM-WEIGHT SDXL and CLIP models built from configs and an\n"
@@ -288,12 +454,16 @@ def cmd_run(args: argparse.Namespace) -> None:
             "      Use --preset paper for SDXL base 1.0, CLIP ViT-L-14 and a real LLM.",
             flush=True,
         )
-    run_local(
-        args.pipeline,
-        to_pipeline_arguments(config),
-        pipeline_root=os.path.join(output, "kfp-local"),
-        verbose=args.verbose,
-    )
+    try:
+        run_local(
+            args.pipeline,
+            to_pipeline_arguments(config),
+            pipeline_root=os.path.join(local_root, "kfp-local"),
+            verbose=args.verbose,
+        )
+    finally:
+        if remote:
+            shutil.rmtree(local_root, ignore_errors=True)
     print("\nDone.")
     for label, path in RUN_RESULTS[args.pipeline]:
         print(f"  {label + ':':26} {storage.join(config.data_root, path)}")
@@ -316,10 +486,7 @@ def cmd_upload(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package
         if package is None:  # compile now, so what is uploaded matches this code and image settings
-            if args.image_registry or args.image_tag:
-                from synthvlm.images import set_image_overrides
-
-                set_image_overrides(args.image_registry, args.image_tag)
+            _compile_options(args)
             from synthvlm.kfp_support import compile_all
 
             package = compile_all(tmp, [args.pipeline])[0]
@@ -335,10 +502,13 @@ def cmd_upload(args: argparse.Namespace) -> None:
 def cmd_submit(args: argparse.Namespace) -> None:
     from synthvlm.config import build_config
     from synthvlm.kfp_client import submit_run
-    from synthvlm.run_config import SynthVLMRunConfig, preset, to_pipeline_arguments
+    from synthvlm.run_config import preset, run_config_class, to_pipeline_arguments
 
     config = build_config(
-        SynthVLMRunConfig, preset=preset(args.preset), config_file=args.config, sets=args.sets
+        run_config_class(args.pipeline),
+        preset=preset(args.preset, args.pipeline),
+        config_file=args.config,
+        sets=args.sets,
     )
     config.require_data_root()  # pods share nothing else: a gs:// prefix (or a mounted volume path)
     result = submit_run(
@@ -349,6 +519,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
         namespace=args.namespace,
         run_name=args.run_name,
         version=args.version,
+        service_account=args.service_account,
     )
     print(f"started run {result['run_name']!r} of {args.pipeline} version {result['version_name']!r}")
     print(f"  run id: {result['run_id']}")
@@ -357,15 +528,92 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- parser
 
+DEFAULT_SERVICE_ACCOUNT = "synthvlm-runner"  # manifests/rbac: the account with the bucket rights
+
+# The examples each --help ends with.
+EXAMPLES: dict[str, list[str]] = {
+    "main": ["synthvlm run synthvlm --local --preset demo --output runs/demo",
+             "synthvlm config show synthvlm --preset paper --set select.k=50000 > run.yaml"],
+    "captions": ["synthvlm captions --input my_captions.csv --output runs/x/captions",
+                 "synthvlm captions --config run.yaml --set max_captions=1000 --output runs/x/captions"],
+    "curate": ["synthvlm curate --input runs/x/captions/captions.jsonl --output runs/x/curate --preset demo"],
+    "generate": ["synthvlm generate --input runs/x/captions/captions.jsonl --output runs/x --shard 0/8 "
+                 "--set generate.steps=30"],
+    "regenerate": ["synthvlm regenerate --manifest runs/x/export/manifest.jsonl --id cap-0001 "
+                   "--output /tmp/again --check"],
+    "score": ["synthvlm score --input runs/x/generate/shards/shard-00000-of-00001.jsonl "
+              "--output runs/x/score"],
+    "select": ["synthvlm select --input runs/x/scores/*.jsonl --output runs/x/select --set select.k=1000",
+               "synthvlm select --input scored.jsonl --output out --set select.mode=threshold "
+               "--set select.threshold=0.3"],
+    "export": ["synthvlm export --input runs/x/select/selected.jsonl --data-root runs/x "
+               "--output runs/x/export"],
+    "report": ["synthvlm report --input runs/x/select/selected.jsonl --all-scores runs/x/scores/*.jsonl "
+               "--output runs/x"],
+    "stablellava-keywords": ["synthvlm stablellava-keywords --preset demo --output runs/sl"],
+    "stablellava-prompts": ["synthvlm stablellava-prompts --keywords runs/sl/keywords.json --output runs/sl "
+                            "--set 'prompts.abilities=[colour, animal]'"],
+    "stablellava-dialogues": ["synthvlm stablellava-dialogues --prompts runs/sl/prompts.jsonl "
+                              "--output runs/sl"],
+    "stablellava-export": ["synthvlm stablellava-export --selected runs/sl/select/selected.jsonl "
+                           "--dialogues runs/sl/dialogues.jsonl --data-root runs/sl --output runs/sl/export"],
+    "train": ["synthvlm train --stage pretrain --dataset runs/x/export/llava_pretrain.json "
+              "--output runs/x/pt",
+              "synthvlm train --stage sft --dataset json=llava_665k.json,images=/data/coco,ratio=1 "
+              "--output runs/x/sft --set sft.learning_rate=1e-5"],
+    "evaluate": ["synthvlm evaluate --model runs/x/sft/model --benchmark lmms_eval:mme "
+                 "--output runs/x/eval"],
+    "compare-evals": ["synthvlm compare-evals runs/a/eval/results.json runs/b/eval/results.json "
+                      "--output cmp"],
+    "config": ["synthvlm config show synthvlm --preset demo > run.yaml",
+               "synthvlm run synthvlm --local --config run.yaml --output runs/mine"],
+    "run": ["synthvlm run synthvlm --local --preset demo --output runs/demo",
+            "synthvlm run stablellava --local --preset demo --set generate.steps=2 --output runs/sl"],
+    "compile": ["synthvlm compile --output-dir pipelines/compiled --max-parallel-gpus 16"],
+    "upload": ["synthvlm upload --host http://localhost:8080 --pipeline synthvlm"],
+    "submit": ["synthvlm submit synthvlm --host http://localhost:8080 --config run.yaml "
+               "--set data_root=gs://bucket/run-1 --service-account synthvlm-runner"],
+}  # fmt: skip
+
+
+def _examples(command: str) -> str:
+    lines = EXAMPLES.get(command, [])
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines) if lines else ""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("synthvlm")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown (not installed)"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="synthvlm", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(
+        prog="synthvlm",
+        description=__doc__.splitlines()[0],
+        epilog=_examples("main"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, every log line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], None], help_: str, config: bool = True):
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=_examples(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(func=func)
+        # -v after the subcommand too; SUPPRESS keeps a -v given before it
+        p.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        )
         if config:
             _config_args(p)
         return p
@@ -374,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
         "captions", cmd_captions, "validate a captions file (.jsonl/.csv/.parquet) into a caption manifest"
     )
     p.add_argument("--input", help="captions file or URI (default: the config's `captions`)")
-    p.add_argument("--output", required=True, help="caption manifest to write (.jsonl or .parquet)")
+    p.add_argument("--output", required=True, help="output folder: writes captions.jsonl")
 
     p = add(
         "curate", cmd_curate, "curate captions (SynthVLM §3.1): heuristics, dedup, LLM judge, raw-image CLIP"
@@ -382,13 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input", required=True, help="caption manifest (records with image_uri get the raw-image filter)"
     )
-    p.add_argument("--output", required=True, help="curated caption manifest to write")
-    p.add_argument("--rejects", help="rejects JSONL (default: <output>.rejects.jsonl)")
+    p.add_argument("--output", required=True, help="output folder: writes curated.jsonl and rejects.jsonl")
+    p.add_argument("--rejects", help=argparse.SUPPRESS)  # removed: rejected with a message
 
     p = add("generate", cmd_generate, "generate images for one shard of a manifest with SDXL")
     p.add_argument("--input", required=True, help="caption manifest")
     p.add_argument(
-        "--output", required=True, help="data root (folder or gs:// prefix) for images and shard manifests"
+        "--output", required=True, help="data root (folder, gs:// or s3:// prefix): images, shard manifests"
     )
     p.add_argument(
         "--shard", type=_parse_shard, default=(0, 1), metavar="I/N", help="this shard of N (default 0/1)"
@@ -404,23 +652,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--manifest", required=True, help="manifest holding the record (shard, scored, selected, export)"
     )
     p.add_argument("--id", required=True, help="record id")
-    p.add_argument("--output", required=True, help="image file to write; extension as recorded (e.g. .jpg)")
+    p.add_argument("--output", required=True, help="output folder: writes <id>.<ext> (format as recorded)")
     p.add_argument("--check", action="store_true", help="exit non-zero unless byte-identical to the original")
 
     p = add("score", cmd_score, "CLIP-score image/caption pairs of a manifest")
     p.add_argument("--input", required=True, help="manifest with image_uri")
-    p.add_argument("--output", required=True, help="scored manifest to write")
+    p.add_argument("--output", required=True, help="output folder: writes scored.jsonl")
 
     p = add(
         "select", cmd_select, "select pairs by top-k, top fraction or threshold over one or more manifests"
     )
     p.add_argument("--input", required=True, nargs="+", help="scored manifest(s), e.g. one per shard")
-    p.add_argument("--output", required=True, help="selected manifest to write")
+    p.add_argument("--output", required=True, help="output folder: writes selected.jsonl")
 
     p = add("export", cmd_export, "export selected pairs as LLaVA pretraining JSON + dataset manifest")
     p.add_argument("--input", required=True, help="selected manifest")
     p.add_argument("--data-root", required=True, help="image root; LLaVA `image` paths are relative to it")
-    p.add_argument("--output", required=True, help="output folder or gs:// prefix")
+    p.add_argument("--output", required=True, help="output folder, gs:// or s3:// prefix")
 
     p = add("report", cmd_report, "write the HTML report (sample grid, score histogram, counts per stage)")
     p.add_argument("--input", required=True, help="selected manifest")
@@ -430,16 +678,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--all-scores", nargs="*", default=[], help="scored manifests before selection (histogram)"
     )
-    p.add_argument("--output", required=True, help="HTML file to write")
+    p.add_argument("--output", required=True, help="output folder: writes report.html")
 
     p = add("stablellava-keywords", cmd_sl_keywords, "StableLLaVA: LLM keyword banks per ability")
-    p.add_argument("--output", required=True, help="keywords JSON to write")
+    p.add_argument("--output", required=True, help="output folder: writes keywords.json")
     p = add("stablellava-prompts", cmd_sl_prompts, "StableLLaVA: SD prompts per ability (Fig. 4) + filters")
     p.add_argument("--keywords", required=True, help="keywords JSON from stablellava-keywords")
-    p.add_argument("--output", required=True, help="prompt manifest to write (.jsonl)")
+    p.add_argument("--output", required=True, help="output folder: writes prompts.jsonl")
     p = add("stablellava-dialogues", cmd_sl_dialogues, "StableLLaVA: dialogues from the prompts")
     p.add_argument("--prompts", required=True, help="prompt manifest")
-    p.add_argument("--output", required=True, help="dialogues JSONL to write")
+    p.add_argument("--output", required=True, help="output folder: writes dialogues.jsonl")
     p = add("stablellava-export", cmd_sl_export, "StableLLaVA: LLaVA pretrain/SFT JSON + eval set")
     p.add_argument("--selected", required=True, help="manifest of prompts whose images passed the CLIP check")
     p.add_argument("--dialogues", required=True, help="dialogues JSONL")
@@ -455,30 +703,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="LLaVA JSON, or json=URI,images=DIR,ratio=R (repeatable: a mixture)",
     )  # fmt: skip
     p.add_argument(
-        "--output", required=True, help="output folder or gs:// prefix (model under <output>/model)"
+        "--output", required=True, help="output folder, gs:// or s3:// prefix (model under <output>/model)"
     )
     p = add("evaluate", cmd_evaluate, "evaluate a LLaVA model on benchmark JSONLs or lmms_eval:<task>")
-    p.add_argument("--model", required=True, help="HF LLaVA model folder, gs:// URI or hub name")
+    p.add_argument("--model", required=True, help="HF LLaVA model folder, gs:// or s3:// URI, or hub name")
     p.add_argument("--benchmark", action="append", required=True, help="benchmark JSONL or lmms_eval:<task>")
     p.add_argument("--name", help="model name in the results (default: from --model)")
-    p.add_argument("--output", required=True, help="results JSON to write")
+    p.add_argument("--output", required=True, help="output folder: writes results.json")
     p = add("compare-evals", cmd_compare_evals, "HTML table comparing evaluation results", config=False)
     p.add_argument("results", nargs="+", help="results JSON files from `synthvlm evaluate`")
-    p.add_argument("--output", required=True, help="HTML file to write")
+    p.add_argument("--output", required=True, help="output folder: writes comparison.html")
 
     p = add("compile", cmd_compile, "compile pipelines to KFP YAML", config=False)
     p.add_argument("--output-dir", required=True, help="folder for <pipeline>.yaml")
     p.add_argument(
-        "--pipeline", dest="pipelines", action="append", help="compile only this pipeline (repeatable)"
+        "--pipeline",
+        dest="pipelines",
+        action="append",
+        choices=PIPELINES,
+        help="compile only this pipeline (repeatable)",
     )
-    p.add_argument("--image-registry", help="override the component image registry")
-    p.add_argument("--image-tag", help="override the component image tag")
-    p.add_argument(
-        "--max-parallel-gpus",
-        type=int,
-        metavar="N",
-        help="most GPU pods generating at once (ParallelFor; default 8)",
+    _compile_args(p)
+
+    p = add(
+        "config", cmd_config, "print a pipeline's effective run config as YAML (presets, --config, --set)"
     )
+    p.add_argument("action", choices=["show"], help="show: print the config")
+    p.add_argument("pipeline", choices=PIPELINES, help="pipeline name")
 
     p = add("run", cmd_run, "run a pipeline (locally with --local, through kfp.local)")
     p.add_argument("pipeline", choices=PIPELINES, help="pipeline name")
@@ -494,8 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--package", metavar="FILE", help="upload this compiled YAML instead of compiling")
     p.add_argument("--version", help="name of the new version (default: UTC time + content hash)")
-    p.add_argument("--image-registry", help="override the component image registry")
-    p.add_argument("--image-tag", help="override the component image tag")
+    _compile_args(p)
 
     p = add("submit", cmd_submit, "start a run of an uploaded pipeline on Kubeflow Pipelines")
     p.add_argument("pipeline", choices=PIPELINES, help="pipeline name (as uploaded)")
@@ -504,6 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="synthvlm", help="experiment to run in (created if missing)")
     p.add_argument("--run-name", help="run name (default: pipeline name + UTC time)")
     p.add_argument("--version", help="pipeline version name (default: the newest)")
+    p.add_argument(
+        "--service-account",
+        default=DEFAULT_SERVICE_ACCOUNT,
+        help="Kubernetes service account the run's pods use; it carries the bucket rights "
+        f"(manifests/README.md; default {DEFAULT_SERVICE_ACCOUNT}; '' = the namespace's default)",
+    )
     return parser
 
 

@@ -49,6 +49,21 @@ class CredentialsError(SynthVLMError):
         )
 
 
+class S3CredentialsError(CredentialsError):
+    """No usable AWS credentials for an s3:// URI: says how to provide them (and the endpoint in use)."""
+
+    def __init__(self, uri: str, detail: str = "", *, refused: bool = False, endpoint: str | None = None):
+        self.uri, self.detail, self.endpoint = uri, detail, endpoint
+        what = "the credentials were refused" if refused else "no AWS credentials found"
+        SynthVLMError.__init__(
+            self,
+            f"cannot access {uri}{f' at {endpoint}' if endpoint else ''}: {what}. Provide them with "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (on Kubeflow's MinIO: from the "
+            "mlpipeline-minio-artifact Secret), AWS_PROFILE, or on EKS with IRSA / Pod Identity; set "
+            "AWS_ENDPOINT_URL for an S3-compatible store" + (f" [botocore: {detail}]" if detail else ""),
+        )
+
+
 class TaskFailedError(SynthVLMError):
     """A task of a local pipeline run failed; carries the task's own error message when it was found."""
 

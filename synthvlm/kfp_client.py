@@ -193,12 +193,15 @@ def submit_run(
     run_name: str | None = None,
     version: str | None = None,
     *,
+    service_account: str | None = None,
     auth: KFPAuth | None = None,
     timeout_s: float = TIMEOUT_S,
 ) -> dict[str, Any]:
     """Start a run of an uploaded pipeline (its newest version unless `version` names one).
 
     `arguments` are the pipeline parameters, passed through as they are (the caller validates them).
+    `service_account`: the Kubernetes service account the run's pods use (None or "": the namespace's
+    default, which has no bucket rights in our manifests).
     The experiment is created if it does not exist. Returns the run id and its UI link.
     """
     session = _Session.open(host, namespace, auth, timeout_s)
@@ -229,6 +232,7 @@ def submit_run(
             params=dict(arguments),
             pipeline_id=pipeline.pipeline_id,
             version_id=pipeline_version.pipeline_version_id,
+            service_account=service_account or None,
         )
     log.info("started run %r (%s) at %s", name, run.run_id, session.host)
     return {

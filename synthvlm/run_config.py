@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -29,6 +30,7 @@ from synthvlm.stages.stablellava import (
     PromptsConfig,
     StableLLaVAExportConfig,
 )
+from synthvlm.stages.stablellava_report import StableLLaVAReportConfig
 from synthvlm.train.config import TrainConfig, parse_datasets
 
 SECTION_SUFFIX = "_config"
@@ -39,7 +41,7 @@ class RunConfig(StageConfig):
 
     data_root: str = Field(
         "",
-        description="where images, manifests and the exported dataset go (local folder or gs://bucket/prefix)",
+        description="where images, manifests and the exported dataset go (local folder, gs:// or s3://bucket/prefix)",
     )
     # Where GPU pods go (ignored by local runs): each requests one nvidia.com/gpu, and the node selector
     # picks the GPU model (GKE: cloud.google.com/gke-accelerator). Default A100 (SynthVLM §3.1 used 8 A100).
@@ -62,7 +64,9 @@ class RunConfig(StageConfig):
 
     def require_data_root(self) -> None:
         if not self.data_root:
-            raise ConfigError("config field 'data_root': required (a local folder or gs://bucket/prefix)")
+            raise ConfigError(
+                "config field 'data_root': required (a local folder, gs:// or s3://bucket/prefix)"
+            )
 
 
 class GenerationRunConfig(RunConfig):
@@ -103,6 +107,9 @@ class StableLLaVARunConfig(GenerationRunConfig):
     # StableLLaVA v2 §4.4: keep image-prompt pairs whose CLIP score >= gamma = 0.25.
     select: SelectConfig = Field(default_factory=lambda: SelectConfig(mode="threshold", threshold=0.25))
     export: StableLLaVAExportConfig = Field(default_factory=StableLLaVAExportConfig)
+    report: StableLLaVAReportConfig = Field(
+        default_factory=lambda: StableLLaVAReportConfig(pipeline="stablellava")
+    )
 
 
 # The benchmarks of SynthVLM Table 4, run through lmms-eval (it must be in the eval image).
@@ -139,6 +146,13 @@ class TrainFields(RunConfig):
     pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(stage="pretrain"))
     sft: TrainConfig = Field(default_factory=lambda: TrainConfig(stage="sft"))
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("pretrain_datasets", "sft_datasets", mode="before")
+    @classmethod
+    def _datasets_as_json(cls, value: Any) -> Any:
+        # `--set sft_datasets=[{uri: ..., ratio: 1}]` and YAML lists arrive as lists: kept as the JSON
+        # string the pipeline parameter carries.
+        return json.dumps(value) if isinstance(value, list) else value
 
     @field_validator("pretrain_datasets", "sft_datasets")
     @classmethod
@@ -278,11 +292,131 @@ def _sections(cls: type[RunConfig]) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class FormField:
+    """A setting users change most, promoted from its stage's JSON to a typed pipeline parameter.
+
+    `paths` are the dotted run-config fields it sets (one LLM endpoint serves every LLM stage). A path also
+    set inside its stage's JSON parameter keeps that value: experts can still set one stage apart."""
+
+    name: str
+    paths: tuple[str, ...]
+    description: str
+    none_as: Any = None  # the parameter value that stands for a field's None ("" or []); None: never None
+
+
+def _form(*fields: FormField) -> list[FormField]:
+    return list(fields)
+
+
+_GENERATION_FORM = _form(
+    FormField("generation_model", ("generate.model",),
+              "Diffusers text-to-image model (hub id or path). SDXL base 1.0: SynthVLM §3.1."),
+    FormField("steps", ("generate.steps",), "Denoising steps per image. 60: SynthVLM §3.1."),
+    FormField("guidance_scale", ("generate.guidance_scale",),
+              "Classifier-free guidance scale. 7.5: diffusers' Stable Diffusion default."),
+    FormField("resolution", ("generate.height", "generate.width"),
+              "Image height and width in pixels (multiple of 8). 1024: SynthVLM §3.1."),
+    FormField("clip_model", ("score.model",), "open_clip model for CLIPScore. ViT-L-14: SynthVLM §3.2."),
+    FormField("clip_pretrained", ("score.pretrained",),
+              "open_clip pretrained tag (openai = the original CLIP weights); empty = random weights.", ""),
+)  # fmt: skip
+
+
+def _select_form(gamma: bool) -> list[FormField]:
+    threshold = (
+        "CLIP check gamma: keep pairs scoring above it (select_mode threshold). 0.25: StableLLaVA v2 §4.4."
+        if gamma
+        else "Keep pairs scoring at least this (select_mode threshold)."
+    )
+    return _form(
+        FormField("select_mode", ("select.mode",), "How pairs are kept: top_k, top_fraction or threshold."),
+        FormField("select_k", ("select.k",), "Pairs kept by top_k. 100000 of 1M: SynthVLM §3.2."),
+        FormField("select_fraction", ("select.fraction",), "Share kept by top_fraction. 0.1: SynthVLM §3.2."),
+        FormField("select_threshold", ("select.threshold",), threshold),
+    )
+
+
+def _llm_form(stages: str, *paths: str) -> list[FormField]:
+    return _form(
+        FormField("llm_base_url", tuple(f"{p}.base_url" for p in paths),
+                  f"OpenAI-compatible endpoint of the LLM ({stages}); empty = api.openai.com.", ""),
+        FormField("llm_model", tuple(f"{p}.model" for p in paths), f"LLM model name ({stages})."),
+    )  # fmt: skip
+
+
+# The run form (KFP "Create run"): typed parameters for what users change most; the rest stays in each
+# stage's JSON parameter.
+FORM_FIELDS: dict[str, list[FormField]] = {
+    "synthvlm": _GENERATION_FORM + _select_form(gamma=False) + _llm_form("caption judge", "curate.judge.llm"),
+    "stablellava": _form(
+        FormField(
+            "abilities",
+            ("keywords.abilities", "prompts.abilities"),
+            "Abilities to synthesize (StableLLaVA v1 §5.1); empty list = all 13.",
+            [],
+        ),
+        FormField(
+            "prompts_per_ability",
+            ("prompts.prompts_per_ability",),
+            "Stable Diffusion prompts (images) per ability.",
+        ),
+    )  # fmt: skip
+    + _GENERATION_FORM
+    + _select_form(gamma=True)
+    + _llm_form("keywords, prompts and dialogues", "keywords.llm", "prompts.llm", "dialogues.llm"),
+    "train": [],
+}
+FORM_FIELDS["end-to-end"] = FORM_FIELDS["synthvlm"]
+
+
+def form_fields(cls: type[RunConfig]) -> list[FormField]:
+    return FORM_FIELDS[next(name for name, known in RUN_CONFIGS.items() if known is cls)]
+
+
+def _get(data: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        data = data[part]
+    return data
+
+
+def _pop(data: dict[str, Any], path: str) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        data = data.get(part)
+        if not isinstance(data, dict):
+            return
+    data.pop(last, None)
+
+
+def _has(data: dict[str, Any], path: str) -> bool:
+    *parents, last = path.split(".")
+    for part in parents:
+        data = data.get(part)
+        if not isinstance(data, dict):
+            return False
+    return last in data
+
+
+def _put(data: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[last] = value
+
+
 def to_pipeline_arguments(config: RunConfig) -> dict[str, Any]:
-    """Flatten for a KFP pipeline: scalars as they are, each stage section as `<section>_config` JSON."""
+    """Flatten for a KFP pipeline: scalars as they are, the form fields typed, and each stage section as
+    `<section>_config` JSON without the form fields (unless a stage holds a value of its own)."""
     data = config.model_dump(mode="json")
     sections = _sections(type(config))
     args = {k: v for k, v in data.items() if k not in sections}
+    for field in form_fields(type(config)):
+        value = _get(data, field.paths[0])
+        args[field.name] = field.none_as if value is None else value
+        for path in field.paths:
+            if _get(data, path) == value:
+                _pop(data, path)
     for section in sections:
         args[f"{section}{SECTION_SUFFIX}"] = json.dumps(data[section], sort_keys=True)
     return args
@@ -291,7 +425,9 @@ def to_pipeline_arguments(config: RunConfig) -> dict[str, Any]:
 def from_pipeline_arguments(args: dict[str, Any], cls: type[RunConfig] = SynthVLMRunConfig) -> RunConfig:
     """Inverse of to_pipeline_arguments; errors name the pipeline parameter and field."""
     sections = _sections(cls)
+    form = {field.name: field for field in form_fields(cls)}
     data: dict[str, Any] = {}
+    typed: dict[str, Any] = {}
     for key, value in args.items():
         section = key.removesuffix(SECTION_SUFFIX)
         if key.endswith(SECTION_SUFFIX) and section in sections:
@@ -299,6 +435,35 @@ def from_pipeline_arguments(args: dict[str, Any], cls: type[RunConfig] = SynthVL
                 data[section] = json.loads(value) if value else {}
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"pipeline parameter '{key}': not valid JSON: {exc}") from None
+            if not isinstance(data[section], dict):
+                raise ConfigError(f"pipeline parameter '{key}': must be a JSON object")
+        elif key in form:
+            typed[key] = value
         else:
             data[key] = value
+    for name, value in typed.items():
+        field = form[name]
+        value = None if field.none_as is not None and value == field.none_as else value
+        for path in field.paths:
+            if not _has(data, path):  # a stage's own value (expert setting) wins
+                _put(data, path, value)
     return validate(cls, data, source="pipeline parameters")
+
+
+def validated_stage_configs(parameters: dict[str, Any], pipeline: str) -> dict[str, str]:
+    """The validation task of each pipeline: the run config from its parameters, checked as far as can be
+    before any GPU pod starts; returns `<section>_config` -> the stage's effective config as JSON."""
+    from synthvlm.kfp_support import setup_logging
+
+    setup_logging()
+    config = from_pipeline_arguments(parameters, run_config_class(pipeline))
+    config.require_data_root()
+    generate = getattr(config, "generate", None)
+    if generate is not None:
+        from synthvlm.safety import validate_safety
+
+        validate_safety(generate.safety)  # blocklist file readable, checker known: before any GPU pod
+    return {
+        f"{section}{SECTION_SUFFIX}": getattr(config, section).model_dump_json()
+        for section in _sections(type(config))
+    }

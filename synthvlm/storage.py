@@ -1,12 +1,19 @@
-"""Read and write local paths and gs:// URIs with one small API.
+"""Read and write local paths, gs:// and s3:// URIs with one small API.
 
-gs:// goes through google-cloud-storage (its retry policy and transfer helpers); an object upload is
-atomic by itself. Local writes go to a temporary file in the same directory and are renamed into
+gs:// goes through google-cloud-storage (its retry policy and transfer helpers), s3:// through boto3
+(botocore's standard retry mode, s3transfer for big files); an object upload is atomic by itself: a
+single PUT, or a multipart upload whose object appears only when it is completed (its parts are never
+visible as an object). Local writes go to a temporary file in the same directory and are renamed into
 place, so a reader never sees a half-written file.
+
+s3:// takes everything from the standard AWS settings: credentials from the default chain
+(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, IRSA, ...), the endpoint of an S3-compatible
+store such as MinIO from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (botocore reads them itself).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -14,9 +21,10 @@ from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
 
-from synthvlm.errors import CredentialsError, InputError
+from synthvlm.errors import CredentialsError, InputError, S3CredentialsError
 
 GCS_PREFIX = "gs://"
+S3_PREFIX = "s3://"
 
 
 def _file_mode() -> int:
@@ -42,8 +50,25 @@ def split_gcs(uri: str) -> tuple[str, str]:
     return bucket, name
 
 
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_PREFIX)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
+    bucket, _, key = uri[len(S3_PREFIX) :].partition("/")
+    if not bucket:
+        raise InputError(uri, "not an s3:// URI with a bucket name (expected s3://BUCKET/PATH)")
+    return bucket, key
+
+
+def split_remote(uri: str) -> tuple[str, str]:
+    """(bucket, object name) of a gs:// or s3:// URI; an InputError naming `uri` when it has no bucket."""
+    return split_s3(uri) if is_s3(uri) else split_gcs(uri)
+
+
 def join(base: str, *parts: str) -> str:
-    """Join URI/path segments with '/', for local paths and gs:// alike."""
+    """Join URI/path segments with '/', for local paths, gs:// and s3:// alike."""
     out = base.rstrip("/")
     for part in parts:
         out = f"{out}/{part.strip('/')}"
@@ -76,8 +101,81 @@ def _gcs_client(uri: str):
 
 
 def reset_client() -> None:
-    """Forget the cached client (tests switch STORAGE_EMULATOR_HOST)."""
+    """Forget the cached clients (tests switch STORAGE_EMULATOR_HOST / AWS_ENDPOINT_URL; a forked worker
+    must not share its parent's connections)."""
     _client.cache_clear()
+    _s3_client.cache_clear()
+
+
+_S3_MAX_ATTEMPTS = 8  # our choice: like GCS's DEFAULT_RETRY, ride out a store restarting for a while
+
+
+def _s3_endpoint_from_env() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@lru_cache(maxsize=1)
+def _s3_client():
+    import boto3
+    from botocore.config import Config
+
+    options: dict = {"retries": {"mode": "standard", "max_attempts": _S3_MAX_ATTEMPTS}}
+    if _s3_endpoint_from_env():
+        # An S3-compatible store (MinIO, Ceph, ...): buckets as paths (a cluster-local service name has no
+        # per-bucket DNS names), and checksums only where S3 requires them (older MinIO, such as the one
+        # bundled with Kubeflow Pipelines, rejects botocore's default streaming CRC32 uploads).
+        options["s3"] = {"addressing_style": "path"}
+        if "AWS_REQUEST_CHECKSUM_CALCULATION" not in os.environ:
+            options["request_checksum_calculation"] = "when_required"
+        if "AWS_RESPONSE_CHECKSUM_VALIDATION" not in os.environ:
+            options["response_checksum_validation"] = "when_required"
+    # The endpoint (AWS_ENDPOINT_URL[_S3]), region and credentials come from botocore's own lookup.
+    return boto3.session.Session().client("s3", config=Config(**options))
+
+
+# S3 error codes that mean the credentials are missing, wrong or not allowed (HEAD answers only "403").
+_S3_REFUSED = {
+    "403",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "AllAccessDisabled",
+}
+
+
+@contextmanager
+def _s3_errors(uri: str) -> Iterator[None]:
+    """Translate botocore errors about `uri`: a missing object -> FileNotFoundError (as for local paths),
+    a missing bucket -> InputError naming the bucket, missing or refused credentials -> S3CredentialsError."""
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+    bucket_uri = S3_PREFIX + split_s3(uri)[0]
+    try:
+        yield
+    except (NoCredentialsError, PartialCredentialsError) as exc:
+        raise S3CredentialsError(bucket_uri, detail=str(exc), endpoint=_s3_endpoint_from_env()) from None
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise FileNotFoundError(errno.ENOENT, "no such object", uri) from None
+        if code == "NoSuchBucket":
+            where = _s3_client().meta.endpoint_url
+            raise InputError(bucket_uri, f"no such bucket at {where} (create it, or fix the URI)") from None
+        if code in _S3_REFUSED:
+            raise S3CredentialsError(
+                bucket_uri, detail=str(exc), refused=True, endpoint=_s3_client().meta.endpoint_url
+            ) from None
+        raise
+
+
+def _s3_transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    # The library's multipart thresholds and concurrency; a multipart object appears only once complete,
+    # and s3transfer aborts the upload (its parts) when it fails.
+    return TransferConfig()
 
 
 def _blob(uri: str):
@@ -94,6 +192,10 @@ def _retry():
 def read_bytes(uri: str) -> bytes:
     if is_gcs(uri):
         return _blob(uri).download_as_bytes(retry=_retry())
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        with _s3_errors(uri):
+            return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     return Path(uri).read_bytes()
 
 
@@ -107,6 +209,12 @@ def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
         # if_generation_match is not set: rewriting the same deterministic output is fine, and
         # DEFAULT_RETRY only retries uploads that are idempotent in this sense.
         _blob(uri).upload_from_string(data, content_type=content_type, retry=_retry())
+        return
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        extra = {"ContentType": content_type} if content_type else {}
+        with _s3_errors(uri):  # one PUT: the object is replaced whole or not at all
+            _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +237,7 @@ _TEMP_SUFFIX = ".tmp"  # a local write's temp file: ".{name}.{random}.tmp" next 
 def remove_interrupted_writes(folder: str, owned: Callable[[str], bool] | None = None) -> list[str]:
     """Delete the temp files that local writes killed mid-way left in `folder` (only those whose target
     file name passes `owned`, when given); returns their paths. Object uploads leave none."""
-    if is_gcs(folder) or not Path(folder).is_dir():
+    if is_remote(folder) or not Path(folder).is_dir():
         return []
     removed = []
     for entry in os.scandir(folder):
@@ -148,14 +256,18 @@ def write_text(uri: str, text: str, content_type: str = "text/plain; charset=utf
 
 @contextmanager
 def local_copy(uri: str) -> Iterator[str]:
-    """Yield a local path with the content of `uri` (downloaded to a temp file for gs://)."""
-    if not is_gcs(uri):
+    """Yield a local path with the content of `uri` (downloaded to a temp file for gs:// and s3://)."""
+    if not is_remote(uri):
         yield uri
         return
-    suffix = Path(split_gcs(uri)[1]).suffix
+    bucket, name = split_remote(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, f"data{suffix}")
-        _blob(uri).download_to_filename(local, retry=_retry())
+        local = os.path.join(tmp, f"data{Path(name).suffix}")
+        if is_s3(uri):
+            with _s3_errors(uri):
+                _s3_client().download_file(bucket, name, local, Config=_s3_transfer_config())
+        else:
+            _blob(uri).download_to_filename(local, retry=_retry())
         yield local
 
 
@@ -163,6 +275,11 @@ def upload_file(local_path: str, uri: str, content_type: str | None = None) -> N
     """Copy a local file to `uri` atomically."""
     if is_gcs(uri):
         _blob(uri).upload_from_filename(local_path, content_type=content_type, retry=_retry())
+    elif is_s3(uri):
+        bucket, key = split_s3(uri)
+        extra = {"ContentType": content_type} if content_type else None
+        with _s3_errors(uri):  # multipart for big files (checkpoints): visible only once completed
+            _s3_client().upload_file(local_path, bucket, key, ExtraArgs=extra, Config=_s3_transfer_config())
     else:
         write_bytes(uri, Path(local_path).read_bytes())
 
@@ -170,6 +287,14 @@ def upload_file(local_path: str, uri: str, content_type: str | None = None) -> N
 def exists(uri: str) -> bool:
     if is_gcs(uri):
         return _blob(uri).exists(retry=_retry())
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            with _s3_errors(uri):
+                _s3_client().head_object(Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        return True
     return Path(uri).exists()
 
 
@@ -179,6 +304,10 @@ def delete(uri: str) -> None:
 
         with suppress(NotFound):
             _blob(uri).delete(retry=_retry())
+    elif is_s3(uri):
+        bucket, key = split_s3(uri)
+        with suppress(FileNotFoundError), _s3_errors(uri):  # S3 answers 204 for a missing key anyway
+            _s3_client().delete_object(Bucket=bucket, Key=key)
     else:
         Path(uri).unlink(missing_ok=True)
 
@@ -190,6 +319,14 @@ def list_uris(prefix: str, suffix: str = "") -> list[str]:
         name = name.rstrip("/") + "/" if name else ""
         blobs = _gcs_client(prefix).list_blobs(bucket, prefix=name, retry=_retry())
         return sorted(f"{GCS_PREFIX}{bucket}/{b.name}" for b in blobs if b.name.endswith(suffix))
+    if is_s3(prefix):
+        bucket, name = split_s3(prefix)
+        name = name.rstrip("/") + "/" if name else ""
+        keys = []
+        with _s3_errors(prefix):
+            for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=name):
+                keys += [obj["Key"] for obj in page.get("Contents", ()) if obj["Key"].endswith(suffix)]
+        return sorted(f"{S3_PREFIX}{bucket}/{key}" for key in keys)
     root = Path(prefix)
     if not root.exists():
         return []
@@ -202,15 +339,23 @@ def list_uris(prefix: str, suffix: str = "") -> list[str]:
 
 def is_remote(uri: str) -> bool:
     """An object-store URI (no local folders, no temp files, no renames)."""
-    return is_gcs(uri)
+    return is_gcs(uri) or is_s3(uri)
 
 
 def copy(source: str, target: str) -> None:
-    """Copy one file/object atomically (server-side for gs:// to gs://)."""
+    """Copy one file/object atomically (server-side within gs:// and within s3://)."""
     if is_gcs(source) and is_gcs(target):
         src_bucket, src_name = split_gcs(source)
         dst_bucket, dst_name = split_gcs(target)
         bucket = _client().bucket(src_bucket)
         bucket.copy_blob(bucket.blob(src_name), _client().bucket(dst_bucket), dst_name, retry=_retry())
+        return
+    if is_s3(source) and is_s3(target):
+        src_bucket, src_key = split_s3(source)
+        dst_bucket, dst_key = split_s3(target)
+        with _s3_errors(source):  # a multipart copy above 5 GB: visible only once completed, like a PUT
+            _s3_client().copy(
+                {"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key, Config=_s3_transfer_config()
+            )
         return
     write_bytes(target, read_bytes(source))

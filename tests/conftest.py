@@ -41,6 +41,43 @@ def gcs_emulator():
         storage.reset_client()
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """An in-process S3 (moto) on loopback with bucket 'test-bucket', reached through AWS_ENDPOINT_URL and
+    dummy AWS_* credentials (subprocesses inherit them); yields 's3://test-bucket'."""
+    from moto.server import ThreadedMotoServer
+
+    from synthvlm import storage
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,  # nothing from the developer's ~/.aws
+    }
+    unset = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE")
+    old = {name: os.environ.get(name) for name in (*env, *unset)}
+    for name in unset:
+        os.environ.pop(name, None)
+    os.environ.update(env)
+    storage.reset_client()
+    storage._s3_client().create_bucket(Bucket="test-bucket")
+    try:
+        yield "s3://test-bucket"
+    finally:
+        server.stop()
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        storage.reset_client()
+
+
 @pytest.fixture
 def no_gcp_credentials(tmp_path, monkeypatch):
     """No credentials anywhere google.auth looks, and no wait on a GCE metadata server (no network)."""

@@ -41,7 +41,7 @@ def done_markers(root: Path) -> list[Path]:
 def test_directory_as_captions_file(tmp_path: Path, capsys):
     folder = tmp_path / "captions"
     folder.mkdir()
-    out = tmp_path / "out" / "captions.jsonl"
+    out = tmp_path / "out"
     argv = ["captions", "--input", str(folder), "--output", str(out)]
     fails_cleanly(argv, capsys, f"{folder}: is a directory")
     assert done_markers(tmp_path) == []
@@ -55,7 +55,7 @@ def test_corrupt_parquet_captions(tmp_path: Path, capsys, damage: str):
     else:
         pq.write_table(pa.Table.from_pylist([{"id": "c1", "caption": "a cat"}] * 50), src)
         src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
-    out = tmp_path / "out" / "captions.jsonl"
+    out = tmp_path / "out"
     fails_cleanly(
         ["captions", "--input", str(src), "--output", str(out)], capsys, f"{src}: not a readable Parquet file"
     )
@@ -63,7 +63,7 @@ def test_corrupt_parquet_captions(tmp_path: Path, capsys, damage: str):
 
 
 def test_gcs_without_credentials(tmp_path: Path, capsys, no_gcp_credentials):
-    out = tmp_path / "out" / "captions.jsonl"
+    out = tmp_path / "out"
     fails_cleanly(
         ["captions", "--input", "gs://my-bucket/caps.jsonl", "--output", str(out)],
         capsys,
@@ -75,42 +75,76 @@ def test_gcs_without_credentials(tmp_path: Path, capsys, no_gcp_credentials):
     assert done_markers(tmp_path) == []
 
 
-@pytest.mark.parametrize("where", ["--input", "--output"])
-def test_gcs_uri_without_bucket(tmp_path: Path, capsys, where: str):
-    args = {"--input": str(tmp_path / "caps.jsonl"), "--output": str(tmp_path / "out" / "captions.jsonl")}
-    args[where] = "gs:///x/captions.jsonl"
+@pytest.mark.parametrize(
+    "where, uri", [("--input", "gs:///x/captions.jsonl"), ("--output", "gs:///x/captions")]
+)
+def test_gcs_uri_without_bucket(tmp_path: Path, capsys, where: str, uri: str):
+    args = {"--input": str(tmp_path / "caps.jsonl"), "--output": str(tmp_path / "out")}
+    args[where] = uri
     fails_cleanly(
         ["captions", *(a for item in args.items() for a in item)],
         capsys,
-        "gs:///x/captions.jsonl: not a gs:// URI with a bucket name",
+        f"{uri}: not a gs:// URI with a bucket name",
     )
 
 
 @pytest.mark.parametrize(
-    "argv, words",
+    "argv, written",
     [
-        (["captions", "--input", "IN.jsonl", "--output", "O/captions.txt"], ".jsonl or .parquet"),
-        (["select", "--input", "IN.jsonl", "--output", "O/selected.json"], ".jsonl or .parquet"),
-        (["curate", "--input", "IN.jsonl", "--output", "O/c.jsonl", "--rejects", "O/r.csv"], "rejects file"),
-        (["report", "--input", "IN.jsonl", "--output", "O/report.htm"], "must end with .html"),
-        (["evaluate", "--model", "m", "--benchmark", "IN.jsonl", "--output", "O/r.yaml"], "end with .json"),
-        (["stablellava-keywords", "--output", "O/keywords.jsonl"], "must end with .json"),
-        (["stablellava-dialogues", "--prompts", "IN.jsonl", "--output", "O/d.json"], "end with .jsonl"),
-        (["compare-evals", "IN.json", "--output", "O/table.txt"], "must end with .html"),
+        (["captions", "--input", "IN.jsonl", "--output", "O/captions.jsonl"], "captions.jsonl"),
+        (["captions", "--input", "IN.jsonl", "--output", "O/captions.parquet"], "captions.jsonl"),
+        (["curate", "--input", "IN.jsonl", "--output", "O/curated.jsonl"], "curated.jsonl"),
+        (["score", "--input", "IN.jsonl", "--output", "O/scored.csv"], "scored.jsonl"),
+        (["select", "--input", "IN.jsonl", "--output", "O/selected.json"], "selected.jsonl"),
+        (["report", "--input", "IN.jsonl", "--output", "O/report.html"], "report.html"),
+        (["evaluate", "--model", "m", "--benchmark", "IN.jsonl", "--output", "O/r.json"], "results.json"),
+        (["stablellava-keywords", "--output", "O/keywords.json"], "keywords.json"),
+        (["stablellava-prompts", "--keywords", "IN.json", "--output", "O/p.jsonl"], "prompts.jsonl"),
+        (["stablellava-dialogues", "--prompts", "IN.jsonl", "--output", "O/d.jsonl"], "dialogues.jsonl"),
+        (["compare-evals", "IN.json", "--output", "O/table.html"], "comparison.html"),
+        (["regenerate", "--manifest", "IN.jsonl", "--id", "c1", "--output", "O/again.JPG"], "its files"),
+        (["regenerate", "--manifest", "IN.jsonl", "--id", "c1", "--output", "O/again.webp"], "its files"),
     ],
-)
-def test_wrong_output_extension_fails_before_reading_input(tmp_path: Path, capsys, argv, words):
+)  # fmt: skip
+def test_file_valued_output_fails_before_reading_input(tmp_path: Path, capsys, argv, written):
     # IN.* does not exist: an error about the input would mean the input was read first.
     argv = [str(tmp_path / a) if a.startswith(("IN.", "O/")) else a for a in argv]
-    err = fails_cleanly(argv, capsys, words, "--")
+    command, output = argv[0], argv[argv.index("--output") + 1]
+    err = fails_cleanly(
+        argv,
+        capsys,
+        f"--output {output}: --output is a folder for every command;",
+        f"`synthvlm {command}` writes {written} inside it",
+        f"(for example --output {tmp_path / 'O'})",  # the new form
+    )
     assert "not found" not in err and "No such file" not in err
     assert not (tmp_path / "O").exists()
+
+
+def test_removed_rejects_flag_names_the_new_form(tmp_path: Path, capsys):
+    argv = ["curate", "--input", str(tmp_path / "IN.jsonl"), "--output", str(tmp_path / "O")]
+    err = fails_cleanly(
+        [*argv, "--rejects", str(tmp_path / "O" / "r.jsonl")],
+        capsys,
+        "--rejects",
+        "no longer taken",
+        "writes rejects.jsonl beside curated.jsonl in the --output folder",
+    )
+    assert "not found" not in err and not (tmp_path / "O").exists()
+
+
+def test_existing_file_as_output_folder(tmp_path: Path, capsys):
+    existing = tmp_path / "captions"  # a file without a suffix
+    existing.write_text("keep me")
+    argv = ["captions", "--input", str(tmp_path / "IN.jsonl"), "--output", str(existing)]
+    fails_cleanly(argv, capsys, f"--output {existing}: is a file; --output must be a folder")
+    assert existing.read_text() == "keep me"
 
 
 def test_id_too_long_in_bytes_fails_at_captions(tmp_path: Path, capsys):
     src = tmp_path / "caps.csv"
     src.write_text("id,caption\nok,a cat\n" + "文" * 100 + ",a dog\n", encoding="utf-8")
-    out = tmp_path / "out" / "captions.jsonl"
+    out = tmp_path / "out"
     fails_cleanly(
         ["captions", "--input", str(src), "--output", str(out)],
         capsys,
@@ -130,15 +164,16 @@ def test_id_too_long_in_bytes_fails_at_captions(tmp_path: Path, capsys):
 def test_bad_csv_structure(tmp_path: Path, capsys, content: str, words: str):
     src = tmp_path / "caps.csv"
     src.write_text(content)
-    out = tmp_path / "out" / "captions.jsonl"
+    out = tmp_path / "out"
     fails_cleanly(["captions", "--input", str(src), "--output", str(out)], capsys, f"{src}, {words}")
     assert done_markers(tmp_path) == []
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan"])
 def test_non_finite_config_numbers(tmp_path: Path, capsys, value: str):
-    out = str(tmp_path / "out" / "selected.jsonl")
-    argv = ["select", "--set", "mode=threshold", "--set", f"threshold={value}", "--input", "x.jsonl"]
+    out = str(tmp_path / "out")
+    argv = ["select", "--set", "select.mode=threshold", "--set", f"select.threshold={value}"]
+    argv += ["--input", "x.jsonl"]
     fails_cleanly([*argv, "--output", out], capsys, "config field 'threshold'", "finite number")
     # The run config too, with the dotted field name, before anything runs.
     run = ["run", "synthvlm", "--local", "--output", str(tmp_path / "run")]
@@ -150,20 +185,21 @@ def test_non_finite_config_numbers(tmp_path: Path, capsys, value: str):
 def test_jsonl_captions_with_a_bom_are_accepted(tmp_path: Path, capsys):
     src = tmp_path / "caps.jsonl"
     src.write_bytes(b'\xef\xbb\xbf{"id": "c1", "caption": "a cat"}\n{"id": "c2", "caption": "a dog"}\n')
-    out = tmp_path / "out" / "captions.jsonl"
+    out = tmp_path / "out"
     assert main(["captions", "--input", str(src), "--output", str(out)]) == 0
-    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["c1", "c2"]
+    written = (out / "captions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in written] == ["c1", "c2"]
 
 
 def test_bad_input_after_a_good_run_loses_nothing(tmp_path: Path, capsys):
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.csv"
     good.write_text('{"id": "c1", "caption": "a cat"}\n')
     bad.write_text("id,caption,caption\nc1,a,b\n")
-    out = tmp_path / "out" / "captions.jsonl"
+    out = tmp_path / "out"
     assert main(["captions", "--input", str(good), "--output", str(out)]) == 0
-    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     fails_cleanly(["captions", "--input", str(bad), "--output", str(out)], capsys, "duplicate column")
-    after = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # no new marker, nothing overwritten or removed
 
 

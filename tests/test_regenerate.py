@@ -12,6 +12,7 @@ import pytest
 
 from synthvlm import regenerate as regen
 from synthvlm.cli import main
+from synthvlm.errors import InputError
 from synthvlm.models.sdxl import TINY_SDXL, TINY_SDXL_REFINER, build_tiny_sdxl
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stages.export_llava import ExportConfig, export_llava
@@ -40,8 +41,11 @@ def _record(manifest: str, record_id: str) -> Record:
 
 @pytest.mark.parametrize("record_id", ["cap-1", "cap-4"])  # mid first batch; in the short last batch
 def test_regenerate_through_the_cli_is_byte_identical(shard: str, tmp_path, capsys, record_id) -> None:
-    out = tmp_path / "again.jpg"
-    assert main(["regenerate", "--manifest", shard, "--id", record_id, "--output", str(out), "--check"]) == 0
+    folder = tmp_path / "again"
+    assert (
+        main(["regenerate", "--manifest", shard, "--id", record_id, "--output", str(folder), "--check"]) == 0
+    )
+    out = folder / f"{record_id}.jpg"  # in the --output folder, named after the record, as recorded (jpeg)
     original = _record(shard, record_id)
     assert out.read_bytes() == Path(original.image_uri).read_bytes()
     assert f"{out}: byte-identical" in capsys.readouterr().out
@@ -116,13 +120,14 @@ def test_check_fails_when_the_original_differs(shard: str, tmp_path, capsys) -> 
     original.write_bytes(Path(_record(shard, "cap-0").image_uri).read_bytes()[:-10])  # truncated
     records = [rec.model_copy(update={"image_uri": str(original)}) for rec in read_manifest(shard)]
     write_manifest(str(tmp_path / "m.jsonl"), records)
-    out = tmp_path / "x.jpg"
-    args = ["regenerate", "--manifest", str(tmp_path / "m.jsonl"), "--id", "cap-0", "--output", str(out)]
+    folder = tmp_path / "x"
+    args = ["regenerate", "--manifest", str(tmp_path / "m.jsonl"), "--id", "cap-0", "--output", str(folder)]
     assert main(args) == 0  # without --check: logged only
+    assert f"{folder / 'cap-0.jpg'}: DIFFERENT" in capsys.readouterr().out
     assert main([*args, "--check"]) == 2
     err = capsys.readouterr().err
     assert "differs from" in err and "'cap-0'" in err and "Traceback" not in err
-    assert out.is_file()  # written anyway, for inspection
+    assert (folder / "cap-0.jpg").is_file()  # written anyway, for inspection
 
 
 def _error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -133,27 +138,33 @@ def _error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_errors_name_the_manifest_and_the_id(shard: str, tmp_path, capsys) -> None:
-    err = _error(["--manifest", shard, "--id", "cap-9", "--output", str(tmp_path / "x.jpg")], capsys)
+    out = str(tmp_path / "x")  # the --output folder
+    err = _error(["--manifest", shard, "--id", "cap-9", "--output", out], capsys)
     assert shard in err and "'cap-9'" in err
+    # --output names a folder: a file name is refused before anything is read or written
     err = _error(["--manifest", shard, "--id", "cap-0", "--output", str(tmp_path / "x.png")], capsys)
-    assert shard in err and "'cap-0'" in err and ".jpg" in err and not (tmp_path / "x.png").exists()
+    assert f"--output {tmp_path / 'x.png'}: --output is a folder" in err and f"--output {tmp_path}" in err
+    assert not (tmp_path / "x.png").exists()
+    # the library still refuses a file name whose extension is not the recorded format's
+    with pytest.raises(InputError) as exc:
+        regen.regenerate(shard, "cap-0", str(tmp_path / "x.png"))
+    assert shard in str(exc.value) and "'cap-0'" in str(exc.value) and ".jpg" in str(exc.value)
+    assert not (tmp_path / "x.png").exists()
     bare = str(tmp_path / "captions.jsonl")
     write_manifest(bare, [Record(id="cap-0", caption="a cat", provenance={"source": "test"})])
-    err = _error(["--manifest", bare, "--id", "cap-0", "--output", str(tmp_path / "x.jpg")], capsys)
+    err = _error(["--manifest", bare, "--id", "cap-0", "--output", out], capsys)
     assert bare in err and "'cap-0'" in err and "no generation provenance" in err
     old = str(tmp_path / "old.jsonl")
     generation = {"model": TINY_SDXL, "steps": 2}  # written before exact regeneration
     write_manifest(old, [Record(id="cap-0", caption="a cat", provenance={"generation": generation})])
-    err = _error(["--manifest", old, "--id", "cap-0", "--output", str(tmp_path / "x.jpg")], capsys)
+    err = _error(["--manifest", old, "--id", "cap-0", "--output", out], capsys)
     assert old in err and "lacks" in err and "batch" in err
     missing = str(tmp_path / "nope.jsonl")
-    assert missing in _error(
-        ["--manifest", missing, "--id", "a", "--output", str(tmp_path / "x.jpg")], capsys
-    )
+    assert missing in _error(["--manifest", missing, "--id", "a", "--output", out], capsys)
 
 
 def test_models_that_cannot_be_loaded_are_input_errors(shard: str, tmp_path, capsys) -> None:
-    edited, out = str(tmp_path / "edited.jsonl"), str(tmp_path / "x.jpg")
+    edited, out = str(tmp_path / "edited.jsonl"), str(tmp_path / "x")
     _edit_generation(shard, edited, "cap-0", model="bench/random-sdxl")  # a builder of another process
     err = _error(["--manifest", edited, "--id", "cap-0", "--output", out], capsys)
     assert "'cap-0'" in err and "register_builder" in err
@@ -168,7 +179,7 @@ def test_inconsistent_batch_is_an_input_error(shard: str, tmp_path, capsys) -> N
     edited = str(tmp_path / "edited.jsonl")
     batch = _record(shard, "cap-0").provenance["generation"]["batch"]
     _edit_generation(shard, edited, "cap-0", batch={**batch, "seeds": batch["seeds"][::-1]})
-    err = _error(["--manifest", edited, "--id", "cap-0", "--output", str(tmp_path / "x.jpg")], capsys)
+    err = _error(["--manifest", edited, "--id", "cap-0", "--output", str(tmp_path / "x")], capsys)
     assert "'cap-0'" in err and "batch" in err
     assert json.loads(Path(edited).read_text().splitlines()[0])["id"] == "cap-0"
 

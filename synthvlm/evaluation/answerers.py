@@ -111,8 +111,9 @@ def load_image(uri: str):
 
 @contextmanager
 def local_model_dir(model_uri_or_name: str) -> Iterator[str]:
-    """A local folder (or hub name) `from_pretrained` can load: a gs:// folder is downloaded first."""
-    if not storage.is_gcs(model_uri_or_name):
+    """A local folder (or hub name) `from_pretrained` can load: a gs:// or s3:// folder is downloaded
+    first."""
+    if not storage.is_remote(model_uri_or_name):
         yield model_uri_or_name
         return
     prefix = model_uri_or_name.rstrip("/") + "/"

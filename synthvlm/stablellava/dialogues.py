@@ -10,10 +10,15 @@ Kinds, each with its own template and pydantic reply schema (structured output):
 - multi_turn: a conversation of several rounds about one image (v2 §4.2 "multi-turn dialogues");
 - multi_image: one caption about the similarity / difference / logical relation of a pair of prompts
   (v2 Fig. 7), asked with a predefined question per relation;
-- eval: the evaluation question-answer template (v1 Fig. 5) with answers as keywords (v1 §5.2).
+- eval: the evaluation question-answer template (v1 Fig. 5) with answers as keywords (v1 §5.2); the reply
+  schema follows the question type, so that each item can be scored by its kind: keywords for a
+  wh-question, "yes"/"no" for a yes/no question, the two options and the right one for an either-or one;
+- interleaved: a multi-turn, multi-image dialogue whose later turns bring new images (v2 App. C); the LLM
+  writes it in the prompts stage (interleaved.py), because its pictures are the images to generate, and
+  `interleaved_dialogue` reads it back from the prompt records.
 
-Every answer is limited to `max_answer_chars` (v2 §4.4: 500 characters); longer ones are rejected with
-a reason, not cut (a cut answer is a wrong answer).
+The length limit (filters.LengthLimit, v2 §4.4: 500 characters per dialogue by default) rejects longer
+dialogues with a reason; they are never cut (a cut answer is a wrong answer).
 """
 
 from __future__ import annotations
@@ -23,19 +28,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synthvlm.llava_format import brief_instruction
 from synthvlm.llm import LLMRequest, LLMResult
 from synthvlm.records import Record
 from synthvlm.stablellava.abilities import QUESTION_TYPES, Ability, QuestionType
-from synthvlm.stablellava.emphasis import keyword_text
-from synthvlm.stablellava.filters import Verdict, answer_length_problem
+from synthvlm.stablellava.emphasis import contains_phrase, keyword_text, normalize
+from synthvlm.stablellava.filters import (
+    IMAGE_MARKER,
+    STRAY_IMAGE_MARKER,
+    LengthLimit,
+    Verdict,
+    length_problem,
+)
 from synthvlm.stablellava.prompts import PAIR_EXAMPLES, input_block
 
-DialogueKind = Literal["caption", "qa", "multi_turn", "multi_image", "eval"]
-TRAIN_KINDS: tuple[DialogueKind, ...] = ("caption", "qa", "multi_turn", "multi_image")
-TASKS: dict[DialogueKind, str] = {
+DialogueKind = Literal["caption", "qa", "multi_turn", "multi_image", "eval", "interleaved"]
+TRAIN_KINDS: tuple[DialogueKind, ...] = ("caption", "qa", "multi_turn", "multi_image", "interleaved")
+TASKS: dict[str, str] = {
     "caption": "stablellava.caption",
     "qa": "stablellava.qa",
     "multi_turn": "stablellava.multi_turn",
@@ -47,6 +58,8 @@ LLM_REJECTED = "llm rejected"
 EMPTY_DIALOGUE = "empty question or answer"
 TOO_FEW_TURNS = "too few turns"
 NO_ANSWER_KEYWORDS = "no answer keywords"
+BAD_OPTIONS = "either-or options unusable"
+MISSING_INTERLEAVED = "interleaved dialogue incomplete"
 
 QUESTION_TYPE_TEXT: dict[str, str] = {
     "yes_no": "a yes/no question (the answer starts with Yes or No)",
@@ -102,37 +115,88 @@ class MultiImageReply(BaseModel):
 
 
 class EvalReply(BaseModel):
+    """A wh-question eval item: scored by keyword match (v1 §5.2)."""
+
     question: str
     answer: str
     answer_keywords: list[str]
 
 
-REPLY_SCHEMAS: dict[DialogueKind, type[BaseModel]] = {
+class YesNoEvalReply(BaseModel):
+    """A yes/no eval item: scored by the parsed yes/no (POPE style)."""
+
+    question: str
+    answer: str
+    yes_or_no: Literal["yes", "no"]
+
+
+class EitherOrEvalReply(BaseModel):
+    """An either-or eval item: the two options the question offers and the right one (a 2-way choice)."""
+
+    question: str
+    answer: str
+    options: list[str]
+    correct_option: str
+
+
+REPLY_SCHEMAS: dict[str, type[BaseModel]] = {
     "caption": CaptionReply,
     "qa": QAReply,
     "multi_turn": MultiTurnReply,
     "multi_image": MultiImageReply,
     "eval": EvalReply,
 }
+EVAL_SCHEMAS: dict[str, type[BaseModel]] = {
+    "wh": EvalReply,
+    "yes_no": YesNoEvalReply,
+    "either_or": EitherOrEvalReply,
+}
+
+
+def reply_schema(kind: str, question_type: str | None) -> type[BaseModel]:
+    if kind == "eval":
+        return EVAL_SCHEMAS[str(question_type)]
+    return REPLY_SCHEMAS[kind]
 
 
 # ---- the dialogue records the stage writes ----------------------------------------------------------
 
 
 class Dialogue(BaseModel):
-    """One dialogue about one image (or two, for multi_image), as written to dialogues.jsonl."""
+    """One dialogue about its images, as written to dialogues.jsonl.
+
+    `image_turns` (interleaved dialogues): the turn that shows each image, in `record_ids` order; those
+    turns' questions hold one `<image>` per image at its place. None: every image belongs to the first turn
+    and the questions hold no marker (the exporter puts them first, LLaVA's layout).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     id: str
     kind: DialogueKind
-    record_ids: list[str] = Field(min_length=1, max_length=2)  # prompt records, i.e. images, in order
+    record_ids: list[str] = Field(min_length=1)  # prompt records, i.e. images, in order
     ability: str
     turns: list[Turn] = Field(min_length=1)
+    image_turns: list[int] | None = None
     question_type: QuestionType | None = None
     relation: str | None = None
-    answer_keywords: list[str] = Field(default_factory=list)  # eval only (v1 §5.2)
+    answer_keywords: list[str] = Field(default_factory=list)  # eval only: the reference answers (v1 §5.2)
+    choices: list[str] | None = None  # eval either-or only: the two options
     provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _markers_match_images(self) -> Dialogue:
+        markers = [t.question.count(IMAGE_MARKER) + t.answer.count(IMAGE_MARKER) for t in self.turns]
+        if self.image_turns is None:
+            if any(markers):
+                raise ValueError(f"{IMAGE_MARKER} in a turn of a dialogue without image_turns")
+            return self
+        if len(self.image_turns) != len(self.record_ids):
+            raise ValueError("image_turns needs one turn index per image")
+        expected = [self.image_turns.count(i) for i in range(len(self.turns))]
+        if markers != expected or any(IMAGE_MARKER in t.answer for t in self.turns):
+            raise ValueError(f"{IMAGE_MARKER} markers per turn {markers} do not match image_turns {expected}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -166,6 +230,8 @@ def plan_jobs(records: Sequence[Record], multi_turn_fraction: float, seed: int) 
     for record in records:
         prov = record.provenance
         ability = str(prov.get("ability", ""))
+        if prov.get("kind") == "interleaved":
+            continue  # written with its images in the prompts stage: interleaved_dialogues()
         if prov.get("kind") == "pair":
             pairs.setdefault(str(prov["pair_id"]), []).append(record)
         elif prov.get("split") == "eval":
@@ -212,7 +278,7 @@ def _focus(ability: Ability) -> str:
     return f" {ability.dialogue_focus}" if ability.dialogue_focus else ""
 
 
-def caption_text(ability: Ability, prompt: str, max_chars: int) -> str:
+def caption_text(ability: Ability, prompt: str, length: LengthLimit) -> str:
     """v1 Fig. 4 (down), "ChatGPT for Dialogue Generation"."""
     example = ability.dialogue_examples[0]
     return (
@@ -225,13 +291,13 @@ def caption_text(ability: Ability, prompt: str, max_chars: int) -> str:
         f"{ability.label} keywords enclosed in the double brackets and should not talk nonsense."
         f"{_focus(ability)}\n\n"
         f'#Requirements for outputs\nReply with a JSON object {{"description": "..."}}: one or two '
-        f"sentences, at most {max_chars} characters, about what the image shows.\n\n"
+        f"sentences about what the image shows; {length.describe()}.\n\n"
         f"#Examples\nIllustrated outputs are shown below:\nPrompt: {example.prompt}\n"
         f"Description: {example.caption}\n\n" + input_block(ability=ability.name, prompt=prompt)
     )
 
 
-def qa_text(ability: Ability, prompt: str, question_type: str, max_chars: int) -> str:
+def qa_text(ability: Ability, prompt: str, question_type: str, length: LengthLimit) -> str:
     """A single-image question-answer pair (v2 Fig. 4 right, with v1 Fig. 5's question types)."""
     examples = "\n".join(
         f"Prompt: {e.prompt}\nQuestion ({e.question_type}): {e.question}\nResponse: {e.answer}"
@@ -248,13 +314,13 @@ def qa_text(ability: Ability, prompt: str, question_type: str, max_chars: int) -
         "precision, as if you were looking at the image; do not mention the prompt and do not talk "
         f"nonsense.{_focus(ability)}\n\n"
         f'#Requirements for outputs\nReply with a JSON object {{"question": "...", "answer": "..."}}; '
-        f"the answer has at most {max_chars} characters.\n\n"
+        f"{length.describe()}.\n\n"
         f"#Examples\nIllustrated outputs are shown below:\n{examples}\n\n"
         + input_block(ability=ability.name, prompt=prompt, question_type=question_type)
     )
 
 
-def multi_turn_text(ability: Ability, prompt: str, turns: int, max_chars: int) -> str:
+def multi_turn_text(ability: Ability, prompt: str, turns: int, length: LengthLimit) -> str:
     """A multi-turn conversation about one image (v2 §4.2)."""
     example = ability.dialogue_examples[0]
     return (
@@ -266,14 +332,14 @@ def multi_turn_text(ability: Ability, prompt: str, turns: int, max_chars: int) -
         "should not be ambiguous; answers are confident and precise, as if looking at the image, and do "
         f"not mention the prompt.{_focus(ability)}\n\n"
         '#Requirements for outputs\nReply with a JSON object {"turns": [{"question": "...", "answer": '
-        f'"..."}}, ...]}} with {turns} turns; each answer has at most {max_chars} characters.\n\n'
+        f'"..."}}, ...]}} with {turns} turns; {length.describe()}.\n\n'
         f"#Examples\nPrompt: {example.prompt}\nQuestion: {example.question}\nResponse: {example.answer}\n"
         f"Question: Can you describe the image briefly?\nResponse: {example.caption}\n\n"
         + input_block(ability=ability.name, prompt=prompt, turns=turns)
     )
 
 
-def multi_image_text(relation: str, prompt_1: str, prompt_2: str, max_chars: int) -> str:
+def multi_image_text(relation: str, prompt_1: str, prompt_2: str, length: LengthLimit) -> str:
     """v2 Fig. 7 (bottom), "ChatGPT for Multi-image Generation", for one relation."""
     examples = "\n".join(
         f"Prompt 1: {e.prompt_1}\nPrompt 2: {e.prompt_2}\nCaption: {e.caption}"
@@ -286,14 +352,33 @@ def multi_image_text(relation: str, prompt_1: str, prompt_2: str, max_chars: int
         f"{relation_words} between the two images based on the paired prompt. The caption should start "
         "from the specific content of the image, rather than simply listing a few keywords. Refer to the "
         "images as the first and the second image; do not mention the prompts.\n\n"
-        f'#Requirements for outputs\nReply with a JSON object {{"caption": "..."}} of at most {max_chars} '
-        f"characters.\n\n#Examples\nIllustrated outputs are shown below:\n{examples}\n\n"
+        f'#Requirements for outputs\nReply with a JSON object {{"caption": "..."}}; {length.describe()}.'
+        f"\n\n#Examples\nIllustrated outputs are shown below:\n{examples}\n\n"
         + input_block(relation=relation, prompt_1=prompt_1, prompt_2=prompt_2)
     )
 
 
-def eval_text(ability: Ability, prompt: str, question_type: str, max_chars: int) -> str:
-    """v1 Fig. 5, "ChatGPT for Evaluation Benchmark Generation", plus keyword answers (v1 §5.2)."""
+EVAL_OUTPUTS: dict[str, str] = {
+    "wh": (
+        'Reply with a JSON object {"question": "...", "answer": "...", "answer_keywords": ["..."]}. '
+        "answer_keywords are the short keywords a correct answer must contain; when several answers are "
+        "correct, list each of them."
+    ),
+    "yes_no": (
+        'Reply with a JSON object {"question": "...", "answer": "...", "yes_or_no": "yes" or "no"}; '
+        "yes_or_no is the right answer to the question."
+    ),
+    "either_or": (
+        'Reply with a JSON object {"question": "...", "answer": "...", "options": ["...", "..."], '
+        '"correct_option": "..."}: options are the two options the question offers, word for word as in '
+        "the question, and correct_option is the right one of them."
+    ),
+}
+
+
+def eval_text(ability: Ability, prompt: str, question_type: str, length: LengthLimit) -> str:
+    """v1 Fig. 5, "ChatGPT for Evaluation Benchmark Generation", with answers a scorer can check: keywords
+    (v1 §5.2), the yes/no answer or the right option, by question type."""
     example = ability.eval_examples[0]
     return (
         "As an AI visual assistant, your task is to design question-answer pair based on the images "
@@ -306,10 +391,7 @@ def eval_text(ability: Ability, prompt: str, question_type: str, max_chars: int)
         f"{QUESTION_TYPE_TEXT[question_type]}. Your questions should not be ambiguous, and responses should "
         f"demonstrate confidence and precision. In your output, you only need to include {ability.label} "
         f"and should not talk nonsense. {ability.cautions}{_focus(ability)}\n\n"
-        '#Requirements for outputs\nReply with a JSON object {"question": "...", "answer": "...", '
-        '"answer_keywords": ["..."]}. The answer has at most '
-        f"{max_chars} characters. answer_keywords are the short keywords a correct answer must contain; "
-        "when several answers are correct, list each of them.\n\n"
+        f"#Requirements for outputs\n{EVAL_OUTPUTS[question_type]} {length.describe()}.\n\n"
         f"#Examples\nIllustrated outputs are shown below:\nPrompt: {example.prompt}\n"
         f"Question: {example.question}\nResponse: {example.answer}\n"
         f"Answer keywords: {', '.join(example.answer_keywords)}\n\n"
@@ -318,24 +400,23 @@ def eval_text(ability: Ability, prompt: str, question_type: str, max_chars: int)
 
 
 def job_request(
-    job: DialogueJob, abilities: Mapping[str, Ability], max_chars: int, turns: int, seed: int
+    job: DialogueJob, abilities: Mapping[str, Ability], length: LengthLimit, turns: int, seed: int
 ) -> LLMRequest:
     ability = abilities[job.ability]
     prompt = raw_prompt(job.records[0])
     if job.kind == "caption":
-        text = caption_text(ability, prompt, max_chars)
+        text = caption_text(ability, prompt, length)
     elif job.kind == "qa":
-        text = qa_text(ability, prompt, str(job.question_type), max_chars)
+        text = qa_text(ability, prompt, str(job.question_type), length)
     elif job.kind == "multi_turn":
-        text = multi_turn_text(ability, prompt, turns, max_chars)
+        text = multi_turn_text(ability, prompt, turns, length)
     elif job.kind == "multi_image":
-        text = multi_image_text(str(job.relation), prompt, raw_prompt(job.records[1]), max_chars)
+        text = multi_image_text(str(job.relation), prompt, raw_prompt(job.records[1]), length)
     else:
-        text = eval_text(ability, prompt, str(job.question_type), max_chars)
+        text = eval_text(ability, prompt, str(job.question_type), length)
     request_seed = stable_index(2**31, seed, job.id)
-    return LLMRequest.from_prompt(
-        job.id, text, schema=REPLY_SCHEMAS[job.kind], seed=request_seed, task=TASKS[job.kind]
-    )
+    schema = reply_schema(job.kind, job.question_type)
+    return LLMRequest.from_prompt(job.id, text, schema=schema, seed=request_seed, task=TASKS[job.kind])
 
 
 # ---- replies -> dialogues ----------------------------------------------------------------------------
@@ -348,13 +429,40 @@ def _turns(job: DialogueJob, reply: BaseModel) -> list[Turn]:
         return list(reply.turns)
     if isinstance(reply, MultiImageReply):
         return [Turn(question=str(job.question), answer=reply.caption)]
-    if isinstance(reply, QAReply | EvalReply):
+    if isinstance(reply, QAReply | EvalReply | YesNoEvalReply | EitherOrEvalReply):
         return [Turn(question=reply.question, answer=reply.answer)]
     raise TypeError(f"unexpected reply type {type(reply).__name__}")
 
 
+def _eval_references(reply: BaseModel, question: str) -> tuple[list[str], list[str] | None] | Verdict:
+    """(reference answers, choices) of an eval reply, or the verdict that drops it."""
+    if isinstance(reply, YesNoEvalReply):
+        return [reply.yes_or_no], None
+    if isinstance(reply, EitherOrEvalReply):
+        options = [keyword_text(o) for o in reply.options]
+        correct = keyword_text(reply.correct_option)
+        folded = [normalize(o) for o in options]
+        if len(options) != 2 or not all(options) or folded[0] == folded[1]:
+            return Verdict(BAD_OPTIONS, f"options {reply.options!r}: two different options are needed")
+        if normalize(correct) not in folded:
+            return Verdict(BAD_OPTIONS, f"correct option {reply.correct_option!r} is not one of {options!r}")
+        missing = [o for o in options if not contains_phrase(question, o)]
+        if missing:
+            return Verdict(BAD_OPTIONS, f"option(s) {missing!r} not in the question")
+        return [options[folded.index(normalize(correct))]], options
+    assert isinstance(reply, EvalReply)
+    keywords = list(dict.fromkeys(k for k in map(keyword_text, reply.answer_keywords) if k))
+    if not keywords:
+        return Verdict(NO_ANSWER_KEYWORDS, "the eval item gives no answer keywords")
+    return keywords, None
+
+
+def _pairs(turns: list[Turn]) -> list[tuple[str, str]]:
+    return [(t.question, t.answer) for t in turns]
+
+
 def to_dialogue(
-    job: DialogueJob, result: LLMResult, max_chars: int, provenance: Mapping[str, Any]
+    job: DialogueJob, result: LLMResult, length: LengthLimit, provenance: Mapping[str, Any]
 ) -> Dialogue | Verdict:
     """The dialogue of an LLM result, or the verdict that drops it."""
     if not result.ok or result.parsed is None:
@@ -362,16 +470,20 @@ def to_dialogue(
     turns = [Turn(question=t.question.strip(), answer=t.answer.strip()) for t in _turns(job, result.parsed)]
     if not turns or any(not t.question or not t.answer for t in turns):
         return Verdict(EMPTY_DIALOGUE, "a question or an answer is empty")
+    if any(IMAGE_MARKER in t.question or IMAGE_MARKER in t.answer for t in turns):
+        return Verdict(STRAY_IMAGE_MARKER, f"the LLM wrote {IMAGE_MARKER} (a marker without an image)")
     if job.kind == "multi_turn" and len(turns) < 2:
         return Verdict(TOO_FEW_TURNS, f"{len(turns)} turn(s); a multi-turn dialogue needs at least 2")
-    too_long = answer_length_problem((t.answer for t in turns), max_chars)
+    too_long = length_problem(_pairs(turns), length)
     if too_long:
         return too_long
     keywords: list[str] = []
-    if isinstance(result.parsed, EvalReply):
-        keywords = list(dict.fromkeys(k for k in map(keyword_text, result.parsed.answer_keywords) if k))
-        if not keywords:
-            return Verdict(NO_ANSWER_KEYWORDS, "the eval item gives no answer keywords")
+    choices: list[str] | None = None
+    if job.kind == "eval":
+        references = _eval_references(result.parsed, turns[0].question)
+        if isinstance(references, Verdict):
+            return references
+        keywords, choices = references
     return Dialogue(
         id=job.id,
         kind=job.kind,
@@ -381,5 +493,46 @@ def to_dialogue(
         question_type=job.question_type,
         relation=job.relation,
         answer_keywords=keywords,
+        choices=choices,
         provenance={**provenance, "request_id": result.id},
     )
+
+
+def interleaved_dialogues(
+    records: Sequence[Record], length: LengthLimit, provenance: Mapping[str, Any]
+) -> list[tuple[str, Dialogue | Verdict]]:
+    """The interleaved dialogues the prompts stage wrote into its records (v2 App. C), checked again with
+    this stage's length limit: [(dialogue id, dialogue or verdict)]."""
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        if record.provenance.get("kind") == "interleaved":
+            groups.setdefault(str(record.provenance["dialogue_id"]), []).append(record)
+    out: list[tuple[str, Dialogue | Verdict]] = []
+    for dialogue_id, members in groups.items():
+        members.sort(key=lambda r: int(r.provenance["image_index"]))
+        head = members[0].provenance
+        turns = [Turn.model_validate(t) for t in head.get("turns") or []]
+        image_turns = [int(r.provenance["turn"]) for r in members]
+        if [int(r.provenance["image_index"]) for r in members] != list(range(int(head["images"]))):
+            detail = f"{len(members)} of {head['images']} image records in the prompt manifest"
+            out.append((dialogue_id, Verdict(MISSING_INTERLEAVED, detail)))
+            continue
+        verdict = length_problem(_pairs(turns), length)
+        if verdict is not None:
+            out.append((dialogue_id, verdict))
+            continue
+        out.append(
+            (
+                dialogue_id,
+                Dialogue(
+                    id=dialogue_id,
+                    kind="interleaved",
+                    record_ids=[r.id for r in members],
+                    ability=str(head.get("ability", "interleaved")),
+                    turns=turns,
+                    image_turns=image_turns,
+                    provenance={**provenance, "phrase": head.get("phrase"), "llm": head.get("llm")},
+                ),
+            )
+        )
+    return out

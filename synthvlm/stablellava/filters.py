@@ -13,6 +13,10 @@ Prompt filters, in the order they are applied:
   forbidden word;
 - repetition across the dataset (`RepetitionTracker`): the same keyword set again, a near-duplicate of a
   prompt with the same key subject, or a key subject used more than `max_subject_repeats` times.
+Image prompts inside interleaved dialogues (v2 App. C) get the ability-free checks (`check_image_prompt`).
+
+Dialogue length (`LengthLimit`, v2 §4.4 "we also limit dialogues to 500 characters"): by default the whole
+dialogue (every question and answer, image markers left out) counts; `per: answer` limits each answer.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import Field
 
@@ -40,6 +45,9 @@ DUPLICATE_PROMPT = "duplicate prompt"
 NEAR_DUPLICATE = "near-duplicate prompt"
 SUBJECT_OVERUSED = "key subject over-used"
 ANSWER_TOO_LONG = "answer too long"
+DIALOGUE_TOO_LONG = "dialogue too long"
+STRAY_IMAGE_MARKER = "image marker without a picture"
+IMAGE_MARKER = "<image>"  # LLaVA's image token; left out of the dialogue length
 OVERLAPS_EVAL = "overlaps eval item"
 
 # v2 §4.1 names "the act of growing"; the rest are our choice: processes over time, thoughts and
@@ -215,11 +223,60 @@ class RepetitionTracker:
         return 1.0 - len(self._keyword_counts) / total if total else 0.0
 
 
+class LengthLimit(StageConfig):
+    """The dialogue length limit (v2 §4.4)."""
+
+    max_chars: int = Field(500, ge=1)  # v2 §4.4: "we also limit dialogues to 500 characters"
+    # v2 §4.4 limits *dialogues*: by default the characters of all questions and answers of one dialogue
+    # together (image markers not counted); "answer" is the looser alternative, each answer on its own.
+    per: Literal["dialogue", "answer"] = "dialogue"
+
+    def describe(self) -> str:
+        """For request texts: what the LLM must keep short."""
+        if self.per == "answer":
+            return f"each answer has at most {self.max_chars} characters"
+        return (
+            "the whole conversation (all questions and answers together) has at most "
+            f"{self.max_chars} characters"
+        )
+
+
+def dialogue_chars(pairs: Iterable[tuple[str, str]]) -> int:
+    """Characters of a dialogue's (question, answer) pairs; `<image>` markers do not count."""
+    return sum(len(" ".join(q.replace(IMAGE_MARKER, " ").split())) + len(a) for q, a in pairs)
+
+
 def answer_length_problem(answers: Iterable[str], max_chars: int) -> Verdict | None:
-    """v2 §4.4: "we also limit dialogues to 500 characters"; applied to every answer."""
+    """Each answer at most `max_chars` (the `per: answer` reading of v2 §4.4)."""
     for answer in answers:
         if len(answer) > max_chars:
             return Verdict(ANSWER_TOO_LONG, f"an answer has {len(answer)} characters > {max_chars}")
+    return None
+
+
+def length_problem(pairs: Sequence[tuple[str, str]], limit: LengthLimit) -> Verdict | None:
+    """v2 §4.4 "we also limit dialogues to 500 characters", per dialogue (default) or per answer."""
+    if limit.per == "answer":
+        return answer_length_problem((a for _, a in pairs), limit.max_chars)
+    total = dialogue_chars(pairs)
+    if total > limit.max_chars:
+        return Verdict(DIALOGUE_TOO_LONG, f"the dialogue has {total} characters > {limit.max_chars}")
+    return None
+
+
+def check_image_prompt(parsed: ParsedPrompt, config: FilterConfig) -> Verdict | None:
+    """The filters of `check_prompt` that do not depend on an ability: for the image prompts an interleaved
+    dialogue writes (v2 App. C), whose subject is a step of a task, not an ability keyword."""
+    if not parsed.keywords:
+        return Verdict(EMPTY_PROMPT, "the image prompt has no keywords")
+    if len(parsed.keywords) > config.max_keywords:
+        return Verdict(TOO_MANY_KEYWORDS, f"{len(parsed.keywords)} keywords > {config.max_keywords}")
+    rate = keyword_repetition_rate(parsed.normalized)
+    if rate > config.max_keyword_repetition:
+        return Verdict(REPEATED_KEYWORDS, f"repetition rate {rate:.2f}")
+    hits = words_found(parsed.plain, config.nonvisual_words)
+    if hits:
+        return Verdict(NON_VISUAL, f"non-visual words: {', '.join(hits)}")
     return None
 
 

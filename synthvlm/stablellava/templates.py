@@ -27,6 +27,7 @@ from synthvlm.stablellava.abilities import Ability, load_registry
 from synthvlm.stablellava.dialogues import TASKS
 from synthvlm.stablellava.emphasis import contains_phrase, normalize, parse_prompt
 from synthvlm.stablellava.filters import words_found
+from synthvlm.stablellava.interleaved import CLOSE, OPEN, TASK_INTERLEAVED
 from synthvlm.stablellava.keywords import TASK_KEYWORDS
 from synthvlm.stablellava.prompts import TASK_PAIR, TASK_PROMPT, read_input
 
@@ -185,11 +186,44 @@ def multi_image_reply(request: LLMRequest) -> str:
 
 
 def eval_reply(request: LLMRequest) -> str:
+    """The reply schema of the question type: keywords (wh), yes/no, or the two options (either-or)."""
     fields = _fields(request)
-    question, answer, keywords = _question_answer(
-        _ability(fields), _subject(fields["prompt"]), fields.get("question_type", "wh"), request_key(request)
-    )
-    return json.dumps({"question": question, "answer": answer, "answer_keywords": keywords})
+    ability, subject, key = _ability(fields), _subject(fields["prompt"]), request_key(request)
+    question_type = fields.get("question_type", "wh")
+    question, answer, keywords = _question_answer(ability, subject, question_type, key)
+    reply: dict[str, object] = {"question": question, "answer": answer}
+    if question_type == "yes_no":
+        reply["yes_or_no"] = keywords[0]
+    elif question_type == "either_or":
+        distractor = _distractor(ability, subject, key)
+        a, b = (subject, distractor) if stable_int(*key, "order") % 2 else (distractor, subject)
+        reply.update(options=[a, b], correct_option=subject)
+    else:
+        reply["answer_keywords"] = keywords
+    return json.dumps(reply)
+
+
+def interleaved_reply(request: LLMRequest) -> str:
+    """A step-by-step conversation about the phrase; each question shows one picture in 《》 (v2 Fig. 8)."""
+    fields = _fields(request)
+    phrase, key = fields.get("phrase", "do it"), request_key(request)
+    count = max(2, int(fields.get("turns", "3")))
+    scene = stable_choice(("kitchen table", "workbench", "living room floor", "garden table"), *key, "scene")
+    turns = []
+    for step in range(count):
+        picture = f"{OPEN}((step {step + 1} of {phrase})), {scene}, natural light, photorealistic{CLOSE}"
+        if step == 0:
+            question = f"Can you teach me to {phrase}? Here is what I have {picture}"
+            answer = "Sure! First, lay everything out in front of you."
+        else:
+            question = f"Done with step {step}. What next? {picture}"
+            answer = (
+                "Well done, that was the last step!"
+                if step == count - 1
+                else f"Good. Now do step {step + 1}."
+            )
+        turns.append({"question": question, "answer": answer})
+    return json.dumps({"turns": turns})
 
 
 GENERATORS: dict[str, Callable[[LLMRequest], str]] = {
@@ -201,6 +235,7 @@ GENERATORS: dict[str, Callable[[LLMRequest], str]] = {
     TASKS["multi_turn"]: multi_turn_reply,
     TASKS["multi_image"]: multi_image_reply,
     TASKS["eval"]: eval_reply,
+    TASK_INTERLEAVED: interleaved_reply,
 }
 
 for _task, _fn in GENERATORS.items():

@@ -172,7 +172,7 @@ def resolve_captions_uri(uri: str) -> str:
 def read_captions(uri: str) -> list[Record]:
     """Parse and validate a captions file; raises InputErrors listing every problem found."""
     given, uri = uri, resolve_captions_uri(uri)
-    if not storage.is_gcs(uri) and Path(uri).is_dir():  # checked first: a folder has no format
+    if not storage.is_remote(uri) and Path(uri).is_dir():  # checked first: a folder has no format
         raise InputError(uri, "is a directory; give a captions file (.jsonl, .csv or .parquet)")
     suffix = uri.rsplit(".", 1)[-1].lower()
     if suffix not in ("jsonl", "csv", "parquet"):

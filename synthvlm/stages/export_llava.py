@@ -16,12 +16,9 @@ from typing import Any, Literal
 from synthvlm import storage
 from synthvlm.config import StageConfig
 from synthvlm.errors import InputError
-from synthvlm.llava_format import (
-    brief_instruction,
-    human_turn,
-    relative_image_path,
-)
-from synthvlm.records import Record, read_manifest, write_manifest
+from synthvlm.llava_format import ImageRoot, brief_instruction, human_turn
+from synthvlm.manifest_table import read_columns, write_lines
+from synthvlm.records import Record
 from synthvlm.runner import Stage, StageRun, run_stage
 from synthvlm.stage import StageStats
 
@@ -45,25 +42,33 @@ class ExportConfig(StageConfig):
 
 
 def llava_sample(record: Record, image_path: str, config: ExportConfig) -> dict[str, Any]:
-    instruction = brief_instruction(record.id, config.instruction_seed)
+    return _sample(record.id, record.caption, image_path, config)
+
+
+def _sample(record_id: str, caption: str, image_path: str, config: ExportConfig) -> dict[str, Any]:
+    instruction = brief_instruction(record_id, config.instruction_seed)
     return {
-        "id": record.id,
+        "id": record_id,
         "image": image_path,
         "conversations": [
             {"from": "human", "value": human_turn(instruction, config.image_placement)},
-            {"from": "gpt", "value": record.caption},
+            {"from": "gpt", "value": caption},
         ],
     }
 
 
-def _image_paths(records: list[Record], data_root: str, manifest_uri: str) -> list[str]:
-    """Relative image path per record; one error listing every record whose image is not under data_root."""
+def _image_paths(
+    ids: list[str], image_uris: list[str | None], data_root: str, manifest_uri: str
+) -> list[str]:
+    """Relative image path per record; one error listing every record whose image is not under data_root.
+    The data root is resolved once, not per record (ImageRoot)."""
+    root = ImageRoot(data_root)
     paths: list[str] = []
     bad: list[str] = []
-    for rec in records:
-        rel = relative_image_path(rec.image_uri, data_root) if rec.image_uri else None
+    for record_id, image_uri in zip(ids, image_uris, strict=True):
+        rel = root.relative(image_uri) if image_uri else None
         if rel is None:
-            bad.append(rec.id)
+            bad.append(record_id)
         else:
             paths.append(rel)
     if bad:
@@ -82,12 +87,17 @@ def _process(config: ExportConfig, run: StageRun) -> StageStats:
     input_manifest: str = run.inputs["selected"]
     data_root: str = run.context["data_root"]
     stats = StageStats(stage="export_llava")
-    records = read_manifest(input_manifest)
-    stats.count_in = len(records)
-    image_paths = _image_paths(records, data_root, input_manifest)
-    samples = [llava_sample(rec, path, config) for rec, path in zip(records, image_paths, strict=True)]
+    # Column-wise: validated as read_manifest validates, without one pydantic object per record.
+    columns = read_columns(input_manifest)
+    stats.count_in = len(columns)
+    ids, captions = columns.column("id"), columns.column("caption")
+    image_paths = _image_paths(ids, columns.column("image_uri"), data_root, input_manifest)
+    samples = [
+        _sample(record_id, caption, path, config)
+        for record_id, caption, path in zip(ids, captions, image_paths, strict=True)
+    ]
 
-    write_manifest(storage.join(run.dir, MANIFEST_NAME), records)
+    write_lines(storage.join(run.dir, MANIFEST_NAME), columns.lines(), source=input_manifest)
     storage.write_text(run.output, json.dumps(samples, ensure_ascii=False), content_type="application/json")
     stats.count_out = len(samples)
     stats.extra.update(data_root=data_root, image_placement=config.image_placement)

@@ -1,19 +1,26 @@
-"""A self-contained HTML report of a run: image grid, score histogram and per-stage counts.
+"""A self-contained HTML report of a SynthVLM run.
 
-The file has no external assets (thumbnails are inline base64 JPEG, the histogram is inline SVG), so
-it opens from a bucket, a laptop or the KFP UI's HTML artifact viewer alike. Captions are user data
-and are HTML-escaped everywhere. `report_markdown` gives a short summary for a KFP Markdown artifact.
+Header (pipeline, preset, date, data root, models, selection fingerprint; a banner for random test models),
+the stage table aggregated over shards (per-shard rows folded in <details>), GPU cost with its price (time
+spent on a CPU is named as such, not priced), the score histogram with the selection cut, the best kept
+records next to the lowest-scoring ones selection rejected (each with its reason), the rejects of curation
+and generation with examples from their rejects files, a grid of kept images and the settings that made
+the data. The file has no scripts or external assets (thumbnails are inline base64 JPEG, the histogram
+inline SVG), so it opens from a bucket, a laptop or the KFP UI's HTML artifact viewer alike. Captions are
+user data and are HTML-escaped everywhere. `report_markdown` gives a short summary for a KFP Markdown
+artifact; synthvlm.stages.stablellava_report builds the StableLLaVA report from the same pieces.
 """
 
 from __future__ import annotations
 
 import base64
+import heapq
 import html
 import io
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -50,29 +57,86 @@ class ReportConfig(StageConfig):
     score_key: str = "clip"
     # our assumption: roughly the on-demand price of one A100 GPU-hour on public clouds; set your own.
     gpu_hour_usd: float = Field(default=3.0, ge=0)
+    # our choice: kept (highest scores) and rejected (lowest scores) thumbnails shown side by side, per side.
+    examples_per_side: int = Field(default=8, ge=0)
+    # our choice: examples per (stage, reason) in the table of rejects made before selection.
+    max_reject_examples: int = Field(default=3, ge=0)
+    # Named in the header: which pipeline and which preset (`--preset`) made the data. Markers do not record
+    # them, so whoever starts the run fills them in (`synthvlm run` does); None = "not recorded".
+    pipeline: str = "synthvlm"
+    preset: str | None = None
 
 
 # Stages that hold one GPU per pod, and the statistic that measures how long they held it.
 GPU_STAGE_SECONDS = {"generate": "generate_seconds", "clip_score": "seconds"}
 
 
-def gpu_seconds(all_stats: Sequence[dict[str, Any]]) -> float:
-    """GPU-seconds of the GPU stages (one GPU per shard pod), summed over shards."""
+def device_kind(device: Any) -> str | None:
+    """'GPU' for CUDA devices, 'CPU', 'MPS', ...; None when unknown ('auto' says what was asked, not used)."""
+    name = str(device or "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name.startswith("cuda") or name == "gpu":
+        return "GPU"
+    return name.split(":", 1)[0].upper()
+
+
+def stage_devices(all_stats: Sequence[dict[str, Any]], records: Sequence[Record] = ()) -> dict[str, str]:
+    """Stage -> 'GPU' / 'CPU' / ... for the GPU stages, from what their markers (or, for generate, the
+    records' provenance) say was used; a stage whose device is not recorded is left out."""
+    out: dict[str, str] = {}
+    for name in GPU_STAGE_SECONDS:
+        stats = first_marker(all_stats, name)
+        if stats is None:
+            continue
+        kind = device_kind(stats.get("device")) or device_kind((stats.get("settings") or {}).get("device"))
+        if kind is None and name == "generate":
+            for record in records:
+                generation = record.provenance.get("generation")
+                if isinstance(generation, dict) and device_kind(generation.get("device")):
+                    kind = device_kind(generation["device"])
+                    break
+        if kind is not None:
+            out[name] = kind
+    return out
+
+
+def _stage_seconds(stats: dict[str, Any]) -> float:
+    key = GPU_STAGE_SECONDS.get(str(stats.get("stage", "")), "seconds")
+    return float(stats.get(key, stats.get("seconds", 0.0)) or 0.0)
+
+
+def gpu_seconds(all_stats: Sequence[dict[str, Any]], devices: Mapping[str, str] | None = None) -> float:
+    """GPU-seconds of the GPU stages (one GPU per shard pod), summed over shards; a stage that `devices`
+    says ran on something else (a CPU) is not counted."""
     total = 0.0
     for stats in all_stats:
-        key = GPU_STAGE_SECONDS.get(stats.get("stage", ""))
-        if key is not None:
-            total += float(stats.get(key, stats.get("seconds", 0.0)))
+        name = str(stats.get("stage", ""))
+        if name in GPU_STAGE_SECONDS and (devices or {}).get(name, "GPU") == "GPU":
+            total += _stage_seconds(stats)
     return total
 
 
-def cost_line(all_stats: Sequence[dict[str, Any]], gpu_hour_usd: float) -> str:
+def cost_line(
+    all_stats: Sequence[dict[str, Any]], gpu_hour_usd: float, devices: Mapping[str, str] | None = None
+) -> str:
     """The estimated GPU cost, naming the price it assumes and the seconds it counts."""
-    seconds = gpu_seconds(all_stats)
+    seconds = gpu_seconds(all_stats, devices)
+    elsewhere: dict[str, float] = {}
+    for stats in all_stats:
+        name = str(stats.get("stage", ""))
+        kind = (devices or {}).get(name, "GPU")
+        if name in GPU_STAGE_SECONDS and kind != "GPU":
+            elsewhere[kind] = elsewhere.get(kind, 0.0) + _stage_seconds(stats)
+    ran_elsewhere = "".join(
+        f"{' and '.join(sorted(n for n, k in (devices or {}).items() if k == kind))} ran on {kind} here: "
+        f"{spent:.1f} {kind}-seconds, not priced as GPU time. "
+        for kind, spent in sorted(elsewhere.items())
+    )
     return (
-        "Counted: one GPU per shard pod of the GPU stages, generate (its painting time, generate_seconds) "
-        "and CLIP score (its wall seconds); CPU stages, pod start-up and idle GPUs are not counted. "
-        f"Assumed price: gpu_hour_usd = ${gpu_hour_usd:.2f} per GPU-hour (a report setting). "
+        ran_elsewhere + "Counted: one GPU per shard pod of the GPU stages, generate (its painting time, "
+        "generate_seconds) and CLIP score (its wall seconds); CPU stages, pod start-up and idle GPUs are not "
+        f"counted. Assumed price: gpu_hour_usd = ${gpu_hour_usd:.2f} per GPU-hour (a report setting). "
         f"{seconds:.1f} GPU-seconds ({seconds / 3600:.3f} GPU-hours); "
         f"estimated cost ${seconds / 3600 * gpu_hour_usd:.2f} at ${gpu_hour_usd:.2f} per GPU-hour"
     )
@@ -150,9 +214,10 @@ def _y_ticks(max_count: int) -> list[int]:
     return ticks if ticks[-1] == max_count else [*ticks, max_count]
 
 
-def histogram_svg(hist: Histogram, score_key: str, cut: float | None = None) -> str:
+def histogram_svg(hist: Histogram, score_key: str, cut: float | None = None, cut_name: str = "cut") -> str:
     """Inline SVG: grey bars for all scores (when given) behind blue bars for kept scores, with axes,
-    tick values and (given `cut`, the lowest kept score) a vertical line at the selection cut."""
+    tick values and (given `cut`, the selection cut) a vertical line labelled `cut_name`; a cut outside the
+    plotted scores sits at the nearer edge, its label saying so."""
     n_bins = len(hist.kept_counts)
     max_count = max(hist.kept_counts + (hist.all_counts or []) + [0])
     left, right = _SVG_LEFT, _SVG_WIDTH - _SVG_RIGHT
@@ -203,17 +268,21 @@ def histogram_svg(hist: Histogram, score_key: str, cut: float | None = None) -> 
         f'transform="rotate(-90 16 {mid_y:.2f})">count (records)</text>'
     )
     if cut is not None and math.isfinite(cut):
-        x = x_of(cut)
+        x, where = x_of(cut), ""
+        if cut < lo_edge or x < left:
+            x, where = left, " (below every score)"
+        elif cut > hi_edge or x > right:
+            x, where = right, " (above every score)"
+        name = html.escape(cut_name)
         parts.append(
             f'<line class="cut" x1="{x:.2f}" y1="{top - 6}" x2="{x:.2f}" y2="{bottom}" stroke="#c0392b" '
-            f'stroke-width="2" stroke-dasharray="5,3"><title>selection cut: lowest kept score {cut:.4f}'
-            "</title></line>"
+            f'stroke-width="2" stroke-dasharray="5,3"><title>{name}: {cut:.4f}{where}</title></line>'
         )
         # The label sits right of the line, or left of it near the right edge.
-        tx, anchor = (x + 4, "start") if x < right - 70 else (x - 4, "end")
+        tx, anchor = (x + 4, "start") if x < right - 150 else (x - 4, "end")
         parts.append(
             f'<text class="cut-label" x="{tx:.2f}" y="{top - 10}" fill="#c0392b" text-anchor="{anchor}">'
-            f"cut {cut:.4g}</text>"
+            f"{name} {cut:.4g}{where}</text>"
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -285,7 +354,7 @@ _KEY_NUMBERS: dict[str, list[tuple[str, str, str, str]]] = {
         ("LLM cost", "llm_cost_usd", "sum", "usd"),
     ],
     "generate": [
-        ("painting time (GPU)", "generate_seconds", "sum", "s"),
+        ("painting time", "generate_seconds", "sum", "s"),
         ("retried", "retried", "sum", "n"),
     ],
     "clip_score": [
@@ -300,10 +369,33 @@ _KEY_NUMBERS: dict[str, list[tuple[str, str, str, str]]] = {
         ("k", "k", "first", "n"),
         ("mean score of input", "mean_score_in", "first", "g"),
         ("mean score kept", "mean_score_kept", "first", "g"),
+        ("threshold", "threshold", "first", "g"),
         ("cut (lowest kept)", "min_score_kept", "first", "g"),
         ("near-duplicates", "near_duplicates", "sum", "n"),
     ],
     "export_llava": [("data root", "data_root", "first", "t")],
+    "stablellava_keywords": [
+        ("LLM requests", "llm_requests", "sum", "n"),
+        ("LLM cache hits", "llm_cache_hits", "sum", "n"),
+        ("LLM cost", "llm_cost_usd", "sum", "usd"),
+    ],
+    "stablellava_prompts": [
+        ("train prompts", "train_records", "sum", "n"),
+        ("eval prompts", "eval_records", "sum", "n"),
+        ("keyword repetition rate", "dataset_keyword_repetition_rate", "first", "g"),
+        ("LLM requests", "llm_requests", "sum", "n"),
+        ("LLM cost", "llm_cost_usd", "sum", "usd"),
+    ],
+    "stablellava_dialogues": [
+        ("LLM requests", "llm_requests", "sum", "n"),
+        ("LLM cache hits", "llm_cache_hits", "sum", "n"),
+        ("LLM cost", "llm_cost_usd", "sum", "usd"),
+    ],
+    "stablellava_export": [
+        ("pretraining samples", "pretrain_samples", "sum", "n"),
+        ("SFT samples", "sft_samples", "sum", "n"),
+        ("eval items", "eval_items", "sum", "n"),
+    ],
 }
 _MAX_GENERIC_NUMBERS = 4  # our choice: a stage we do not know gets a few of its scalar statistics
 
@@ -360,12 +452,17 @@ def _key_numbers(members: Sequence[dict[str, Any]], specs: Sequence[tuple[str, s
     return items
 
 
-def _key_numbers_html(stage_name: str, members: Sequence[dict[str, Any]]) -> str:
+def _key_numbers_html(
+    stage_name: str, members: Sequence[dict[str, Any]], devices: Mapping[str, str] | None = None
+) -> str:
     # A known stage whose markers lack its usual statistics falls back to the generic pick.
     items = _key_numbers(members, _KEY_NUMBERS.get(stage_name, ())) or _key_numbers(
         members, _generic_numbers(members)
     )
     if stage_name == "generate":
+        kind = (devices or {}).get("generate")
+        if kind is not None:  # painting time is GPU time only where the painting ran on a GPU
+            items = [i.replace("painting time:", f"painting time ({kind}):", 1) for i in items]
         painting = _aggregate(members, "generate_seconds", "sum")
         images = sum(int(m.get("count_out", 0) or 0) for m in members)
         if painting:
@@ -389,7 +486,8 @@ def _sum_rejects(members: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _kept(count_in: int, count_out: int) -> str:
-    return f"{100 * count_out / count_in:.1f}%" if count_in else "-"
+    # More out than in (requests in, keywords out; one prompt, several images): no share was "kept".
+    return f"{100 * count_out / count_in:.1f}%" if count_in and count_out <= count_in else "-"
 
 
 def _seconds_cell(members: Sequence[dict[str, Any]]) -> str:
@@ -419,8 +517,9 @@ def _shard_rows_html(groups: dict[str, list[dict[str, Any]]]) -> str:
     return "".join(rows)
 
 
-def stages_table_html(all_stats: Sequence[dict[str, Any]]) -> str:
-    """One row per stage, summed over its shards, with a few key numbers; per-shard rows in <details>."""
+def stages_table_html(all_stats: Sequence[dict[str, Any]], devices: Mapping[str, str] | None = None) -> str:
+    """One row per stage, summed over its shards, with a few key numbers; per-shard rows in <details>.
+    `devices` (stage_devices) names where the GPU stages ran, for the labels of their times."""
     groups = _group_by_stage(all_stats)
     rows = [
         "<table class='stages'><thead><tr><th>stage</th><th>shards</th><th>in</th><th>out</th><th>kept</th>"
@@ -435,7 +534,7 @@ def stages_table_html(all_stats: Sequence[dict[str, Any]]) -> str:
             f"<td class='count-in'>{count_in}</td><td class='count-out'>{count_out}</td>"
             f"<td>{_kept(count_in, count_out)}</td><td>{_format_rejects(_sum_rejects(members))}</td>"
             f"<td class='seconds'>{_seconds_cell(members)}</td>"
-            f"<td class='key-numbers'>{_key_numbers_html(stage_name, members)}</td></tr>"
+            f"<td class='key-numbers'>{_key_numbers_html(stage_name, members, devices)}</td></tr>"
         )
     rows.append("</tbody></table>")
     rows.append(_shard_rows_html(groups))
@@ -466,24 +565,181 @@ def settings_table_html(all_stats: Sequence[dict[str, Any]]) -> str:
     return "".join(rows)
 
 
-def _grid_cell(record: Record, config: ReportConfig) -> tuple[str, bool]:
-    """One figure of the grid and whether its image could be read."""
+def image_html(image_uri: str | None, size: int, alt: str, what: str = "") -> tuple[str, bool]:
+    """An inline <img> thumbnail of `image_uri` (alt text escaped here), or a placeholder saying why not;
+    and whether the image could be read. `what` names the item in the log line."""
+    if not image_uri:
+        return "<div class='missing'>no image</div>", False
+    try:
+        src = thumbnail_data_uri(image_uri, size)
+    except _image_errors() as exc:
+        log.warning("report: cannot read image of %s (%s): %s", what or "?", image_uri, exc)
+        return f"<div class='missing'>image unreadable: {html.escape(str(exc))}</div>", False
+    return f'<img src="{src}" alt="{html.escape(alt)}">', True
+
+
+def _grid_cell(record: Record, config: ReportConfig, reason: str | None = None) -> tuple[str, bool]:
+    """One figure of the grid, or given `reason` (which names the score), of a rejected record; and whether
+    its image could be read."""
     score = score_of(record, config.score_key)
     score_txt = f"{html.escape(config.score_key)} {score:.4f}" if score is not None else "no score"
-    caption = html.escape(record.caption)
-    image_html, shown = "<div class='missing'>no image</div>", False
-    if record.image_uri:
-        try:
-            src = thumbnail_data_uri(record.image_uri, config.thumbnail_size)
-            image_html, shown = f'<img src="{src}" alt="{caption}">', True
-        except _image_errors() as exc:
-            log.warning("report: cannot read image of %s (%s): %s", record.id, record.image_uri, exc)
-            image_html = f"<div class='missing'>image unreadable: {html.escape(str(exc))}</div>"
+    image, shown = image_html(record.image_uri, config.thumbnail_size, record.caption, record.id)
+    head = f"<span class='reason'>{html.escape(reason)}</span><br>" if reason else ""
+    head += "" if reason else f"<span class='score'>{score_txt}</span> "
     cell = (
-        f"<figure>{image_html}<figcaption><span class='score'>{score_txt}</span> "
-        f"<span class='id'>{html.escape(record.id)}</span><br>{caption}</figcaption></figure>"
+        f"<figure>{image}<figcaption>{head}<span class='id'>{html.escape(record.id)}</span><br>"
+        f"{html.escape(record.caption)}</figcaption></figure>"
     )
     return cell, shown
+
+
+def selection_cut(select: Mapping[str, Any] | None, kept_scores: Sequence[float]) -> float | None:
+    """The score a record needed to be kept: the threshold in threshold mode, else the lowest kept score."""
+    settings = (select or {}).get("settings") or {}
+    if (select or {}).get("mode", settings.get("mode")) == "threshold":
+        threshold = _number((select or {}).get("threshold", settings.get("threshold")))
+        if threshold is not None:
+            return threshold
+    return min(kept_scores) if kept_scores else None
+
+
+def selection_reason(score: float | None, select: Mapping[str, Any] | None, cut: float | None) -> str:
+    """Why selection dropped a record with this score, in words ("score 0.2100 below cut 0.2700 (not in
+    the top k = 100,000)")."""
+    if score is None:
+        return "no score"
+    select = select or {}
+    settings = select.get("settings") or {}
+    mode = select.get("mode", settings.get("mode"))
+    if cut is not None and score < cut:
+        if mode == "threshold":
+            return f"score {score:.4f} not above threshold {cut:.4g}"
+        k = _number(select.get("k", settings.get("k")))
+        rank = f" (not in the top k = {k:,.0f})" if k is not None else ""
+        if mode == "top_fraction" and _number(settings.get("fraction")) is not None:
+            rank = f" (not in the top {100 * float(settings['fraction']):.4g}%{rank.replace(' (', ', ')}"
+        return f"score {score:.4f} below cut {cut:.4f}{rank}"
+    other = [r for r in (select.get("rejects") or {}) if r in ("near duplicate", "not best of n")]
+    if other:
+        return f"score {score:.4f} at or above the cut: {' or '.join(other)}"
+    return f"score {score:.4f} tied with the cut, not kept"
+
+
+@dataclass
+class RejectGroup:
+    """The records one stage dropped for one reason: how many, and a few examples (id, text, detail)."""
+
+    stage: str
+    reason: str
+    count: int
+    examples: list[tuple[str, str, str]]
+
+
+def read_jsonl_rows(uri: str | None) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file; a missing file gives none, a malformed line is skipped (logged)."""
+    if not uri or not storage.exists(uri):
+        return []
+    rows = []
+    for lineno, line in enumerate(storage.read_text(uri).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            log.warning("report: %s line %d is not JSON (%s): skipped", uri, lineno, exc)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def short_text(value: Any, limit: int = 160) -> str:
+    """`value` as one line of at most `limit` characters (dicts and lists as compact JSON)."""
+    if value is None or value == {} or value == []:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True)
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def generate_rejects_uri(shard_output: str) -> str:
+    """generate's sidecar: `<version>/shards/shard-X.jsonl` -> `<version>/rejects/shard-X.jsonl`."""
+    folder, _, name = shard_output.rpartition("/")
+    return f"{folder.rpartition('/')[0]}/rejects/{name}"
+
+
+def _reject_rows(
+    stats: dict[str, Any], captions_of: dict[str, dict[str, str]] | None = None
+) -> list[tuple[str, str, str, str]]:
+    """(reason key as counted in the marker, id, text, detail) of every reject row a stage's sidecar holds.
+    `captions_of` caches generate's input captions (id -> caption) by URI: all shards share one input."""
+    name = str(stats.get("stage", ""))
+    out = []
+    if stats.get("rejects_manifest"):  # curate: id, caption, stage (its step), reason, details
+        for row in read_jsonl_rows(str(stats["rejects_manifest"])):
+            key = f"{row.get('stage')}.{row.get('reason')}" if row.get("stage") else str(row.get("reason"))
+            out.append(
+                (key, str(row.get("id", "?")), str(row.get("caption", "")), short_text(row.get("details")))
+            )
+    elif name == "generate" and stats.get("output"):  # id, reason; the caption is in generate's input
+        rows = read_jsonl_rows(generate_rejects_uri(str(stats["output"])))
+        captions: dict[str, str] = {}
+        source = ((stats.get("inputs") or {}).get("captions") or {}).get("uri")
+        cache = captions_of if captions_of is not None else {}
+        if rows and source and source not in cache and storage.exists(source):
+            cache[source] = {r.id: r.caption for r in read_manifest(source)}
+        captions = cache.get(source, {}) if source else {}
+        for row in rows:
+            record_id = str(row.get("id", "?"))
+            text = captions.get(record_id.split("~", 1)[0], "")
+            out.append((str(row.get("reason")), record_id, text, short_text(row.get("detail"))))
+    else:  # a stage without a rejects file: the ids its marker keeps per reason
+        for reason, ids in (stats.get("reject_examples") or {}).items():
+            out.extend((str(reason), str(i), "", "") for i in (ids if isinstance(ids, list) else []))
+    return out
+
+
+def collect_rejects(
+    all_stats: Sequence[dict[str, Any]], max_examples: int, skip: Iterable[str] = ("select",)
+) -> list[RejectGroup]:
+    """Per stage and reason: the count (from the markers) and up to `max_examples` examples (from the
+    stages' rejects files: curate's rejects manifest, generate's rejects/ sidecar; else marker ids)."""
+    groups: list[RejectGroup] = []
+    skipped = set(skip)
+    captions_of: dict[str, dict[str, str]] = {}
+    for stage_name, members in _group_by_stage(all_stats).items():
+        if stage_name in skipped:
+            continue
+        counts = _sum_rejects(members)
+        examples: dict[str, list[tuple[str, str, str]]] = {}
+        for member in members:
+            for reason, record_id, text, detail in _reject_rows(member, captions_of):
+                examples.setdefault(reason, []).append((record_id, text, detail))
+        for reason in sorted(set(counts) | set(examples), key=lambda r: (-int(counts.get(r, 0) or 0), r)):
+            count = int(counts.get(reason, len(examples.get(reason, []))) or 0)
+            groups.append(RejectGroup(stage_name, reason, count, examples.get(reason, [])[:max_examples]))
+    return groups
+
+
+def rejects_table_html(groups: Sequence[RejectGroup]) -> str:
+    """A table of reject groups: stage, reason, count and the examples with their text and detail."""
+    rows = ["<table class='stages rejects'><thead><tr><th>stage</th><th>reason</th><th>count</th>"
+            "<th>examples (id, text, detail)</th></tr></thead><tbody>"]  # fmt: skip
+    for group in groups:
+        items = "".join(
+            f"<li><code>{html.escape(record_id)}</code> {html.escape(text)}"
+            + (f" <span class='detail'>{html.escape(detail)}</span>" if detail else "")
+            + "</li>"
+            for record_id, text, detail in group.examples
+        )
+        examples = f"<ul>{items}</ul>" if items else "<span class='detail'>no examples recorded</span>"
+        rows.append(
+            f"<tr class='reject'><td>{html.escape(group.stage)}</td><td class='reason'>"
+            f"{html.escape(group.reason)}</td><td>{group.count:,}</td>"
+            f"<td class='examples'>{examples}</td></tr>"
+        )
+    rows.append("</tbody></table>")
+    return "".join(rows)
 
 
 def _scores(records: Sequence[Record], score_key: str) -> list[float]:
@@ -503,7 +759,7 @@ def _summary_line(kept: Sequence[float], n_selected: int, n_all: int | None, sco
 _TINY_GENERATE_PREFIX, _TINY_CLIP_PREFIX = "synthvlm/tiny", "synthvlm-tiny"
 
 
-def _first_of(all_stats: Sequence[dict[str, Any]], *stage_names: str) -> dict[str, Any] | None:
+def first_marker(all_stats: Sequence[dict[str, Any]], *stage_names: str) -> dict[str, Any] | None:
     for stats in all_stats:
         name = str(stats.get("stage", ""))
         if name in stage_names or any(name.startswith(f"{n}_") for n in stage_names):
@@ -515,10 +771,10 @@ def _revision(value: Any) -> str:
     return "default branch" if value is None else str(value)
 
 
-def _models(all_stats: Sequence[dict[str, Any]]) -> list[str]:
+def model_lines(all_stats: Sequence[dict[str, Any]]) -> list[str]:
     """'role: model (revision)' of the generate and CLIP score stages, as their markers name them."""
     out = []
-    generate = _first_of(all_stats, "generate")
+    generate = first_marker(all_stats, "generate")
     if generate is not None:
         settings = generate.get("settings") or {}
         if settings.get("model") is not None:
@@ -528,7 +784,7 @@ def _models(all_stats: Sequence[dict[str, Any]]) -> list[str]:
         if settings.get("refiner_model") is not None:
             revision = _revision(settings.get("refiner_revision"))
             out.append(f"refiner: {settings['refiner_model']} (revision: {revision})")
-    clip = _first_of(all_stats, "clip_score")
+    clip = first_marker(all_stats, "clip_score")
     if clip is not None:
         settings = clip.get("settings") or {}
         if settings.get("model") is not None:
@@ -540,15 +796,15 @@ def _models(all_stats: Sequence[dict[str, Any]]) -> list[str]:
 
 def random_test_models(all_stats: Sequence[dict[str, Any]]) -> bool:
     """Whether the run used the random-weight test models (tiny generator or tiny CLIP)."""
-    generate = _first_of(all_stats, "generate")
-    clip = _first_of(all_stats, "clip_score")
+    generate = first_marker(all_stats, "generate")
+    clip = first_marker(all_stats, "clip_score")
     gen_model = str(((generate or {}).get("settings") or {}).get("model") or "")
     clip_model = str(((clip or {}).get("settings") or {}).get("model") or "")
     return gen_model.startswith(_TINY_GENERATE_PREFIX) or clip_model.startswith(_TINY_CLIP_PREFIX)
 
 
 def _data_root(all_stats: Sequence[dict[str, Any]], selected_uri: str) -> str:
-    export = _first_of(all_stats, "export")
+    export = first_marker(all_stats, "export")
     if export is not None:
         root = (export.get("params") or {}).get("data_root") or export.get("data_root")
         if root:
@@ -558,16 +814,42 @@ def _data_root(all_stats: Sequence[dict[str, Any]], selected_uri: str) -> str:
     return "-"
 
 
+def header_rows_html(items: Sequence[tuple[str, str]]) -> str:
+    """The header table: (label, HTML value) rows."""
+    rows = "".join(f"<tr><th>{html.escape(label)}</th><td>{value}</td></tr>" for label, value in items)
+    return f"<table class='header'>{rows}</table>"
+
+
+def banner_html(text: str) -> str:
+    """A red banner; `text` is HTML."""
+    return f"<div class='banner' role='alert'>{text}</div>"
+
+
+def written_at(now: datetime | None = None) -> str:
+    return (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def preset_text(preset: str | None) -> str:
+    return preset if preset else "not recorded (report setting `preset`)"
+
+
 def header_html(
-    all_stats: Sequence[dict[str, Any]], selected_uri: str = "", now: datetime | None = None
+    all_stats: Sequence[dict[str, Any]],
+    selected_uri: str = "",
+    now: datetime | None = None,
+    *,
+    pipeline: str = "synthvlm",
+    preset: str | None = None,
 ) -> str:
-    """Date written, data root, models with revisions and selection fingerprint; a banner for test models."""
-    written = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    select = _first_of(all_stats, "select")
+    """Pipeline, preset, date written, data root, models with revisions and selection fingerprint; a banner
+    for test models."""
+    select = first_marker(all_stats, "select")
     fingerprint = str((select or {}).get("fingerprint") or "-")[:16]
-    models = _models(all_stats) or ["- (no generate or CLIP score marker given)"]
+    models = model_lines(all_stats) or ["- (no generate or CLIP score marker given)"]
     items = [
-        ("written", html.escape(written)),
+        ("pipeline", html.escape(pipeline)),
+        ("preset", html.escape(preset_text(preset))),
+        ("written", html.escape(written_at(now))),
         ("data root", f"<code>{html.escape(_data_root(all_stats, selected_uri))}</code>"),
         ("models", "<br>".join(html.escape(m) for m in models)),
         ("selection fingerprint", f"<code class='fingerprint'>{html.escape(fingerprint)}</code>"),
@@ -575,15 +857,15 @@ def header_html(
     parts = []
     if random_test_models(all_stats):
         parts.append(
-            "<div class='banner' role='alert'><strong>Random-weight test models:</strong> "
-            "images are noise and scores meaningless.</div>"
+            banner_html(
+                "<strong>Random-weight test models:</strong> images are noise and scores meaningless."
+            )
         )
-    rows = "".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in items)
-    parts.append(f"<table class='header'>{rows}</table>")
+    parts.append(header_rows_html(items))
     return "".join(parts)
 
 
-_STYLE = """
+STYLE = """
 body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}
 table.stages{border-collapse:collapse}table.stages td,table.stages th{border:1px solid #ccc;padding:4px 8px;
 text-align:right;vertical-align:top}table.stages td:first-child{text-align:left}
@@ -600,7 +882,55 @@ p.cost{font-size:13px;color:#444;max-width:70em}
 figure img{max-width:100%%;display:block}.missing{height:%(size)dpx;background:#eee;color:#900;padding:4px}
 .score{font-weight:bold}.id{color:#777}.bar.all{fill:#c8c8c8}.bar.kept{fill:#3b75c4;fill-opacity:.85}
 svg text{font-size:11px}svg text.axis-label{font-size:12px}svg text.cut-label{font-size:12px;font-weight:bold}
+.side-by-side{display:grid;grid-template-columns:1fr 1fr;gap:24px}
+.side-by-side section{border:1px solid #ddd;padding:0 12px 12px}.side-by-side section.kept{background:#f4f8fd}
+.side-by-side section.rejected{background:#fdf5f4}.side-by-side h3{margin:.6em 0}
+.grid.small figure{width:150px}.grid.small .missing{height:150px}
+.reason{color:#a5281b;font-weight:bold}.detail{color:#666;font-size:12px}p.none{color:#555}
+table.rejects td,table.rejects td:first-child{text-align:left;font-size:13px}
+table.rejects td:nth-child(3){text-align:right}
+table.rejects ul{margin:0;padding-left:1.2em}table.rejects th{text-align:left}
 """
+
+
+def side_by_side_html(
+    config: ReportConfig,
+    selected: Sequence[Record],
+    rejected: Sequence[Record],
+    select: Mapping[str, Any] | None,
+    cut: float | None,
+) -> tuple[str, int]:
+    """The highest-scoring kept records next to the lowest-scoring ones selection rejected (each with its
+    reason); and the number of thumbnails."""
+    n = config.examples_per_side
+    best = [
+        r
+        for r in grid_records(selected, len(selected), config.score_key)
+        if score_of(r, config.score_key) is not None
+    ]
+    kept_cells = [_grid_cell(r, config) for r in best[:n]]
+    worst = sorted(rejected, key=lambda r: (score_of(r, config.score_key) or 0.0, r.id))[:n]
+    rejected_cells = [
+        _grid_cell(r, config, "rejected: " + selection_reason(score_of(r, config.score_key), select, cut))
+        for r in worst
+    ]
+    if rejected_cells:
+        right = "".join(cell for cell, _ in rejected_cells)
+    elif rejected:
+        right = "<p>none shown (report setting examples_per_side = 0)</p>"
+    else:
+        right = (
+            "<p class='none'>No rejected records to show: selection kept every scored record, or the "
+            "pre-selection manifests were not given to the report.</p>"
+        )
+    doc = (
+        "<div class='side-by-side'>"
+        f"<section class='kept'><h3>Kept: the {len(kept_cells)} highest scores</h3>"
+        f"<div class='grid small'>{''.join(cell for cell, _ in kept_cells)}</div></section>"
+        f"<section class='rejected'><h3>Rejected by selection: the {len(rejected_cells)} lowest scores</h3>"
+        f"<div class='grid small'>{right}</div></section></div>"
+    )
+    return doc, sum(shown for _, shown in kept_cells + rejected_cells)
 
 
 def render_html(
@@ -609,36 +939,56 @@ def render_html(
     all_stats: Sequence[dict[str, Any]],
     all_scores: Sequence[float] | None,
     selected_uri: str = "",
+    rejected: Sequence[Record] = (),
 ) -> tuple[str, int]:
-    """The report document and the number of thumbnails it holds."""
+    """The report document and the number of thumbnails it holds. `rejected`: the lowest-scoring records
+    selection dropped (shown next to the best kept ones)."""
     kept_scores = _scores(selected, config.score_key)
     hist = compute_histogram(kept_scores, all_scores, config.histogram_bins)
-    cut = min(kept_scores) if kept_scores else None
+    select = first_marker(all_stats, "select")
+    cut = selection_cut(select, kept_scores)
+    threshold_mode = cut is not None and (select or {}).get("mode") == "threshold"
+    devices = stage_devices(all_stats, selected)
     cells = [_grid_cell(rec, config) for rec in grid_records(selected, config.max_images, config.score_key)]
+    side, n_side = side_by_side_html(config, selected, rejected, select, cut)
     n_all = len(all_scores) if all_scores is not None else None
     summary = _summary_line(kept_scores, len(selected), n_all, config.score_key)
     legend = "grey: all scored records, blue: kept" if all_scores is not None else "kept records"
     if cut is not None:
-        legend += "; red dashed line: the selection cut (lowest kept score)"
+        legend += "; red dashed line: the selection cut " + (
+            "(threshold)" if threshold_mode else "(lowest kept score)"
+        )
+    groups = collect_rejects(all_stats, config.max_reject_examples)
+    early = (
+        rejects_table_html(groups)
+        if groups
+        else "<p class='none'>No record was rejected before selection.</p>"
+    )
     doc = (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>synthvlm report</title>"
-        f"<style>{_STYLE % {'size': config.thumbnail_size}}</style></head><body>"
-        f"<h1>synthvlm report</h1>{header_html(all_stats, selected_uri)}"
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(config.pipeline)} report</title>"
+        f"<style>{STYLE % {'size': config.thumbnail_size}}</style></head><body>"
+        f"<h1>{html.escape(config.pipeline)} report</h1>"
+        f"{header_html(all_stats, selected_uri, pipeline=config.pipeline, preset=config.preset)}"
         f"<p class='summary'>{html.escape(summary)}</p>"
-        f"<p class='cost'>{html.escape(cost_line(all_stats, config.gpu_hour_usd))}</p>"
-        f"<h2>Stages</h2>{stages_table_html(all_stats)}"
-        f"<h2>What made this data</h2>{settings_table_html(all_stats)}"
+        f"<p class='cost'>{html.escape(cost_line(all_stats, config.gpu_hour_usd, devices))}</p>"
+        f"<h2>Stages</h2>{stages_table_html(all_stats, devices)}"
         f"<h2>{html.escape(config.score_key)} scores</h2><p>{legend}; "
         f"{len(selected) - len(kept_scores)} selected record(s) without a score are not counted.</p>"
-        f"{histogram_svg(hist, config.score_key, cut)}"
-        f"<h2>Images</h2><p>{len(cells)} of {len(selected)} selected records, spread from the highest to "
-        f"the lowest score.</p><div class='grid'>{''.join(cell for cell, _ in cells)}</div>"
+        f"{histogram_svg(hist, config.score_key, cut, 'threshold' if threshold_mode else 'cut')}"
+        f"<h2>Kept and rejected</h2>{side}"
+        "<h2>Rejected before selection</h2><p>By curation, generation and safety checks, CLIP scoring: "
+        f"counts from the stage markers, examples from their rejects files.</p>{early}"
+        f"<h2>Kept images</h2><p>{len(cells)} of {len(selected)} selected records, spread from the highest "
+        f"to the lowest score.</p><div class='grid'>{''.join(cell for cell, _ in cells)}</div>"
+        f"<h2>What made this data</h2>{settings_table_html(all_stats)}"
         "</body></html>\n"
     )
-    return doc, sum(shown for _, shown in cells)
+    return doc, n_side + sum(shown for _, shown in cells)
 
 
-def _read_stats(stage_outputs: Sequence[str]) -> list[dict[str, Any]]:
+def read_markers(stage_outputs: Sequence[str]) -> list[dict[str, Any]]:
+    """The done markers of `stage_outputs`, in order; an output without one is an error."""
     out = []
     for uri in stage_outputs:
         require_done(uri)
@@ -646,22 +996,42 @@ def _read_stats(stage_outputs: Sequence[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _read_all_scores(manifests: Sequence[str], score_key: str) -> list[float] | None:
+def _read_scored(
+    manifests: Sequence[str], score_key: str, kept_ids: set[str], n_lowest: int
+) -> tuple[list[float] | None, list[Record]]:
+    """All scores of the pre-selection manifests (None without them), and the `n_lowest` lowest-scoring
+    records not kept (one manifest in memory at a time)."""
     if not manifests:
-        return None
+        return None, []
+    from synthvlm.manifest_table import read_columns
+
     scores: list[float] = []
-    for uri in manifests:
-        scores.extend(_scores(read_manifest(uri), score_key))
-    return scores
+    lowest: list[tuple[float, str, Record]] = []
+    for uri in manifests:  # column-wise: the full records are built only for the few shown
+        columns = read_columns(uri)
+        values, present = columns.score(score_key)
+        scores.extend(values[present].tolist())
+        ids = columns.ids.to_pylist()
+        candidates = [
+            (float(values[i]), ids[i], i) for i in np.flatnonzero(present) if ids[i] not in kept_ids
+        ]
+        chosen = heapq.nsmallest(n_lowest, candidates, key=lambda t: (t[0], t[1]))
+        records = columns.records([i for _, _, i in chosen]) if chosen else []
+        merged = [*lowest, *((score, rid, rec) for (score, rid, _), rec in zip(chosen, records, strict=True))]
+        lowest = heapq.nsmallest(n_lowest, merged, key=lambda t: (t[0], t[1]))
+    return scores, [rec for _, _, rec in lowest]
 
 
 def _process(config: ReportConfig, run: StageRun) -> StageStats:
     stats = StageStats(stage="report")
     selected = read_manifest(run.inputs["selected"])
     stats.count_in = len(selected)
-    all_stats = _read_stats(run.inputs["stage_outputs"])
-    all_scores = _read_all_scores(run.inputs["all_scores"], config.score_key)
-    doc, n_images = render_html(config, selected, all_stats, all_scores, run.inputs["selected"])
+    all_stats = read_markers(run.inputs["stage_outputs"])
+    kept_ids = {rec.id for rec in selected}
+    all_scores, rejected = _read_scored(
+        run.inputs["all_scores"], config.score_key, kept_ids, config.examples_per_side
+    )
+    doc, n_images = render_html(config, selected, all_stats, all_scores, run.inputs["selected"], rejected)
     storage.write_text(run.output, doc, content_type="text/html; charset=utf-8")
     stats.count_out = n_images
     log.info("report with %d images", n_images)
@@ -682,8 +1052,10 @@ def write_report(
     """Write the HTML report of `selected_manifest`; returns the versioned report (a copy is published
     at `output_uri`).
 
-    `stage_outputs` are outputs with done markers, shown in order as the stage table;
-    `all_scores_manifests` (optional) are the pre-selection manifests, drawn behind the kept scores.
+    `stage_outputs` are outputs with done markers, shown in order as the stage table; their rejects files
+    (curate's, generate's) give the examples of what was dropped before selection.
+    `all_scores_manifests` (optional) are the pre-selection manifests, drawn behind the kept scores; the
+    lowest-scoring records among them that selection dropped are shown next to the best kept ones.
     """
     for uri in stage_outputs:
         require_done(uri)
@@ -703,17 +1075,18 @@ def report_markdown(config: ReportConfig, selected_manifest: str, stage_outputs:
     """A short Markdown summary (stage counts + score summary) for a KFP Markdown artifact."""
     selected = read_manifest(selected_manifest)
     kept = _scores(selected, config.score_key)
+    markers = read_markers(stage_outputs)
     lines = [
-        "# synthvlm report",
+        f"# {config.pipeline} report",
         "",
         _md_cell(_summary_line(kept, len(selected), None, config.score_key)),
         "",
-        _md_cell(cost_line(_read_stats(stage_outputs), config.gpu_hour_usd)),
+        _md_cell(cost_line(markers, config.gpu_hour_usd, stage_devices(markers, selected))),
         "",
         "| stage | in | out | rejects | seconds |",
         "| --- | ---: | ---: | --- | ---: |",
     ]
-    for stats in _read_stats(stage_outputs):
+    for stats in markers:
         rejects = ", ".join(f"{k}: {v}" for k, v in sorted(stats.get("rejects", {}).items())) or "-"
         cells = [stats.get("stage", "?"), stats.get("count_in", 0), stats.get("count_out", 0), rejects]
         cells.append(stats.get("seconds", "-"))

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 import synthvlm.stablellava.templates  # noqa: F401  (registers the offline template generators)
 from synthvlm import storage
@@ -44,17 +44,53 @@ from synthvlm.llm.fingerprint import llm_runtime_fields
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.runner import LLM_CACHE_DIR, Stage, StageRun, run_stage
 from synthvlm.stablellava.abilities import Ability, load_registry, select_abilities
-from synthvlm.stablellava.dialogues import Dialogue, job_request, plan_jobs, raw_prompt, to_dialogue
-from synthvlm.stablellava.emphasis import ParsedPrompt, parse_prompt
-from synthvlm.stablellava.export import eval_row, llava_sample
+from synthvlm.stablellava.dialogues import (
+    Dialogue,
+    interleaved_dialogues,
+    job_request,
+    plan_jobs,
+    raw_prompt,
+    stable_index,
+    to_dialogue,
+)
+from synthvlm.stablellava.emphasis import EmphasisMode, ParsedPrompt, parse_prompt
+from synthvlm.stablellava.export import (
+    ALLOWED_METRICS,
+    EVAL_METRICS,
+    LMMS_TASK,
+    LMMS_UTILS,
+    LMMS_YAML,
+    EvalMetric,
+    absolute_uri,
+    eval_row,
+    file_guide,
+    fits_llava15,
+    image_token_problem,
+    interleaved_sample,
+    llava15_sample,
+    lmms_task_files,
+)
 from synthvlm.stablellava.filters import (
     DEFAULT_NONVISUAL_WORDS,
     OVERLAPS_EVAL,
     FilterConfig,
+    LengthLimit,
     RepetitionTracker,
     Verdict,
+    check_image_prompt,
     check_prompt,
     find_eval_overlaps,
+    length_problem,
+)
+from synthvlm.stablellava.interleaved import (
+    ABILITY as INTERLEAVED_ABILITY,
+)
+from synthvlm.stablellava.interleaved import (
+    InterleavedConfig,
+    InterleavedReply,
+    interleaved_request,
+    parse_reply,
+    phrases_for,
 )
 from synthvlm.stablellava.keywords import (
     KeywordReply,
@@ -82,8 +118,13 @@ LLM_REJECTED = "llm rejected"
 NOT_SELECTED = "image not selected"
 PAIR_MEMBER_REJECTED = "pair member rejected"
 PRETRAIN_JSON = "stablellava_pretrain.json"
-SFT_JSON = "stablellava_sft.json"
+SFT_JSON = "stablellava_sft.json"  # LLaVA-1.5-compatible: one image per sample
+INTERLEAVED_JSON = "stablellava_sft_interleaved.json"  # LLaVA-NeXT / OneVision: image lists, every sample
 EVAL_JSONL = "stablellava_eval.jsonl"
+EXPORTS_JSON = "exports.json"
+README_MD = "README.md"
+NOT_LLAVA15 = "multi-image: not in the LLaVA-1.5 file"
+IMAGE_TOKEN_MISMATCH = "image markers do not match images"
 MANIFEST_NAME = "manifest.jsonl"
 REJECTS_NAME = "export.rejects.jsonl"
 _LLM_CHUNK = 2000  # LLMClient: "pass chunks of a few thousand requests"
@@ -246,6 +287,14 @@ class PromptsConfig(StageConfig):
     # even when a model keeps failing a filter); the shortfall is reported in the stats.
     max_request_factor: float = Field(3.0, ge=1)
     filters: FilterConfig = Field(default_factory=FilterConfig)
+    # v1 §4.1 / v2 §4.1: the key keyword is double-bracketed "for additional emphasis", the A1111 web UI's
+    # attention weighting. "weight" (the paper): records carry `weighted_prompt`, the prompt in compel's
+    # syntax with A1111 weights ((x)) = 1.21 (emphasis.py), for generation with prompt weighting;
+    # "strip": the plain prompt only (brackets dropped, the key keyword first). The caption is the plain
+    # prompt either way (the CLIP check scores it).
+    emphasis: EmphasisMode = "weight"
+    # v2 §4.2 / App. C Fig. 8: interleaved multi-turn, multi-image dialogues (interleaved.py).
+    interleaved: InterleavedConfig = Field(default_factory=InterleavedConfig)
     seed: int = 0  # our choice: any fixed value; decides sampled keywords/examples, eval split, LLM seeds
     llm: BackendConfig = Field(default_factory=BackendConfig)
 
@@ -400,23 +449,105 @@ class _PromptRun:
         )
 
 
-def _prompt_record(record_id: str, candidate: _Candidate, llm: dict[str, str], **extra: Any) -> Record:
-    parsed = candidate.parsed
+def _image_record(
+    record_id: str, parsed: ParsedPrompt, ability: str, emphasis: EmphasisMode, **provenance: Any
+) -> Record:
+    weighted = {"weighted_prompt": parsed.weighted} if emphasis == "weight" else {}
     return Record(
         id=record_id,
-        caption=parsed.plain,  # what diffusers gets: brackets stripped, key keyword first (emphasis.py)
+        caption=parsed.plain,  # brackets stripped, key keyword first: what CLIP scores (emphasis.py)
         provenance={
             "recipe": "stablellava",
-            "ability": candidate.ability.name,
+            "ability": ability,
             "raw_prompt": parsed.raw,
+            **weighted,
+            "emphasis": emphasis,
             "keywords": list(parsed.normalized),
             "emphasized": list(parsed.emphasized),
-            "request_id": candidate.request_id,
-            "round": candidate.round,
-            "llm": llm,
-            **extra,
+            **provenance,
         },
     )
+
+
+def _prompt_record(
+    record_id: str, candidate: _Candidate, llm: dict[str, str], emphasis: EmphasisMode, **extra: Any
+) -> Record:
+    return _image_record(
+        record_id,
+        candidate.parsed,
+        candidate.ability.name,
+        emphasis,
+        request_id=candidate.request_id,
+        round=candidate.round,
+        llm=llm,
+        **extra,
+    )
+
+
+def _interleaved(config: PromptsConfig, run: _PromptRun, llm: dict[str, str]) -> tuple[list[Record], int]:
+    """Interleaved dialogues (v2 App. C): one request per phrase; each checked dialogue's pictures become
+    image records, the first of which carries the dialogue. Returns (records, dialogues kept)."""
+    inter = config.interleaved
+    count = inter.dialogues if inter.dialogues is not None else config.pairs_per_relation
+    phrases = phrases_for(inter, count, config.seed)
+    ids = [f"interleaved-{n:05d}" for n in range(len(phrases))]
+    requests = [
+        interleaved_request(
+            dialogue_id,
+            phrase,
+            inter,
+            config.filters.max_keywords,
+            seed=stable_index(2**31, config.seed, dialogue_id),
+        )
+        for dialogue_id, phrase in zip(ids, phrases, strict=True)
+    ]
+    records: list[Record] = []
+    kept = 0
+
+    def reject(dialogue_id: str, verdict: Verdict, text: str | None) -> None:
+        run.rejects.append(
+            Reject.of(verdict, id=dialogue_id, stage="prompts", ability=INTERLEAVED_ABILITY, text=text)
+        )
+
+    for dialogue_id, phrase, result in zip(ids, phrases, run.ask(requests) if requests else [], strict=True):
+        if not result.ok or result.parsed is None:
+            reject(dialogue_id, _llm_verdict(result), result.text)
+            continue
+        parsed = parse_reply(cast(InterleavedReply, result.parsed), inter)
+        verdict = parsed if isinstance(parsed, Verdict) else length_problem(parsed.turns, inter.length)
+        if verdict is not None or isinstance(parsed, Verdict):
+            reject(dialogue_id, cast(Verdict, verdict), result.text)
+            continue
+        prompts = [parse_prompt(p) for p in parsed.pictures]
+        bad = [(n, v) for n, v in enumerate(check_image_prompt(p, config.filters) for p in prompts) if v]
+        if bad:
+            number, problem = bad[0]
+            detail = f"picture {number + 1}: {problem.detail}"
+            reject(dialogue_id, Verdict(problem.reason, detail), prompts[number].raw)
+            continue
+        kept += 1
+        turns = [{"question": q, "answer": a} for q, a in parsed.turns]
+        for index, prompt in enumerate(prompts):
+            records.append(
+                _image_record(
+                    f"{dialogue_id}-{index + 1}",
+                    prompt,
+                    INTERLEAVED_ABILITY,
+                    config.emphasis,
+                    request_id=result.id,
+                    round=0,
+                    llm=llm,
+                    kind="interleaved",
+                    split="train",
+                    dialogue_id=dialogue_id,
+                    phrase=phrase,
+                    image_index=index,
+                    images=len(prompts),
+                    turn=parsed.picture_turns[index],
+                    **({"turns": turns} if index == 0 else {}),
+                )
+            )
+    return records, kept
 
 
 def _eval_ids(ids: list[str], count: int, seed: int, ability: str) -> set[str]:
@@ -442,7 +573,9 @@ def _prompts(config: PromptsConfig, run_: StageRun) -> StageStats:
         eval_ids = _eval_ids(ids, config.eval_per_ability, config.seed, name)
         for record_id, candidate in zip(ids, candidates, strict=True):
             split = "eval" if record_id in eval_ids else "train"
-            records.append(_prompt_record(record_id, candidate, llm, kind="single", split=split))
+            records.append(
+                _prompt_record(record_id, candidate, llm, config.emphasis, kind="single", split=split)
+            )
         short = config.prompts_per_ability + config.eval_per_ability - len(candidates)
         if short > 0:
             stats.extra[f"short_{name}"] = short
@@ -457,6 +590,7 @@ def _prompts(config: PromptsConfig, run_: StageRun) -> StageStats:
                         f"{pair_id}-{member + 1}",
                         candidate,
                         llm,
+                        config.emphasis,
                         kind="pair",
                         split="train",
                         pair_id=pair_id,
@@ -466,6 +600,16 @@ def _prompts(config: PromptsConfig, run_: StageRun) -> StageStats:
                 )
         if len(pairs) < config.pairs_per_relation:
             stats.extra[f"short_pairs_{relation}"] = config.pairs_per_relation - len(pairs)
+    interleaved_records, interleaved_kept = _interleaved(config, run, llm)
+    records.extend(interleaved_records)
+    wanted = (
+        config.interleaved.dialogues
+        if config.interleaved.dialogues is not None
+        else config.pairs_per_relation
+    )
+    stats.extra["interleaved_dialogues"] = interleaved_kept
+    if interleaved_kept < wanted:
+        stats.extra["short_interleaved"] = wanted - interleaved_kept
     stats.count_in = run.requests
     stats.count_out = len(records)
     stats.rejects.update(r.reason for r in run.rejects)
@@ -508,7 +652,9 @@ class DialoguesConfig(StageConfig):
     # multi-turn data with the 3K second-stage instances, i.e. a small share of the whole).
     multi_turn_fraction: float = Field(0.1, ge=0, le=1)
     turns: int = Field(3, ge=2)  # our choice: rounds per multi-turn dialogue
-    max_answer_chars: int = Field(500, ge=1)  # v2 §4.4: "we also limit dialogues to 500 characters"
+    # v2 §4.4: "we also limit dialogues to 500 characters": per dialogue by default (filters.LengthLimit;
+    # `per: answer` limits each answer instead).
+    length: LengthLimit = Field(default_factory=LengthLimit)
     seed: int = 0  # our choice: decides question types, predefined questions and LLM seeds
     llm: BackendConfig = Field(default_factory=BackendConfig)
 
@@ -527,22 +673,26 @@ def _dialogues(config: DialoguesConfig, run: StageRun) -> StageStats:
                 field="provenance.ability",
             )
     backend = make_backend(config.llm, default_cache_dir=_llm_cache(run))
-    requests = [
-        job_request(job, registry, config.max_answer_chars, config.turns, config.seed) for job in jobs
-    ]
+    requests = [job_request(job, registry, config.length, config.turns, config.seed) for job in jobs]
     results = _run(backend, requests)
     provenance = {"llm": backend.describe()}
     dialogues: list[Dialogue] = []
     rejects: list[Reject] = []
     for job, result in zip(jobs, results, strict=True):
-        outcome = to_dialogue(job, result, config.max_answer_chars, provenance)
+        outcome = to_dialogue(job, result, config.length, provenance)
         if isinstance(outcome, Dialogue):
             dialogues.append(outcome)
         else:
             rejects.append(
                 Reject.of(outcome, id=job.id, stage="dialogues", ability=job.ability, text=result.text)
             )
-    stats.count_in = len(jobs)
+    interleaved = interleaved_dialogues(records, config.length, {})
+    for dialogue_id, made in interleaved:
+        if isinstance(made, Dialogue):
+            dialogues.append(made)
+        else:
+            rejects.append(Reject.of(made, id=dialogue_id, stage="dialogues", ability=INTERLEAVED_ABILITY))
+    stats.count_in = len(jobs) + len(interleaved)
     stats.count_out = len(dialogues)
     stats.rejects.update(r.reason for r in rejects)
     kinds = Counter(d.kind for d in dialogues)
@@ -589,11 +739,28 @@ def read_dialogues(uri: str) -> list[Dialogue]:
 
 
 class StableLLaVAExportConfig(StageConfig):
-    """LLaVA JSON + eval JSONL export of StableLLaVA dialogues."""
+    """LLaVA JSON (LLaVA-1.5 and LLaVA-NeXT/OneVision interleaved) + eval JSONL export of StableLLaVA
+    dialogues."""
 
     # v1 §5.2 keyword matching between eval and training data; our definition (filters.find_eval_overlaps):
     # same key subject and keyword-set Jaccard >= this value, the same threshold as near-duplicate prompts.
     overlap_jaccard: float = Field(0.7, gt=0, le=1)
+    # How each eval question kind is scored by `synthvlm evaluate`: v1 §5.2 matches "answers in the form
+    # of keywords" (wh-questions: keyword); yes/no and either-or questions have one right answer among
+    # two, scored exactly (yes_no, multiple_choice). "judge" asks the LLM judge with the full reference
+    # answer (v2 §5.2 GPT-4 score); evaluate's `also_judge` adds the judge's score to any type instead.
+    eval_metrics: dict[str, EvalMetric] = Field(default_factory=lambda: dict(EVAL_METRICS))
+
+    @field_validator("eval_metrics")
+    @classmethod
+    def _known_metrics(cls, value: dict[str, EvalMetric]) -> dict[str, EvalMetric]:
+        for kind, metric in value.items():
+            if kind not in ALLOWED_METRICS:
+                raise ValueError(f"unknown question kind {kind!r}; kinds: {', '.join(ALLOWED_METRICS)}")
+            if metric not in ALLOWED_METRICS[kind]:
+                allowed = ", ".join(ALLOWED_METRICS[kind])
+                raise ValueError(f"{kind} questions cannot be scored as {metric!r}; use one of: {allowed}")
+        return {**EVAL_METRICS, **value}
 
 
 def _image_paths(records: dict[str, Record], data_root: str, source: str) -> dict[str, str]:
@@ -658,36 +825,124 @@ def _export(config: StableLLaVAExportConfig, run: StageRun) -> StageStats:
         else:
             clean_train.append(dialogue)
 
-    pretrain = [llava_sample(d, [paths[r] for r in d.record_ids]) for d in clean_train if d.kind == "caption"]
-    sft = [llava_sample(d, [paths[r] for r in d.record_ids]) for d in clean_train if d.kind != "caption"]
-    eval_rows = [eval_row(d, paths[d.record_ids[0]]) for d in evals]
+    pretrain = [
+        llava15_sample(d, [paths[r] for r in d.record_ids]) for d in clean_train if d.kind == "caption"
+    ]
+    sft: list[dict[str, Any]] = []
+    interleaved: list[dict[str, Any]] = []
+    for dialogue in (d for d in clean_train if d.kind != "caption"):
+        images = [paths[r] for r in dialogue.record_ids]
+        sample = interleaved_sample(dialogue, images)
+        problem = image_token_problem(sample)
+        if problem:  # Dialogue validates its markers; this guards the files against any other path
+            drop(dialogue, IMAGE_TOKEN_MISMATCH, problem)
+            continue
+        interleaved.append(sample)
+        if fits_llava15(dialogue):
+            sft.append(llava15_sample(dialogue, images))
+    eval_rows = [
+        eval_row(d, absolute_uri(str(selected[d.record_ids[0]].image_uri)), config.eval_metrics)
+        for d in evals
+    ]
     used = dict.fromkeys(rid for d in [*clean_train, *evals] for rid in d.record_ids)
     write_manifest(storage.join(output_dir, MANIFEST_NAME), [selected[rid] for rid in used])
     _write_jsonl(storage.join(output_dir, REJECTS_NAME), rejects)
     _write_jsonl(storage.join(output_dir, EVAL_JSONL), eval_rows)
-    storage.write_text(
-        storage.join(output_dir, PRETRAIN_JSON), json.dumps(pretrain, ensure_ascii=False), "application/json"
-    )
+    for name, rows in ((PRETRAIN_JSON, pretrain), (INTERLEAVED_JSON, interleaved)):
+        storage.write_text(
+            storage.join(output_dir, name), json.dumps(rows, ensure_ascii=False), "application/json"
+        )
     storage.write_text(sft_uri, json.dumps(sft, ensure_ascii=False), content_type="application/json")
+    eval_uri = storage.join(output_dir, EVAL_JSONL)
+    for rel, text in lmms_task_files(eval_uri).items():
+        storage.write_text(storage.join(output_dir, rel), text, content_type="text/plain")
+    guide = _file_guide(len(pretrain), len(sft), len(interleaved), len(eval_rows), data_root)
+    storage.write_text(
+        storage.join(output_dir, EXPORTS_JSON),
+        json.dumps({"files": guide}, indent=2) + "\n",
+        "application/json",
+    )
+    storage.write_text(storage.join(output_dir, README_MD), file_guide(guide), content_type="text/markdown")
     kinds = Counter(d.kind for d in [*clean_train, *evals])
-    stats.count_out = len(pretrain) + len(sft) + len(eval_rows)
+    multi_image = len(interleaved) - len(sft)
+    stats.count_out = len(pretrain) + len(interleaved) + len(eval_rows)
     stats.rejects.update(r.reason for r in rejects)
     stats.extra.update(
         {f"samples_{k}": n for k, n in sorted(kinds.items())},
         pretrain_samples=len(pretrain),
         sft_samples=len(sft),
+        interleaved_samples=len(interleaved),
+        multi_image_samples=multi_image,
         eval_items=len(eval_rows),
         data_root=data_root,
     )
-    log.info("export: %d pretrain, %d SFT, %d eval samples", len(pretrain), len(sft), len(eval_rows))
+    log.info(
+        "export: %d pretrain, %d LLaVA-1.5 SFT, %d interleaved SFT (%d multi-image), %d eval samples",
+        len(pretrain),
+        len(sft),
+        len(interleaved),
+        multi_image,
+        len(eval_rows),
+    )
     return stats
+
+
+def _file_guide(
+    pretrain: int, sft: int, interleaved: int, evals: int, data_root: str
+) -> dict[str, dict[str, Any]]:
+    """exports.json / README.md: each file, its format and the trainers or evaluators it fits."""
+    ours = "synthvlm train (synthvlm.train)"
+    hf = "HF transformers LlavaForConditionalGeneration + LlavaProcessor"
+    return {
+        PRETRAIN_JSON: {
+            "format": "LLaVA-1.5 pretraining (caption) JSON",
+            "samples": pretrain,
+            "image_folder": data_root,
+            "fits": ["LLaVA-1.5 pretrain (haotian-liu/LLaVA, plain template)", f"{ours}, stage pretrain"],
+        },
+        SFT_JSON: {
+            "format": "LLaVA-1.5 instruction JSON, one image per sample (`image` a string)",
+            "samples": sft,
+            "image_folder": data_root,
+            "fits": ["LLaVA-1.5 finetune (haotian-liu/LLaVA LazySupervisedDataset)", ours, hf],
+            "notes": "multi-image samples are left out: LLaVA-1.5 opens one image per sample; "
+            f"they are in {INTERLEAVED_JSON}",
+        },
+        INTERLEAVED_JSON: {
+            "format": "LLaVA-NeXT / OneVision interleaved JSON (`image` a list, one <image> per image "
+            "at the place it appears), every SFT sample",
+            "samples": interleaved,
+            "image_folder": data_root,
+            "fits": ["LLaVA-NeXT / LLaVA-OneVision (LLaVA-VL/LLaVA-NeXT train.py)", ours, hf],
+            "notes": "not for the original LLaVA-1.5 code (a list of images fails there)",
+        },
+        EVAL_JSONL: {
+            "format": "synthvlm benchmark JSONL (absolute image paths; `type` = metric)",
+            "samples": evals,
+            "fits": [
+                "synthvlm evaluate",
+                f"lmms-eval: --include_path <this folder>/{LMMS_YAML.rpartition('/')[0]} --tasks {LMMS_TASK}",
+            ],
+            "notes": f"the lmms-eval task is {LMMS_YAML} with {LMMS_UTILS} (scores with synthvlm's metrics)",
+        },
+    }
 
 
 # Every setting changes the files; the data root is a param (image paths are relative to it).
 EXPORT = Stage(
     name="stablellava_export",
     process=_export,
-    sidecars=(MANIFEST_NAME, REJECTS_NAME, EVAL_JSONL, PRETRAIN_JSON),
+    sidecars=(
+        MANIFEST_NAME,
+        REJECTS_NAME,
+        EVAL_JSONL,
+        PRETRAIN_JSON,
+        INTERLEAVED_JSON,
+        EXPORTS_JSON,
+        README_MD,
+        LMMS_YAML,
+        LMMS_UTILS,
+    ),
 )
 
 
@@ -698,9 +953,10 @@ def export_stablellava(
     data_root: str,
     output_dir: str,
 ) -> str:
-    """Write pretraining JSON (captions), SFT JSON (Q&A, multi-turn, multi-image), eval JSONL, the manifest
-    of the records used and the export rejects; returns the versioned SFT JSON's URI (copies of all are
-    published under `output_dir`)."""
+    """Write pretraining JSON (captions), the LLaVA-1.5 SFT JSON (one image per sample), the interleaved SFT
+    JSON (every sample, image lists), the eval JSONL with its lmms-eval task, exports.json + README.md
+    (which file fits which trainer), the manifest of the records used and the export rejects; returns the
+    versioned LLaVA-1.5 SFT JSON's URI (copies of all are published under `output_dir`)."""
     return run_stage(
         EXPORT,
         config,

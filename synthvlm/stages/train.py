@@ -126,8 +126,8 @@ TRAIN = Stage(
 def _dispatch(
     config: TrainConfig, sets: list[TrainDataset], output_dir: str, kube_config: Configuration | None
 ) -> str:
-    if config.num_nodes > 1 and not storage.is_gcs(output_dir):
-        raise ConfigError("train: num_nodes > 1 needs a gs:// output_dir (the nodes share no disk)")
+    if config.num_nodes > 1 and not storage.is_remote(output_dir):
+        raise ConfigError("train: num_nodes > 1 needs a gs:// or s3:// output_dir (the nodes share no disk)")
     if in_worker_process():
         return _train_here(config, sets, output_dir)
     if config.num_nodes > 1 and not in_job_pod():
@@ -165,7 +165,7 @@ def _launch_torchrun(config: TrainConfig, datasets: list[TrainDataset], output_d
     completed = subprocess.run(cmd, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"training processes exited with status {completed.returncode}")
-    if node_info(config).node_rank == 0 or storage.is_gcs(output_dir):
+    if node_info(config).node_rank == 0 or storage.is_remote(output_dir):
         require_done(out)
     return out
 

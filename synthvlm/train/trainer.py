@@ -57,7 +57,7 @@ TRAINABLE_WEIGHTS = "trainable.safetensors"  # a stage-1 checkpoint's weights: t
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where one run keeps its files: local folders for the Trainer, remote URIs when output_dir is gs://."""
+    """Where one run keeps its files: local folders for the Trainer, remote URIs when output_dir is remote."""
 
     work_dir: str  # local
     checkpoints: str  # local
@@ -67,7 +67,7 @@ class RunPaths:
 
 
 def run_paths(config: TrainConfig, output_dir: str) -> RunPaths:
-    if not storage.is_gcs(output_dir):
+    if not storage.is_remote(output_dir):
         return RunPaths(output_dir, f"{output_dir}/checkpoints", f"{output_dir}/model", None, None)
     digest = hashlib.sha256(output_dir.encode()).hexdigest()[:16]
     work = config.local_work_dir or os.path.join(tempfile.gettempdir(), "synthvlm-train", digest)
@@ -188,8 +188,8 @@ def load_model(config: TrainConfig, device: torch.device, fsdp: bool = False):
 
 
 def local_model_folder(uri: str) -> str:
-    """A local folder with the model at `uri` (downloaded once for gs://)."""
-    if not storage.is_gcs(uri):
+    """A local folder with the model at `uri` (downloaded once for gs:// and s3://)."""
+    if not storage.is_remote(uri):
         return uri
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     local = os.path.join(tempfile.gettempdir(), "synthvlm-models", digest)

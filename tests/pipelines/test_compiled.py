@@ -3,13 +3,14 @@ and validation runs first on exactly the pipeline's parameters, before any GPU t
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
 import yaml
 
 from synthvlm.kfp_support import PIPELINE_MODULES
-from synthvlm.run_config import run_config_class, to_pipeline_arguments
+from synthvlm.run_config import FORM_FIELDS, run_config_class, to_pipeline_arguments
 from tests.pipelines.test_synthvlm_pipeline import REPO, SYNTHVLM, _clean_env, without_comments
 
 PIPELINES = sorted(PIPELINE_MODULES)
@@ -43,9 +44,60 @@ def test_parameters_have_defaults_and_descriptions(compiled_dir, name):
     params = spec["root"]["inputDefinitions"]["parameters"]
     defaults = to_pipeline_arguments(run_config_class(name).model_construct())
     assert set(params) == set(defaults)
+    required = {"data_root", "captions"} & set(params)  # the form must not accept them empty
     for param, pspec in params.items():
         assert pspec.get("description"), f"{name}: parameter {param} has no description for the UI"
-        assert pspec.get("defaultValue", "") == defaults[param], f"{name}: {param}"
+        if param in required:
+            assert "defaultValue" not in pspec and not pspec.get("isOptional"), f"{name}: {param}"
+        else:
+            assert pspec.get("defaultValue", "") == defaults[param], f"{name}: {param}"
+
+
+# The run form's typed parameters the issue names, per pipeline (more may exist).
+TYPED = {
+    "synthvlm": {"max_captions": "NUMBER_INTEGER", "select_mode": "STRING", "select_k": "NUMBER_INTEGER",
+                 "select_fraction": "NUMBER_DOUBLE", "select_threshold": "NUMBER_DOUBLE",
+                 "generation_model": "STRING", "steps": "NUMBER_INTEGER", "guidance_scale": "NUMBER_DOUBLE",
+                 "resolution": "NUMBER_INTEGER", "clip_model": "STRING", "clip_pretrained": "STRING",
+                 "llm_base_url": "STRING", "llm_model": "STRING"},
+    "stablellava": {"abilities": "LIST", "prompts_per_ability": "NUMBER_INTEGER", "steps": "NUMBER_INTEGER",
+                    "select_threshold": "NUMBER_DOUBLE", "llm_base_url": "STRING", "llm_model": "STRING",
+                    "generation_model": "STRING", "clip_model": "STRING", "resolution": "NUMBER_INTEGER"},
+}  # fmt: skip
+TYPED["end-to-end"] = TYPED["synthvlm"]
+
+
+@pytest.mark.parametrize("name", sorted(TYPED))
+def test_run_form_has_typed_parameters_with_paper_defaults(compiled_dir, name):
+    spec, _ = _load(compiled_dir / f"{name}.yaml")
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for param, kind in TYPED[name].items():
+        assert params[param]["parameterType"] == kind, f"{name}: {param}"
+        assert len(params[param]["description"]) > 20, f"{name}: {param} needs a real description"
+    assert params["steps"]["defaultValue"] == 60  # SynthVLM §3.1
+    assert params["resolution"]["defaultValue"] == 1024
+    # the typed fields are not also in the stage JSON defaults (one place to set each)
+    generate = json.loads(params["generate_config"]["defaultValue"])
+    assert not {"steps", "height", "width", "model", "guidance_scale"} & set(generate)
+    llm_paths = [field.paths for field in FORM_FIELDS[name] if field.name == "llm_model"][0]
+    assert len(llm_paths) == (3 if name == "stablellava" else 1)  # one endpoint for every LLM stage
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_validation_outputs_every_stage_config_in_order(compiled_dir, name):
+    """The validation task returns a tuple in its outputs' order: they must be the run config's sections."""
+    from synthvlm import run_config
+
+    spec, _ = _load(compiled_dir / f"{name}.yaml")
+    tasks = spec["root"]["dag"]["tasks"]
+    [validate] = [t["componentRef"]["name"] for n, t in tasks.items() if n.startswith("validate-")]
+    outputs = list(spec["components"][validate]["outputDefinitions"]["parameters"])
+    sections = run_config._sections(run_config_class(name))
+    assert sorted(outputs) == sorted(f"{s}_config" for s in sections)
+    module = __import__("components.validate", fromlist=["x"])
+    func = getattr(module, validate.removeprefix("comp-").replace("-", "_")).python_func
+    declared = [field for field, _ in func.__annotations__["return"].__annotations__.items()]
+    assert declared == [f"{s}_config" for s in sections]
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -116,3 +168,44 @@ def test_compiling_twice_gives_byte_identical_files(compiled_dir, tmp_path):
     subprocess.run([*SYNTHVLM, "compile", "--output-dir", str(again)], check=True, env=_clean_env(), cwd=REPO)
     for name in PIPELINES:
         assert (again / f"{name}.yaml").read_bytes() == (compiled_dir / f"{name}.yaml").read_bytes(), name
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_task_requests_cpu_and_memory(compiled_dir, name):
+    spec, platform = _load(compiled_dir / f"{name}.yaml")
+    for executor, container in spec["deploymentSpec"]["executors"].items():
+        resources = container["container"].get("resources", {})
+        assert resources.get("resourceCpuRequest") and resources.get("resourceMemoryRequest"), (
+            f"{name}: {executor} requests no CPU or memory"
+        )
+        if "accelerator" not in resources and "launcher" not in executor:
+            assert resources.get("resourceMemoryLimit"), f"{name}: CPU task {executor} has no memory limit"
+    # no volumes unless chosen at compile time
+    for executor, config in platform.get("deploymentSpec", {}).get("executors", {}).items():
+        assert "pvcMount" not in config, f"{name}: {executor}"
+
+
+def test_volumes_and_sizes_are_compile_options(tmp_path):
+    out = tmp_path / "with-volumes"
+    subprocess.run(
+        [*SYNTHVLM, "compile", "--output-dir", str(out), "--pipeline", "synthvlm", "--pipeline", "train",
+         "--data-pvc", "synthvlm-data:/mnt/data", "--model-cache-pvc", "synthvlm-models",
+         "--resources", "generate=4,24Gi,30Gi"],
+        check=True, env=_clean_env(), cwd=REPO,
+    )  # fmt: skip
+    for name in ("synthvlm", "train"):
+        spec, platform = _load(out / f"{name}.yaml")
+        executors = platform["deploymentSpec"]["executors"]
+        for executor in spec["deploymentSpec"]["executors"]:
+            mounts = {m["mountPath"]: m for m in executors[executor].get("pvcMount", [])}
+            assert mounts["/mnt/data"]["constant"] == "synthvlm-data", f"{name}: {executor}"
+            container = spec["deploymentSpec"]["executors"][executor]["container"]
+            if "accelerator" in container.get("resources", {}):  # model-loading tasks share the cache
+                assert mounts["/models"]["constant"] == "synthvlm-models"
+                assert {"name": "HF_HOME", "value": "/models/huggingface"} in container["env"]
+            else:
+                assert "/models" not in mounts
+    spec, _ = _load(out / "synthvlm.yaml")
+    generate = spec["deploymentSpec"]["executors"]["exec-generate-images"]["container"]["resources"]
+    assert (generate["resourceCpuRequest"], generate["resourceMemoryRequest"]) == ("4", "24Gi")
+    assert generate["resourceMemoryLimit"] == "30Gi"

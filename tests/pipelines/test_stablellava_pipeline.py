@@ -38,8 +38,10 @@ def test_llm_key_comes_from_a_secret_and_clip_check_is_gamma(compiled):
         if name.endswith("_config"):
             assert "api_key" not in _keys(json.loads(spec["defaultValue"])), name
     assert set(params) == set(to_pipeline_arguments(StableLLaVARunConfig()))
-    select = json.loads(params["select_config"]["defaultValue"])
-    assert (select["mode"], select["threshold"]) == ("threshold", 0.25)  # StableLLaVA v2 §4.4 gamma
+    # typed run-form parameters, not inside select_config
+    mode, threshold = (params[name]["defaultValue"] for name in ("select_mode", "select_threshold"))
+    assert (mode, threshold) == ("threshold", 0.25)  # StableLLaVA v2 §4.4 gamma
+    assert not {"mode", "threshold"} & json.loads(params["select_config"]["defaultValue"]).keys()
 
 
 def _keys(obj) -> set[str]:

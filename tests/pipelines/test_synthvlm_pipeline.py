@@ -41,9 +41,11 @@ def compiled(tmp_path_factory) -> dict:
 
 def test_defaults_are_the_papers(compiled):
     params = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
-    generate = json.loads(params["generate_config"]["defaultValue"])
-    assert (generate["steps"], generate["height"], generate["width"]) == (60, 1024, 1024)  # SynthVLM §3.1
-    assert json.loads(params["select_config"]["defaultValue"])["k"] == 100_000  # SynthVLM §3.2
+    # typed run-form parameters, taken out of the <section>_config JSON
+    assert (params["steps"]["defaultValue"], params["resolution"]["defaultValue"]) == (60, 1024)  # §3.1
+    assert not {"steps", "height", "width"} & json.loads(params["generate_config"]["defaultValue"]).keys()
+    assert params["select_k"]["defaultValue"] == 100_000  # SynthVLM §3.2
+    assert "k" not in json.loads(params["select_config"]["defaultValue"])
 
 
 def test_gpu_tasks_fan_out_with_retries(compiled):
@@ -122,12 +124,14 @@ def test_local_run_produces_the_exported_dataset(tmp_path: Path):
 
     # Any record of the exported dataset rebuilds byte for byte from the record alone.
     record = manifest[1]
-    rebuilt = tmp_path / f"again.{record.image_uri.rsplit('.', 1)[1]}"
+    again = tmp_path / "again"  # --output is a folder: <id><ext> is written in it
     cmd = [*SYNTHVLM, "regenerate", "--manifest", str(root / "export" / "manifest.jsonl")]
-    cmd += ["--id", record.id, "--output", str(rebuilt), "--check"]
+    cmd += ["--id", record.id, "--output", str(again), "--check"]
     regen = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), cwd=REPO, timeout=600)
     assert regen.returncode == 0, regen.stdout[-2000:] + regen.stderr[-2000:]
-    assert "byte-identical" in regen.stdout
+    written, status = regen.stdout.strip().splitlines()[-1].rsplit(": ", 1)
+    rebuilt = Path(written)
+    assert (rebuilt.parent, rebuilt.stem, status) == (again, record.id, "byte-identical")
     assert rebuilt.read_bytes() == Path(record.image_uri).read_bytes()
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 from synthvlm.llava_format import brief_instructions
@@ -7,6 +8,7 @@ from synthvlm.llm import LLMResult
 from synthvlm.records import Record
 from synthvlm.stablellava.abilities import load_registry
 from synthvlm.stablellava.dialogues import (
+    BAD_OPTIONS,
     LLM_REJECTED,
     NO_ANSWER_KEYWORDS,
     RELATION_QUESTIONS,
@@ -15,15 +17,26 @@ from synthvlm.stablellava.dialogues import (
     TOO_FEW_TURNS,
     CaptionReply,
     Dialogue,
+    EitherOrEvalReply,
     EvalReply,
     MultiTurnReply,
     QAReply,
     Turn,
+    YesNoEvalReply,
+    interleaved_dialogues,
     job_request,
     plan_jobs,
+    reply_schema,
     to_dialogue,
 )
-from synthvlm.stablellava.filters import ANSWER_TOO_LONG
+from synthvlm.stablellava.filters import (
+    ANSWER_TOO_LONG,
+    DIALOGUE_TOO_LONG,
+    STRAY_IMAGE_MARKER,
+    LengthLimit,
+)
+
+LIMIT = LengthLimit()
 
 REGISTRY = load_registry()
 
@@ -69,23 +82,27 @@ def test_question_types_vary() -> None:
 def test_requests_use_the_bracketed_prompt_and_the_kind_schema() -> None:
     records = [record("c0"), record("e0", split="eval")] + pair("p0", "similarity")
     for job in plan_jobs(records, multi_turn_fraction=1.0, seed=0):
-        request = job_request(job, REGISTRY, max_chars=500, turns=3, seed=0)
+        request = job_request(job, REGISTRY, LIMIT, turns=3, seed=0)
         text = request.messages[-1]["content"]
-        assert request.task == TASKS[job.kind] and request.schema is REPLY_SCHEMAS[job.kind]
-        assert "((teal bicycle))" in text and "500 characters" in text
+        assert request.task == TASKS[job.kind] and request.schema is reply_schema(job.kind, job.question_type)
+        assert "((teal bicycle))" in text and "whole conversation" in text and "500 characters" in text
+        if job.kind != "eval":
+            assert request.schema is REPLY_SCHEMAS[job.kind]
 
 
 def test_eval_template_is_fig5() -> None:
     job = next(j for j in plan_jobs([record("e0", split="eval")], 0.0, 0) if j.kind == "eval")
-    text = job_request(job, REGISTRY, 500, 3, 0).messages[-1]["content"]
-    assert "yes/no" in text or "wh-question" in text or "either-or" in text
-    assert "answer_keywords" in text and REGISTRY["colour"].cautions in text
+    text = job_request(job, REGISTRY, LIMIT, 3, 0).messages[-1]["content"]
+    field = {"wh": "answer_keywords", "yes_no": "yes_or_no", "either_or": "correct_option"}
+    assert field[job.question_type] in text and REGISTRY["colour"].cautions in text
 
 
-def finish(kind: str, reply, **job_kwargs):
+def finish(kind: str, reply, limit: LengthLimit = LIMIT, question_type: str | None = None):
     records = [record("c0"), record("e0", split="eval")]
     job = next(j for j in plan_jobs(records, 1.0, 0) if j.kind == kind)
-    return to_dialogue(job, LLMResult(id=job.id, parsed=reply), 500, {"llm": {"backend": "test"}})
+    if question_type is not None:
+        job = dataclasses.replace(job, question_type=question_type)
+    return to_dialogue(job, LLMResult(id=job.id, parsed=reply), limit, {"llm": {"backend": "test"}})
 
 
 def test_reply_becomes_dialogue() -> None:
@@ -96,13 +113,18 @@ def test_reply_becomes_dialogue() -> None:
     assert dialogue.record_ids == ["c0"] and dialogue.provenance["llm"] == {"backend": "test"}
 
 
-def test_answers_over_500_characters_are_rejected() -> None:
-    ok = finish("qa", QAReply(question="What colour?", answer="t" * 500))
-    assert isinstance(ok, Dialogue)
-    long = finish("qa", QAReply(question="What colour?", answer="t" * 501))
-    assert long.reason == ANSWER_TOO_LONG
-    turns = [Turn(question="q", answer="a"), Turn(question="q2", answer="b" * 600)]
-    assert finish("multi_turn", MultiTurnReply(turns=turns)).reason == ANSWER_TOO_LONG
+def test_dialogues_over_500_characters_are_rejected_per_dialogue_by_default() -> None:
+    # v2 §4.4 "we also limit dialogues to 500 characters": questions and answers of a dialogue together.
+    assert isinstance(finish("qa", QAReply(question="What colour?", answer="t" * 488)), Dialogue)
+    long = finish("qa", QAReply(question="What colour?", answer="t" * 489))
+    assert long.reason == DIALOGUE_TOO_LONG and "501 characters" in long.detail
+    turns = [Turn(question="q", answer="a" * 200), Turn(question="q2", answer="b" * 300)]
+    assert finish("multi_turn", MultiTurnReply(turns=turns)).reason == DIALOGUE_TOO_LONG
+    # per: answer, the looser reading: each answer on its own.
+    per_answer = LengthLimit(per="answer")
+    assert isinstance(finish("multi_turn", MultiTurnReply(turns=turns), per_answer), Dialogue)
+    turns[1] = Turn(question="q2", answer="b" * 501)
+    assert finish("multi_turn", MultiTurnReply(turns=turns), per_answer).reason == ANSWER_TOO_LONG
 
 
 def test_other_rejections() -> None:
@@ -113,7 +135,7 @@ def test_other_rejections() -> None:
     no_keywords = EvalReply(question="What colour?", answer="Teal.", answer_keywords=["(( ))"])
     assert finish("eval", no_keywords).reason == NO_ANSWER_KEYWORDS
     job = plan_jobs([record("c0")], 0.0, 0)[0]
-    failed = to_dialogue(job, LLMResult(id=job.id, reject_kind="truncated", reason="cut off"), 500, {})
+    failed = to_dialogue(job, LLMResult(id=job.id, reject_kind="truncated", reason="cut off"), LIMIT, {})
     assert failed.reason == LLM_REJECTED and "truncated" in failed.detail
 
 
@@ -124,3 +146,68 @@ def test_eval_keywords_are_cleaned() -> None:
     dialogue = finish("eval", reply)
     assert dialogue.answer_keywords == ["teal", "blue-green"]
     assert dialogue.kind == "eval" and dialogue.question_type in ("yes_no", "wh", "either_or")
+
+
+def test_eval_replies_by_question_type() -> None:
+    yes_no = finish(
+        "eval", YesNoEvalReply(question="Is it teal?", answer="No.", yes_or_no="no"), question_type="yes_no"
+    )
+    assert yes_no.answer_keywords == ["no"] and yes_no.choices is None
+    reply = EitherOrEvalReply(
+        question="Is the bicycle red or teal?",
+        answer="Teal.",
+        options=["red", "((teal))"],
+        correct_option="Teal",
+    )
+    either = finish("eval", reply, question_type="either_or")
+    assert either.choices == ["red", "teal"] and either.answer_keywords == ["teal"]
+    for options, correct in ((["red"], "red"), (["red", "teal"], "blue"), (["red", "green"], "red")):
+        bad = EitherOrEvalReply(
+            question="Is the bicycle red or teal?", answer="x", options=options, correct_option=correct
+        )
+        assert finish("eval", bad, question_type="either_or").reason == BAD_OPTIONS
+
+
+def test_llm_written_image_markers_are_rejected() -> None:
+    assert (
+        finish("qa", QAReply(question="What is in <image>?", answer="A bike.")).reason == STRAY_IMAGE_MARKER
+    )
+
+
+def interleaved_records(images: int = 2, **head) -> list[Record]:
+    turns = [
+        {"question": "How do I make tea? <image>", "answer": "Boil water."},
+        {"question": "Done. Next? <image>", "answer": "Add the leaves."},
+    ]
+    return [
+        Record(
+            id=f"interleaved-00000-{i + 1}",
+            caption=f"step {i + 1}",
+            provenance={
+                "ability": "interleaved",
+                "kind": "interleaved",
+                "split": "train",
+                "dialogue_id": "interleaved-00000",
+                "image_index": i,
+                "images": images,
+                "turn": i,
+                **({"turns": turns, "phrase": "make tea", **head} if i == 0 else {}),
+            },
+        )
+        for i in range(2)
+    ]
+
+
+def test_interleaved_dialogues_come_from_the_prompt_records() -> None:
+    records = interleaved_records()
+    assert plan_jobs(records, 1.0, 0) == []  # nothing to ask: the prompts stage wrote them
+    [(dialogue_id, dialogue)] = interleaved_dialogues(records, LIMIT, {})
+    assert isinstance(dialogue, Dialogue) and dialogue.kind == "interleaved"
+    assert dialogue.record_ids == ["interleaved-00000-1", "interleaved-00000-2"] and dialogue.image_turns == [
+        0,
+        1,
+    ]
+    [(_, short)] = interleaved_dialogues(records, LengthLimit(max_chars=40), {})
+    assert short.reason == DIALOGUE_TOO_LONG
+    [(_, missing)] = interleaved_dialogues(interleaved_records(images=3), LIMIT, {})
+    assert "2 of 3 image records" in missing.detail

@@ -1,15 +1,16 @@
 from __future__ import annotations
 
-import json
+import dataclasses
 
 from synthvlm.llm.backend import BackendConfig, make_backend
 from synthvlm.llm.template_backend import registered_tasks
 from synthvlm.records import Record
 from synthvlm.stablellava import templates
 from synthvlm.stablellava.abilities import load_registry
-from synthvlm.stablellava.dialogues import TASKS, job_request, plan_jobs
+from synthvlm.stablellava.dialogues import TASKS, job_request, plan_jobs, to_dialogue
 from synthvlm.stablellava.emphasis import parse_prompt
-from synthvlm.stablellava.filters import FilterConfig, check_prompt
+from synthvlm.stablellava.filters import FilterConfig, LengthLimit, check_prompt
+from synthvlm.stablellava.interleaved import InterleavedConfig, interleaved_request, parse_reply
 from synthvlm.stablellava.keywords import keyword_request
 from synthvlm.stablellava.prompts import RELATIONS, pair_request, prompt_request
 
@@ -70,7 +71,7 @@ def test_dialogue_templates_answer_every_kind_and_are_marked() -> None:
     ]
     jobs = plan_jobs(records, multi_turn_fraction=1.0, seed=0)
     engine = backend()
-    results = engine.run_many([job_request(j, REGISTRY, 500, 3, 0) for j in jobs])
+    results = engine.run_many([job_request(j, REGISTRY, LengthLimit(), 3, 0) for j in jobs])
     assert {j.kind for j in jobs} == {"caption", "qa", "multi_turn", "multi_image", "eval"}
     for job, result in zip(jobs, results, strict=True):
         assert result.ok, (job.kind, result.reason)
@@ -80,4 +81,27 @@ def test_dialogue_templates_answer_every_kind_and_are_marked() -> None:
     multi_turn = next(r for j, r in zip(jobs, results, strict=True) if j.kind == "multi_turn")
     assert len(multi_turn.parsed.turns) == 3
     evaluation = next(r for j, r in zip(jobs, results, strict=True) if j.kind == "eval")
-    assert evaluation.parsed.answer_keywords and json.loads(evaluation.text)["answer_keywords"]
+    assert evaluation.parsed.answer
+
+
+def test_eval_template_answers_every_question_type() -> None:
+    raw = "((teal bicycle)), brick wall, soft light, 8k"
+    record = Record(
+        id="e0", caption="x", provenance={"ability": "colour", "raw_prompt": raw, "split": "eval"}
+    )
+    [job] = plan_jobs([record], 0.0, 0)
+    jobs = [dataclasses.replace(job, question_type=t) for t in ("wh", "yes_no", "either_or")]
+    results = backend().run_many([job_request(j, REGISTRY, LengthLimit(), 3, 0) for j in jobs])
+    outcomes = [to_dialogue(j, r, LengthLimit(), {}) for j, r in zip(jobs, results, strict=True)]
+    wh, yes_no, either = outcomes
+    assert "teal" in wh.answer_keywords
+    assert yes_no.answer_keywords in (["yes"], ["no"])
+    assert len(either.choices) == 2 and either.answer_keywords[0] in either.choices
+
+
+def test_interleaved_template_writes_a_picture_per_turn() -> None:
+    request = interleaved_request("interleaved-00000", "make tea", InterleavedConfig(), 10, seed=0)
+    [result] = backend().run_many([request])
+    parsed = parse_reply(result.parsed, InterleavedConfig())
+    assert parsed.picture_turns == (0, 1, 2) and all("make tea" in p for p in parsed.pictures)
+    assert [q.count("<image>") for q, _ in parsed.turns] == [1, 1, 1]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from synthvlm import storage
 from synthvlm.errors import InputError
-from synthvlm.llava_format import brief_instruction, brief_instructions, relative_image_path
+from synthvlm.llava_format import ImageRoot, brief_instruction, brief_instructions, relative_image_path
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stage import is_done, read_stats
 from synthvlm.stages.export_llava import ExportConfig, export_llava
@@ -144,6 +144,38 @@ def test_missing_image_uri_is_an_error(selected, tmp_path: Path) -> None:
 )
 def test_relative_image_path(image_uri: str, data_root: str, expected: str | None) -> None:
     assert relative_image_path(image_uri, data_root) == expected
+
+
+def test_export_resolves_the_data_root_once(selected, tmp_path: Path, monkeypatch) -> None:
+    """No file-system call per record: the data root is resolved once, image paths are matched as text."""
+    manifest, data_root, records = selected
+    many = _records(data_root, 60)
+    write_manifest(manifest, many)
+    calls = []
+    real_resolve = Path.resolve
+    monkeypatch.setattr(
+        Path, "resolve", lambda self, *a, **k: calls.append(self) or real_resolve(self, *a, **k)
+    )
+    samples = json.loads(
+        Path(export_llava(ExportConfig(), manifest, str(data_root), str(tmp_path / "o"))).read_text()
+    )
+    assert [s["image"] for s in samples] == [f"images/{i % 3:02d}/rec{i:03d}.jpg" for i in range(60)]
+    assert len(calls) <= 2
+
+
+def test_image_root_through_symlinks(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    (real / "images").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    image = real / "images" / "a.jpg"
+    # The root spelled through a symlink or resolved, the image spelled either way: the same relative path.
+    for root in (real, link):
+        for spelled in (image, link / "images" / "a.jpg"):
+            assert ImageRoot(str(root)).relative(str(spelled)) == "images/a.jpg"
+    assert ImageRoot(str(real)).relative(str(real / "images" / ".." / ".." / "x.jpg")) is None
+    assert ImageRoot(str(real)).relative(str(real)) is None
+    assert ImageRoot("/").relative("/x/a.jpg") == "x/a.jpg"
 
 
 @pytest.fixture

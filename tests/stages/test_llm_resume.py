@@ -54,6 +54,7 @@ class CountingJudge:
 
 
 def curate_cli(server: FakeLLMServer, captions: str, output: Path) -> list[str]:
+    """`synthvlm curate` writing `output` (curated.jsonl in the --output folder)."""
     llm = {
         "base_url": server.base_url,
         "model": "judge-model",
@@ -63,7 +64,8 @@ def curate_cli(server: FakeLLMServer, captions: str, output: Path) -> list[str]:
     }
     sets = [f"judge.llm.{key}={value}" for key, value in llm.items()]  # no cache_dir: the default
     sets += ["heuristics.enabled=false", "dedup.near=false", "clip.enabled=false", "sample_size=null"]
-    args = [sys.executable, "-m", "synthvlm.cli", "curate", "--input", captions, "--output", str(output)]
+    cli = [sys.executable, "-m", "synthvlm.cli", "curate"]
+    args = [*cli, "--input", captions, "--output", str(output.parent)]
     return args + [arg for item in sets for arg in ("--set", item)]
 
 

@@ -55,6 +55,17 @@ def _parse(doc: str) -> _Collector:
     return parser
 
 
+def _section(doc: str, title: str) -> str:
+    """The document from the <h2> with this title to the next <h2>."""
+    start = doc.index(f"<h2>{title}</h2>")
+    end = doc.find("<h2>", start + 1)
+    return doc[start : end if end >= 0 else len(doc)]
+
+
+def _kept_grid(doc: str) -> _Collector:
+    return _parse(_section(doc, "Kept images"))
+
+
 def _records(tmp_path: Path, n: int, score_key: str = "clip") -> list[Record]:
     out = []
     for i in range(n):
@@ -95,21 +106,23 @@ def test_report_has_one_img_per_record_and_is_self_contained(run, tmp_path: Path
     out = str(tmp_path / "report.html")
     assert published(write_report(ReportConfig(thumbnail_size=16), selected, outputs, out), out)
     parsed = _parse(Path(out).read_text())
-    assert len(parsed.img_srcs) == len(records)
+    assert len(_kept_grid(Path(out).read_text()).img_srcs) == len(records)
+    # ... and the 8 best of them again, side by side with the (here: no) rejected ones
+    assert len(parsed.img_srcs) == len(records) + 8
     assert parsed.external == []
     assert "<link" not in Path(out).read_text()
     src = parsed.img_srcs[0]
     assert src.startswith("data:image/jpeg;base64,")
     thumb = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
     assert thumb.format == "JPEG" and max(thumb.size) == 16
-    assert is_done(out) and read_stats(out)["count_out"] == len(records)
+    assert is_done(out) and read_stats(out)["count_out"] == len(records) + 8
 
 
 def test_report_caps_images_at_max_images(run, tmp_path: Path) -> None:
     selected, _, outputs = run
     out = str(tmp_path / "report.html")
     write_report(ReportConfig(max_images=4, thumbnail_size=16), selected, outputs, out)
-    assert len(_parse(Path(out).read_text()).img_srcs) == 4
+    assert len(_kept_grid(Path(out).read_text()).img_srcs) == 4
 
 
 def test_caption_is_escaped(run, tmp_path: Path) -> None:
@@ -186,7 +199,7 @@ def test_unreadable_image_is_reported_not_fatal(run, tmp_path: Path) -> None:
     out = str(tmp_path / "report.html")
     write_report(ReportConfig(thumbnail_size=16), selected, outputs, out)
     doc = Path(out).read_text()
-    assert len(_parse(doc).img_srcs) == len(records) - 1
+    assert len(_kept_grid(doc).img_srcs) == len(records) - 1
     assert "image unreadable" in doc
 
 
@@ -304,7 +317,7 @@ def _pipeline_stats(gen_model: str = "stabilityai/sdxl", clip_model: str = "ViT-
 def test_stage_table_has_one_row_per_stage_and_shard_rows_in_details() -> None:
     from synthvlm.stages.report import stages_table_html
 
-    table = stages_table_html(_pipeline_stats())
+    table = stages_table_html(_pipeline_stats(), {"generate": "GPU", "clip_score": "GPU"})
     main, details = table.split("<details", 1)
     for stage in ("captions", "generate", "clip_score", "select", "export_llava"):
         assert main.count(f"<tr><td>{stage}</td>") == 1

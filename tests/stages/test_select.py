@@ -10,6 +10,7 @@ import pytest
 from synthvlm.config import validate
 from synthvlm.embeddings import embeddings_uri, read_embeddings, write_embeddings
 from synthvlm.errors import ConfigError, InputError
+from synthvlm.manifest_table import read_columns
 from synthvlm.ranking import fraction_count, source_id
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stage import is_done, read_stats
@@ -46,10 +47,11 @@ def test_ties_are_broken_by_id_whatever_the_input_order() -> None:
         assert ids(select_records(shuffled, config)) == ["top", "x1", "x2"]
 
 
-def test_threshold_keeps_scores_at_or_above_it() -> None:
-    records = [rec("at", 0.25), rec("below", 0.2499), rec("above", 0.31)]
+def test_threshold_keeps_scores_strictly_above_it() -> None:
+    """StableLLaVA v2 §4.4: scores *exceeding* gamma are retained; a score equal to it is not."""
+    records = [rec("at", 0.25), rec("below", 0.2499), rec("above", 0.31), rec("just", 0.2501)]
     kept = select_records(records, SelectConfig(mode="threshold", threshold=0.25))
-    assert ids(kept) == ["above", "at"]
+    assert ids(kept) == ["above", "just"]
 
 
 def test_threshold_can_keep_nothing() -> None:
@@ -190,7 +192,11 @@ def test_select_is_idempotent(tmp_path: Path) -> None:
     first_uri = select(SelectConfig(k=5), uris, output)
     first = Path(output).read_bytes()
     # Same settings and inputs: the finished selection is returned without reading a record again.
-    with mock.patch.object(select_stage, "read_manifest", side_effect=AssertionError("inputs were read")):
+    unread = AssertionError("inputs were read")
+    with (
+        mock.patch.object(select_stage, "read_manifest", side_effect=unread),
+        mock.patch.object(select_stage, "read_columns", side_effect=unread),
+    ):
         assert select(SelectConfig(k=5), uris, output) == first_uri
     assert Path(output).read_bytes() == first
     # Another k: a new selection in its own folder; the first stays readable.
@@ -401,3 +407,108 @@ def test_streamed_best_of_n_top_k_equals_the_brute_force(tmp_path: Path, seed: i
 def test_new_fields_are_validated(data: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"'{field}'"):
         validate(SelectConfig, data)
+
+
+def random_shards(root: Path, seed: int) -> tuple[list[str], list[Record], dict[str, np.ndarray]]:
+    """Shards of random records with many ties (scores of 1 decimal, -0.0 among them), ids that sort
+    differently as str and as numbers, several images per caption, in JSONL and Parquet, one shard whose
+    score keys differ between records (read record by record), one empty shard; plus embeddings."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(300):
+        source = f"c{rng.randrange(120)}"
+        score = rng.choice([-0.0, 0.0]) if rng.random() < 0.05 else round(rng.uniform(-0.2, 0.6), 1)
+        scores = {"clip": score, "llm": rng.random()}
+        provenance = {"source_id": source} if rng.random() < 0.8 else {}
+        records.append(
+            Record(id=f"{source}~{i}", caption=f"caption {i}", scores=scores, provenance=provenance)
+        )
+    vectors = {
+        r.id: unit(*np.random.default_rng(len(r.id) + i).normal(size=6)) for i, r in enumerate(records)
+    }
+    # Near duplicates: some records share their source's picture.
+    for r in records[::3]:
+        vectors[r.id] = unit(*np.random.default_rng(hash(source_id(r)) % 2**32).normal(size=6))
+    uris, cuts = [], sorted(rng.sample(range(1, 300), 5))
+    for n, (start, stop) in enumerate(zip([0, *cuts], [*cuts, 300], strict=True)):
+        shard = records[start:stop]
+        if n == 3:  # score keys differ: read record by record
+            shard = [r.model_copy(update={"scores": {"clip": r.scores["clip"]}}) for r in shard]
+            shard[0] = shard[0].model_copy(update={"scores": {**shard[0].scores, "llm": 0.5}})
+        uri = str(root / f"shard-{n}.{'parquet' if n == 1 else 'jsonl'}")
+        write_manifest(uri, shard)
+        write_embeddings(uri, np.stack([vectors[r.id] for r in shard]) if shard else np.empty((0, 6)))
+        uris.append(uri)
+        assert read_columns(uri).fast is (n != 3)
+    empty = str(root / "shard-empty.jsonl")
+    write_manifest(empty, [])
+    write_embeddings(empty, np.empty((0, 6)))
+    union = [r for uri in uris for r in read_manifest(uri)]
+    return [*uris, empty], union, vectors
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(
+    "config",
+    [
+        SelectConfig(k=17),
+        SelectConfig(k=17, best_of_n=True),
+        SelectConfig(k=1),
+        SelectConfig(k=1000),
+        SelectConfig(mode="threshold", threshold=0.2),
+        SelectConfig(mode="threshold", threshold=0.0, best_of_n=True),
+        SelectConfig(mode="top_fraction", fraction=0.3),
+        SelectConfig(mode="top_fraction", fraction=0.3, best_of_n=True),
+        SelectConfig(k=20, dedup_threshold=0.95),
+        SelectConfig(mode="threshold", threshold=0.1, best_of_n=True, dedup_threshold=0.9),
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.model_dump().items() if k in c.model_fields_set),
+)
+def test_column_wise_select_equals_the_record_path(tmp_path: Path, seed: int, config: SelectConfig) -> None:
+    """The shards read column-wise give the records, order and stats of select_records over the union
+    (ranking by score descending then id, best of n, cut, near duplicates), ties included."""
+    uris, union, vectors = random_shards(tmp_path, seed)
+    output = str(tmp_path / "out.jsonl")
+    for ordering in (uris, uris[::-1]):
+        select(config, ordering, output)
+        expected, dropped = select_stage._select(union, config, vectors)
+        assert read_manifest(output) == expected
+        stats = read_stats(output)
+        kept_scores = [r.scores["clip"] for r in expected]
+        assert stats["count_out"] == len(expected) and stats["count_in"] == len(union)
+        assert stats["near_duplicates"] == dropped
+        assert stats["min_score_kept"] == min(kept_scores, default=None)
+        assert stats["mean_score_in"] == pytest.approx(sum(r.scores["clip"] for r in union) / len(union))
+        n_sources = len({source_id(r) for r in union})
+        if config.best_of_n:
+            assert stats["rejects"].get("not best of n") == len(union) - n_sources
+        assert sum(stats["rejects"].values()) == len(union) - len(expected)
+
+
+def test_output_lines_are_the_input_lines(tmp_path: Path) -> None:
+    """The kept records are written as their shards hold them: the same bytes as write_manifest's."""
+    uris, union = write_shards(tmp_path)
+    output = str(tmp_path / "out.jsonl")
+    select(SelectConfig(k=30), uris, output)
+    expected = sorted(union, key=lambda r: (-r.scores["clip"], r.id))[:30]
+    assert Path(output).read_text() == "".join(r.model_dump_json() + "\n" for r in expected)
+
+
+def test_first_error_is_the_record_paths(tmp_path: Path) -> None:
+    """A duplicate id across shards 1 and 2 comes before a bad record in shard 3, as when read record by
+    record; the column-wise pass finds the bad record first and replays the record path to name it."""
+    uris = [str(tmp_path / f"s{n}.jsonl") for n in range(3)]
+    write_manifest(uris[0], [rec("a", 0.1), rec("b", 0.2)])
+    write_manifest(uris[1], [rec("c", 0.3), rec("a", 0.4)])
+    write_manifest(uris[2], [rec("d", 0.3), rec("unscored", None)])
+    with pytest.raises(
+        InputError, match=r"s1\.jsonl, line 2, field 'id': duplicate id 'a': also in .*s0\.jsonl"
+    ):
+        select(SelectConfig(), uris, str(tmp_path / "out.jsonl"))
+    with pytest.raises(InputError, match=r"s2\.jsonl, line 2, field 'scores\.clip': record 'unscored'"):
+        select(SelectConfig(), [uris[0], uris[2]], str(tmp_path / "out.jsonl"))
+    Path(uris[2]).write_text('{"id": "d", "caption": "c", "scores": {"clip": NaN}}\n')
+    with pytest.raises(
+        InputError, match=r"s2\.jsonl, line 1, field 'scores\.clip': record 'd' has a non-finite"
+    ):
+        select(SelectConfig(), [uris[0], uris[2]], str(tmp_path / "out.jsonl"))

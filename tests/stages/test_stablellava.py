@@ -21,7 +21,7 @@ from synthvlm.models.sdxl import TINY_SDXL
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stablellava import templates
 from synthvlm.stablellava.dialogues import Dialogue, Turn
-from synthvlm.stablellava.filters import ANSWER_TOO_LONG, NON_VISUAL, OVERLAPS_EVAL, TOO_MANY_KEYWORDS
+from synthvlm.stablellava.filters import DIALOGUE_TOO_LONG, NON_VISUAL, OVERLAPS_EVAL, TOO_MANY_KEYWORDS
 from synthvlm.stages import stablellava as sl
 from synthvlm.stages.clip_score import ScoreConfig, score
 from synthvlm.stages.generate import GenerateConfig, generate
@@ -98,7 +98,13 @@ def test_template_end_to_end_from_keywords_to_exports(tmp_path: Path) -> None:
     prompts_uri = sl.generate_prompts(small_prompts(), kw_uri, str(root / "prompts.jsonl"))
     records = read_manifest(prompts_uri)
     kinds = Counter((r.provenance["kind"], r.provenance["split"]) for r in records)
-    assert kinds == {("single", "train"): 6, ("single", "eval"): 2, ("pair", "train"): 6}  # 3 relations x 2
+    # 3 relations x 2 pair members; one interleaved dialogue (as many as pairs per relation) of 3 images
+    assert kinds == {
+        ("single", "train"): 6,
+        ("single", "eval"): 2,
+        ("pair", "train"): 6,
+        ("interleaved", "train"): 3,
+    }
     for rec in records:
         assert "(" not in rec.caption  # diffusers gets the plain prompt ...
         assert rec.provenance["raw_prompt"].startswith("((")  # ... the bracketed one stays in provenance
@@ -130,6 +136,7 @@ def test_template_end_to_end_from_keywords_to_exports(tmp_path: Path) -> None:
         "multi_turn": 6,
         "eval": 2,
         "multi_image": 3,
+        "interleaved": 1,
     }
     assert all(d.provenance["llm"]["backend"] == "template" for d in dialogues)
 
@@ -140,26 +147,28 @@ def test_template_end_to_end_from_keywords_to_exports(tmp_path: Path) -> None:
     pretrain = json.loads((root / "export" / sl.PRETRAIN_JSON).read_text())
     evals = read_jsonl(root / "export" / sl.EVAL_JSONL)
     rejects = read_jsonl(root / "export" / sl.REJECTS_NAME)
-    exported_ids = {s["id"] for s in [*sft, *pretrain, *evals]}
+    interleaved = json.loads((root / "export" / sl.INTERLEAVED_JSON).read_text())
+    exported_ids = {s["id"] for s in [*interleaved, *pretrain, *evals]}
     by_id = {d.id: d for d in dialogues}
     for dialogue_id in exported_ids:
         assert set(by_id[dialogue_id].record_ids) <= selected  # only images that passed the CLIP check
     assert {r["id"] for r in rejects} == set(by_id) - exported_ids
     assert {r["reason"] for r in rejects} == {sl.NOT_SELECTED}
-    for sample in [*sft, *pretrain, *evals]:
+    for sample in [*sft, *pretrain, *interleaved]:
         images = sample["image"] if isinstance(sample["image"], list) else [sample["image"]]
         assert all(
             not Path(p).is_absolute() and (root / p).is_file() for p in images
         )  # relative to data root
     for sample in sft:
-        n_images = len(sample["image"]) if isinstance(sample["image"], list) else 1
-        assert sample["conversations"][0]["value"].count("<image>") == n_images
-    for row in evals:
-        assert (
-            set(row) == {"id", "image", "question", "answer", "answers", "type", "ability"} and row["answers"]
+        assert isinstance(sample["image"], str)  # LLaVA-1.5: one image per sample
+        assert sample["conversations"][0]["value"].count("<image>") == 1
+    for row in evals:  # synthvlm evaluate's format: absolute image paths, the metric as type
+        assert Path(row["image"]).is_absolute() and Path(row["image"]).is_file()
+        assert row["type"] in ("keyword", "yes_no", "multiple_choice") and ("answer" in row) != (
+            "answers" in row
         )
     stats = stage.read_stats(sft_uri)
-    assert stats["count_out"] == len(sft) + len(pretrain) + len(evals)
+    assert stats["count_out"] == len(interleaved) + len(pretrain) + len(evals)
     assert stats["rejects"][sl.NOT_SELECTED] == len(rejects)
 
     # With every image selected, each dialogue is exported: multi-image samples carry 2 images and 2 tokens.
@@ -168,7 +177,9 @@ def test_template_end_to_end_from_keywords_to_exports(tmp_path: Path) -> None:
     all_sft = sl.export_stablellava(
         sl.StableLLaVAExportConfig(), all_uri, dialogues_uri, str(root), str(root / "all")
     )
-    multi = [s for s in json.loads(Path(all_sft).read_text()) if s["id"].endswith("multi_image")]
+    assert not [s for s in json.loads(Path(all_sft).read_text()) if isinstance(s["image"], list)]
+    every = json.loads((root / "all" / sl.INTERLEAVED_JSON).read_text())
+    multi = [s for s in every if s["id"].endswith("multi_image")]
     assert len(multi) == 3
     for sample in multi:
         assert len(sample["image"]) == 2 and sample["conversations"][0]["value"].count("<image>") == 2
@@ -293,8 +304,8 @@ def test_dialogues_with_llm_client_reject_long_answers(tmp_path: Path) -> None:
         )
     dialogues = sl.read_dialogues(uri)
     rejects = read_jsonl(sl.rejects_uri(uri))
-    assert rejects and {r["reason"] for r in rejects} == {ANSWER_TOO_LONG}
-    assert all(len(t.answer) <= 500 for d in dialogues for t in d.turns)
+    assert rejects and {r["reason"] for r in rejects} == {DIALOGUE_TOO_LONG}  # v2 §4.4, per dialogue
+    assert all(sum(len(t.question) + len(t.answer) for t in d.turns) <= 500 for d in dialogues)
     assert len(dialogues) + len(rejects) == 6 * 2 + 2  # caption + qa per train image, one eval item each
 
 
@@ -384,3 +395,15 @@ def test_bad_inputs_name_the_file_and_field(tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         sl.read_dialogues(str(tmp_path / "d.jsonl"))
     assert err.value.line == 1 and err.value.field == "record_ids"
+
+
+def test_emphasis_switch_decides_the_weighted_prompt(tmp_path: Path) -> None:
+    kw_uri = keywords(tmp_path)
+    weighted = read_manifest(sl.generate_prompts(small_prompts(), kw_uri, str(tmp_path / "w.jsonl")))
+    stripped = read_manifest(
+        sl.generate_prompts(small_prompts(emphasis="strip"), kw_uri, str(tmp_path / "s.jsonl"))
+    )
+    for rec in weighted:  # v2 §4.1: ((x)) is emphasis, weight 1.1^2 in compel's syntax
+        assert rec.provenance["weighted_prompt"].startswith(f"({rec.provenance['emphasized'][0]})1.21")
+    assert all("weighted_prompt" not in rec.provenance for rec in stripped)
+    assert [r.caption for r in weighted] == [r.caption for r in stripped]  # the plain prompt either way
