@@ -6,6 +6,8 @@ KFP Metrics. The LLM key (config `llm.api_key_env`, OPENAI_API_KEY by default) c
 environment (a Kubernetes secret); the "template" backend needs none.
 """
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Metrics, Output
 
@@ -80,3 +82,33 @@ def stablellava_export(
     out = export_stablellava(config, selected_manifest, dialogues, data_root, out_dir)
     log_stage_metrics(metrics, out)
     return out
+
+
+@dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
+def stablellava_training_inputs(
+    exported: str,
+    data_root: str,
+    pretrain_datasets: str,
+    sft_datasets: str,
+    benchmarks: list,
+    pretrain_on_synthetic: bool,
+    sft_on_synthetic: bool,
+    synthetic_ratio: float,
+) -> NamedTuple("TrainingInputs", [("pretrain_datasets", str), ("sft_datasets", str), ("benchmarks", list)]):
+    """The training mixtures and benchmarks of StableLLaVA v2 §5: your datasets plus the synthetic ones
+    (SFT at `synthetic_ratio`), and the synthesized eval set before the named benchmarks."""
+    from synthvlm.kfp_support import setup_logging
+    from synthvlm.stages.stablellava import training_inputs
+
+    setup_logging()
+    inputs = training_inputs(
+        exported,
+        data_root,
+        pretrain_datasets,
+        sft_datasets,
+        list(benchmarks),
+        pretrain_on_synthetic=pretrain_on_synthetic,
+        sft_on_synthetic=sft_on_synthetic,
+        synthetic_ratio=synthetic_ratio,
+    )
+    return inputs["pretrain_datasets"], inputs["sft_datasets"], inputs["benchmarks"]

@@ -96,6 +96,7 @@ def validate_stablellava_config(
         ("score_config", str),
         ("select_config", str),
         ("export_config", str),
+        ("report_config", str),
     ],
 ):
     """Validate every parameter; return each stage's effective config JSON."""
@@ -196,3 +197,68 @@ def validate_end_to_end_config(
 
     # In the order of the outputs above: the run config\'s sections (checked by a test).
     return tuple(validated_stage_configs(parameters, "end-to-end").values())
+
+
+@dsl.component(base_image=image_for("cpu"), install_kfp_package=False)
+def validate_stablellava_end_to_end_config(
+    data_root: str,
+    gpu_node_selector: dict,
+    gpu_tolerations: list,
+    llm_secret: str,
+    gpus_per_node: int,
+    num_nodes: int,
+    pretrain_datasets: str,
+    sft_datasets: str,
+    benchmarks: list,
+    num_shards: int,
+    sft_on_synthetic: bool,
+    synthetic_ratio: float,
+    pretrain_on_synthetic: bool,
+    abilities: list,
+    prompts_per_ability: int,
+    generation_model: str,
+    steps: int,
+    guidance_scale: float,
+    resolution: int,
+    clip_model: str,
+    clip_pretrained: str,
+    select_mode: str,
+    select_k: int,
+    select_fraction: float,
+    select_threshold: float,
+    llm_base_url: str,
+    llm_model: str,
+    pretrain_config: str,
+    sft_config: str,
+    eval_config: str,
+    keywords_config: str,
+    prompts_config: str,
+    dialogues_config: str,
+    generate_config: str,
+    score_config: str,
+    select_config: str,
+    export_config: str,
+    report_config: str,
+) -> NamedTuple(
+    "Configs",
+    [
+        ("pretrain_config", str),
+        ("sft_config", str),
+        ("eval_config", str),
+        ("keywords_config", str),
+        ("prompts_config", str),
+        ("dialogues_config", str),
+        ("generate_config", str),
+        ("score_config", str),
+        ("select_config", str),
+        ("export_config", str),
+        ("report_config", str),
+    ],
+):
+    """Validate every parameter; return each stage's effective config JSON."""
+    parameters = dict(locals())  # first statement: exactly the pipeline parameters
+
+    from synthvlm.run_config import validated_stage_configs
+
+    # In the order of the outputs above: the run config's sections (checked by a test).
+    return tuple(validated_stage_configs(parameters, "stablellava-end-to-end").values())

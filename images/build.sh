@@ -8,7 +8,11 @@
 # else ghcr.io/synthvlm and the package version), so the tags pushed here are the references that
 # `synthvlm compile` writes into the pipelines; compile with the same --image-registry/--image-tag.
 # PLATFORM (default linux/amd64: GKE GPU nodes) and extra DOCKER_BUILD_ARGS may be set too.
-# Needs BuildKit (docker buildx) for the Dockerfile's RUN --mount. images/Makefile wraps this.
+# WHEELHOUSE=1 installs from images/wheelhouse/ alone (fill it with images/wheelhouse.sh; no package index
+# is used), PYTHON_IMAGE replaces the base image (e.g. synthvlm-base:bookworm from images/base_image.sh
+# where Docker Hub is out of reach), DOCKER names the client (default: docker).
+# Needs BuildKit (docker buildx, or a client that talks BuildKit to the daemon, such as Debian's docker.io)
+# for the Dockerfile's RUN --mount. images/Makefile wraps this.
 set -euo pipefail
 export DOCKER_BUILDKIT=1
 
@@ -49,15 +53,24 @@ run() {
   fi
 }
 
+docker="${DOCKER:-docker}"
+extra=()
+if [[ -n "${WHEELHOUSE:-}" && "${WHEELHOUSE}" != 0 ]]; then
+  compgen -G "$repo_root/images/wheelhouse/*.whl" >/dev/null \
+    || { echo "build.sh: images/wheelhouse/ has no wheels: run images/wheelhouse.sh first" >&2; exit 2; }
+  extra+=(--build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels)
+fi
+[[ -n "${PYTHON_IMAGE:-}" ]] && extra+=(--build-arg "PYTHON_IMAGE=$PYTHON_IMAGE")
+
 for image in "${images[@]}"; do
   family="${image##*/synthvlm-}" # <registry>/synthvlm-<family>:<tag>
   family="${family%%:*}"
   if ((build)); then
     # shellcheck disable=SC2086  # DOCKER_BUILD_ARGS is a list of words on purpose
-    run docker build --platform "${PLATFORM:-linux/amd64}" -f "$repo_root/images/Dockerfile" \
-      --target "$family" -t "$image" ${DOCKER_BUILD_ARGS:-} "$repo_root"
+    run "$docker" build --platform "${PLATFORM:-linux/amd64}" -f "$repo_root/images/Dockerfile" \
+      --target "$family" -t "$image" ${extra[@]+"${extra[@]}"} ${DOCKER_BUILD_ARGS:-} "$repo_root"
   fi
   if ((push)); then
-    run docker push "$image"
+    run "$docker" push "$image"
   fi
 done

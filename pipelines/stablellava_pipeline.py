@@ -49,8 +49,9 @@ def pipeline(
     select_config: str = _DEFAULTS["select_config"],
     export_config: str = _DEFAULTS["export_config"],
     report_config: str = _DEFAULTS["report_config"],
-):
-    """StableLLaVA synthetic visual instruction data.
+) -> str:
+    """StableLLaVA synthetic visual instruction data; returns the LLaVA SFT JSON URI (its folder holds the
+    interleaved SFT JSON, the pretraining JSON and the eval set).
 
     Args:
         data_root: Where prompts, images, dialogues and the exports go (gs://, s3:// or a PVC path).
@@ -147,3 +148,4 @@ def pipeline(
         data_root=data_root,
     )
     named(report, "report", size="records")
+    return exported.outputs["Output"]

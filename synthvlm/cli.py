@@ -20,7 +20,7 @@ from typing import Any
 from synthvlm.errors import SynthVLMError
 
 log = logging.getLogger("synthvlm")
-PIPELINES = ["synthvlm", "stablellava", "train", "end-to-end"]
+PIPELINES = ["synthvlm", "stablellava", "train", "end-to-end", "stablellava-end-to-end"]
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -49,18 +49,21 @@ RUN_SECTIONS = frozenset(
 RUN_SETTINGS = frozenset(
     {"data_root", "num_shards", "gpu_node_selector", "gpu_tolerations", "llm_secret", "captions",
      "max_captions", "curate_captions", "gpus_per_node", "num_nodes", "pretrain_datasets", "sft_datasets",
-     "benchmarks", "sft_on_synthetic"}
+     "benchmarks", "sft_on_synthetic", "synthetic_ratio", "pretrain_on_synthetic"}
 )  # fmt: skip
 # The captions stage's fields live at the top level of a run config, under run names.
 CAPTIONS_FROM_RUN = {"captions": "captions", "max_captions": "max_records"}
 
 
-def _stage_layer(command: str, section: str, data: dict[str, Any], source: str) -> dict[str, Any]:
-    """A stage's settings from a mapping that is either a run config (sections) or the stage's own config."""
+def _stage_layer(
+    command: str, section: str, data: dict[str, Any], source: str, own: frozenset[str]
+) -> dict[str, Any]:
+    """A stage's settings from a mapping that is either a run config (sections) or the stage's own config
+    (`own`: the stage's field names, which win where a run setting has the same name)."""
     from synthvlm.errors import ConfigError
 
     run_keys = RUN_SECTIONS | RUN_SETTINGS
-    if not set(data) & run_keys:  # the stage's own config (the older form): used as it is
+    if set(data) <= own or not set(data) & run_keys:  # the stage's own config (the older form): as it is
         return data
     unknown = sorted(set(data) - run_keys)
     if unknown:
@@ -76,7 +79,7 @@ def _stage_layer(command: str, section: str, data: dict[str, Any], source: str) 
     return layer
 
 
-def _stage_sets(command: str, section: str, sets: Sequence[str]) -> list[str]:
+def _stage_sets(command: str, section: str, sets: Sequence[str], own: frozenset[str]) -> list[str]:
     """`--set` with the run's dotted keys (`generate.steps=2`) -> the stage's keys (`steps=2`)."""
     from synthvlm.errors import ConfigError
 
@@ -88,6 +91,8 @@ def _stage_sets(command: str, section: str, sets: Sequence[str]) -> list[str]:
             stage_sets.append(f"{CAPTIONS_FROM_RUN[head]}{sep}{value}")
         elif head == section and dot:
             stage_sets.append(f"{rest}{sep}{value}")
+        elif not dot and head in own:  # a stage field named like a run setting (train's num_nodes)
+            stage_sets.append(item)
         elif head in RUN_SECTIONS | RUN_SETTINGS:
             raise ConfigError(
                 f"--set {item}: `synthvlm {command}` reads the run config's '{section}' settings "
@@ -112,11 +117,12 @@ def _stage_config(
         from synthvlm.run_config import preset
 
         run_preset = preset(args.preset, pipeline)
-    base = _stage_layer(args.command, section, run_preset, f"preset {args.preset}")
+    own = frozenset(cls.model_fields)
+    base = _stage_layer(args.command, section, run_preset, f"preset {args.preset}", own)
     if args.config:
-        base = deep_merge(base, _stage_layer(args.command, section, load_yaml(args.config), args.config))
+        base = deep_merge(base, _stage_layer(args.command, section, load_yaml(args.config), args.config, own))
     base.update(extra or {})
-    return build_config(cls, preset=base, sets=_stage_sets(args.command, section, args.sets))
+    return build_config(cls, preset=base, sets=_stage_sets(args.command, section, args.sets, own))
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -407,6 +413,11 @@ RUN_RESULTS = {
     ],
 }
 RUN_RESULTS["end-to-end"] = RUN_RESULTS["synthvlm"] + RUN_RESULTS["train"]
+RUN_RESULTS["stablellava-end-to-end"] = RUN_RESULTS["stablellava"] + [
+    ("SFT model", "train/sft/model"),
+    ("eval results", "eval/sft.json"),
+    ("comparison table", "eval/comparison.html"),
+]
 
 
 def _run_config(args: argparse.Namespace, data_root: str | None = None):
@@ -466,8 +477,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             shutil.rmtree(local_root, ignore_errors=True)
     print("\nDone.")
     for label, path in RUN_RESULTS[args.pipeline]:
-        print(f"  {label + ':':26} {storage.join(config.data_root, path)}")
-    print(f"  {'images (--image_folder):':26} {config.data_root}")
+        print(f"  {label + ':':30} {storage.join(config.data_root, path)}")
+    print(f"  {'images (--image_folder):':30} {config.data_root}")
 
 
 # ---------------------------------------------------------------- cluster (Kubeflow Pipelines API)

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from synthvlm import stage
+from synthvlm.any_uid import ensure_any_uid
 from synthvlm.console import QuietConsole, strip_ansi
 from synthvlm.errors import SynthVLMError, TaskFailedError
 from synthvlm.runner import RUN_RECORD_KEYS
@@ -32,6 +33,7 @@ PIPELINE_MODULES = {
     "stablellava": "pipelines.stablellava_pipeline",
     "train": "pipelines.train_pipeline",
     "end-to-end": "pipelines.end_to_end_pipeline",
+    "stablellava-end-to-end": "pipelines.stablellava_end_to_end_pipeline",
 }
 
 
@@ -44,6 +46,9 @@ def setup_logging() -> None:
         force=True,
     )
     report_errors()
+    # Before any model or cache is touched: a usable HOME, caches and user name under any UID.
+    for change in ensure_any_uid():
+        log.warning("any-UID fallback: %s", change)
 
 
 # ---------------------------------------------------------------- errors of component processes
@@ -261,12 +266,37 @@ def _root_logging_to(stream: Any) -> Iterator[None]:
         root.handlers[:] = saved
 
 
+# SYNTHVLM_LOCAL_RUNNER=docker runs each task in its component's image (kfp.local.DockerRunner; the
+# images must exist locally under the references synthvlm.images gives), with no network unless
+# SYNTHVLM_DOCKER_NETWORK names one, as SYNTHVLM_DOCKER_USER ("uid:gid", default: the image's user). The
+# folder holding pipeline_root (the run's data root, see cli.cmd_run) is mounted at the same path.
+LOCAL_RUNNER_ENV = "SYNTHVLM_LOCAL_RUNNER"
+
+
+def _local_runner(pipeline_root: str) -> Any:
+    from kfp import local
+
+    kind = os.environ.get(LOCAL_RUNNER_ENV, "subprocess")
+    if kind == "subprocess":
+        return local.SubprocessRunner(use_venv=False)
+    if kind != "docker":
+        raise SynthVLMError(f"{LOCAL_RUNNER_ENV}={kind!r}: expected 'subprocess' or 'docker'")
+    from docker.types import Mount
+
+    data_root = os.path.dirname(os.path.abspath(pipeline_root))
+    run_args: dict[str, Any] = {
+        "network_mode": os.environ.get("SYNTHVLM_DOCKER_NETWORK", "none"),
+        "mounts": [Mount(target=data_root, source=data_root, type="bind")],
+    }
+    if user := os.environ.get("SYNTHVLM_DOCKER_USER"):
+        run_args["user"] = user
+    return local.DockerRunner(**run_args)
+
+
 def _run_local(name: str, arguments: dict[str, Any], pipeline_root: str) -> None:
     from kfp import local
 
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=True
-    )
+    local.init(runner=_local_runner(pipeline_root), pipeline_root=pipeline_root, raise_on_error=True)
     previous = os.environ.get(ERROR_LOG_ENV)
     with tempfile.TemporaryDirectory(prefix="synthvlm-errors-") as tmp:
         error_log = os.path.join(tmp, "errors.jsonl")

@@ -277,10 +277,12 @@ def regenerate(manifest: str, record_id: str, output: str, *, check: bool = Fals
     config = regenerate_config(generation, _device(generation, warnings), manifest, record_id)
     batch = generation["batch"]
     prompts, seeds = list(batch["captions"]), [int(s) for s in batch["seeds"]]
+    weighted = list(batch.get("weighted_prompts") or [])  # the prompts with emphasis weights, if used
     padded_to = batch.get("padded_to")
     if padded_to and len(prompts) < padded_to:  # as Painter pads: copies of the last prompt and seed
         prompts += [prompts[-1]] * (padded_to - len(prompts))
         seeds += [seeds[-1]] * (padded_to - len(seeds))
+        weighted += [weighted[-1]] * (padded_to - len(weighted)) if weighted else []
     index = batch["ids"].index(record_id)
     with recorded_numerics(generation):
         try:
@@ -296,7 +298,7 @@ def regenerate(manifest: str, record_id: str, output: str, *, check: bool = Fals
             log.warning("%s: %s", record_id, warning)
         log.info("%s: regenerating in its batch of %d (position %d)", record_id, len(prompts), index)
         # The stage's own tensor -> array path (float32 of the whole call, then the row).
-        image = _to_numpy(painter(prompts, seeds))[index]
+        image = _to_numpy(painter(prompts, seeds, weighted or None))[index]
     data = encode_image(image, image_format, config.quality)
     original = _read_original(record.image_uri)
     storage.write_bytes(output, data, content_type=f"image/{image_format}")

@@ -257,7 +257,7 @@ def apply_speed_settings(
 
 # PIL.features names of the codec behind each format: its version decides the encoded bytes too.
 _CODECS: dict[str, str] = {"jpeg": "jpg", "png": "zlib", "webp": "webp"}
-_LIBRARIES = ("torch", "diffusers", "transformers", "Pillow", "numpy")
+_LIBRARIES = ("torch", "diffusers", "transformers", "Pillow", "numpy", "compel")
 
 
 def numerics_settings() -> dict[str, Any]:
@@ -367,12 +367,20 @@ class Painter:
             provenance["high_noise_frac"] = config.high_noise_frac
         return provenance
 
-    def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        """Images N x 3 x H x W in [0, 1], on the generation device."""
+    def __call__(
+        self, prompts: list[str], seeds: list[int], weighted_prompts: list[str] | None = None
+    ) -> torch.Tensor:
+        """Images N x 3 x H x W in [0, 1], on the generation device.
+
+        `weighted_prompts` (compel syntax, e.g. StableLLaVA's `((x))` emphasis as `(x)1.21`) condition the
+        base model through compel's SDXL prompt weighting instead of `prompts`; the refiner, which has only
+        the second text encoder, gets the plain `prompts`."""
         count = len(prompts)
         if self.fixed_batch and count < self.fixed_batch:
             padding = self.fixed_batch - count
             prompts, seeds = prompts + [prompts[-1]] * padding, seeds + [seeds[-1]] * padding
+            if weighted_prompts:
+                weighted_prompts = weighted_prompts + [weighted_prompts[-1]] * padding
         # CPU generators: the initial noise of a seed is the same on every device.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         common: dict[str, Any] = {
@@ -383,13 +391,19 @@ class Painter:
             "guidance_scale": self.config.guidance_scale,
             "generator": generators,
         }
+        base = dict(common)
+        if weighted_prompts:
+            from synthvlm.stablellava.emphasis import weighted_embeddings
+
+            del base["prompt"], base["negative_prompt"]
+            base.update(weighted_embeddings(self.pipe, weighted_prompts, self.config.negative_prompt or None))
         size = {"height": self.config.height, "width": self.config.width}
         if self.refiner is None:
-            return self.pipe(**common, **size, output_type="pt").images[:count]
+            return self.pipe(**base, **size, output_type="pt").images[:count]
         # Ensemble of experts: the base denoises the high-noise part and hands over its latents; the
         # refiner starts where the base ended (denoising_start, not denoising_end as in the papers' code).
         frac = self.config.high_noise_frac
-        latents = self.pipe(**common, **size, denoising_end=frac, output_type="latent").images
+        latents = self.pipe(**base, **size, denoising_end=frac, output_type="latent").images
         return self.refiner(**common, image=latents, denoising_start=frac, output_type="pt").images[:count]
 
 
@@ -423,6 +437,16 @@ def _reject(stats: stage.StageStats, record_id: str, reason: str) -> None:
     stats.extra["rejected"][record_id] = reason
 
 
+WEIGHTED_PROMPT_KEY = "weighted_prompt"  # provenance key: the prompt with attention weights (compel syntax)
+
+
+def weighted_prompts(records: Sequence[Record]) -> list[str] | None:
+    """The records' weighted prompts (StableLLaVA's emphasis), or None when none of them has one."""
+    if not any(WEIGHTED_PROMPT_KEY in rec.provenance for rec in records):
+        return None
+    return [str(rec.provenance.get(WEIGHTED_PROMPT_KEY) or rec.caption) for rec in records]
+
+
 def _paint_with_retry(
     painter: Painter, batch: Sequence[Record], global_seed: int, stats: stage.StageStats
 ) -> dict[str, _Painted]:
@@ -433,7 +457,7 @@ def _paint_with_retry(
         if not pending:
             break
         seeds = [record_seed(global_seed, rec.id, repeat) for rec in pending]
-        tensors = painter([rec.caption for rec in pending], seeds)
+        tensors = painter([rec.caption for rec in pending], seeds, weighted_prompts(pending))
         failed = []
         for rec, seed, image, tensor in zip(pending, seeds, _to_numpy(tensors), tensors, strict=True):
             problem = image_problem(image)
@@ -477,6 +501,7 @@ def _painter_calls(
         {
             "ids": [rec.id for rec in recs],
             "captions": [rec.caption for rec in recs],
+            **({"weighted_prompts": weighted} if (weighted := weighted_prompts(recs)) else {}),
             "seeds": [record_seed(global_seed, rec.id, repeat) for rec in recs],
             # Painter pads a shorter call to this size with copies of its last prompt and seed.
             "padded_to": painter.fixed_batch,

@@ -965,3 +965,42 @@ def export_stablellava(
         params={"data_root": data_root},
         context={"data_root": data_root},
     )
+
+
+def training_inputs(
+    exported: str,
+    data_root: str,
+    pretrain_datasets: str,
+    sft_datasets: str,
+    benchmarks: Sequence[str],
+    *,
+    pretrain_on_synthetic: bool,
+    sft_on_synthetic: bool,
+    synthetic_ratio: float,
+) -> dict[str, Any]:
+    """StableLLaVA v2 §5's training inputs from an export (`exported`: the versioned SFT JSON the export
+    returns; its sibling files are read): the stage-1 and SFT mixtures as JSON dataset lists, your datasets
+    first, and the benchmarks with the synthesized eval set first. The SFT mixture uses the interleaved
+    file (every sample, image lists), which our trainer reads."""
+    import posixpath
+
+    folder = posixpath.dirname(exported)
+
+    def mixture(user: str, synthetic: dict[str, Any] | None) -> str:
+        items = json.loads(user) if user.strip() else []
+        if isinstance(items, dict | str):
+            items = [items]
+        return json.dumps([*items, *([synthetic] if synthetic else [])])
+
+    pretrain = {"uri": storage.join(folder, PRETRAIN_JSON), "image_folder": data_root, "name": "stablellava"}
+    sft = {
+        "uri": storage.join(folder, INTERLEAVED_JSON),
+        "image_folder": data_root,
+        "ratio": synthetic_ratio,
+        "name": "stablellava",
+    }
+    return {
+        "pretrain_datasets": mixture(pretrain_datasets, pretrain if pretrain_on_synthetic else None),
+        "sft_datasets": mixture(sft_datasets, sft if sft_on_synthetic else None),
+        "benchmarks": [storage.join(folder, EVAL_JSONL), *benchmarks],
+    }

@@ -73,11 +73,15 @@ def test_local_run_exports_sft_eval_and_multi_image(tmp_path: Path):
     root = tmp_path / "run"
     export = root / "stablellava" / "export"
     sft = json.loads((export / "stablellava_sft.json").read_text())
-    multi = [s for s in sft if isinstance(s["image"], list)]
-    assert sft and multi
-    for sample in sft:
-        images = sample["image"] if isinstance(sample["image"], list) else [sample["image"]]
+    interleaved = json.loads((export / "stablellava_sft_interleaved.json").read_text())
+    assert sft and all(isinstance(s.get("image", ""), str) for s in sft)  # LLaVA-1.5: one image per sample
+    multi = [s for s in interleaved if len(s["image"]) > 1]
+    assert multi, "no multi-image sample in the interleaved SFT file"
+    for sample in interleaved:
+        images = sample["image"]
         assert all((root / image).is_file() for image in images)
-        assert sample["conversations"][0]["value"].count("<image>") == len(images)
+        markers = sum(turn["value"].count("<image>") for turn in sample["conversations"])
+        assert markers == len(images), sample["id"]
     evals = [json.loads(line) for line in (export / "stablellava_eval.jsonl").read_text().splitlines()]
-    assert evals and all(item["answers"] for item in evals)
+    assert evals and all(item.get("answer") or item.get("answers") for item in evals)
+    assert (root / "stablellava" / "report.html").is_file()  # the StableLLaVA report is published

@@ -620,3 +620,31 @@ def test_temp_files_of_a_killed_write_are_removed_by_the_next_run_of_that_shard(
     assert [r.id for r in read_manifest(shard)] == ["cap-000", "cap-002"]
     assert not mine.exists() and not part_tmp.exists()
     assert other.exists()  # shard 1's: left alone
+
+
+def test_emphasis_weights_condition_the_base_model_and_regenerate(tmp_path: Path) -> None:
+    """StableLLaVA's `((x))` emphasis reaches SDXL as compel prompt weights: the same caption with a
+    weighted prompt paints a different image, the call is recorded, and regeneration repeats it exactly."""
+    from synthvlm.regenerate import regenerate
+
+    plain = Record(id="plain", caption="a red car on a bridge")
+    weighted = Record(
+        id="weighted",
+        caption="a red car on a bridge",
+        provenance={"weighted_prompt": "a (red car)1.5 on a bridge"},
+    )
+    images = {}
+    for rec in (plain, weighted):
+        captions = str(tmp_path / f"{rec.id}.jsonl")
+        write_manifest(captions, [rec.model_copy(update={"id": "same-id"})])  # same id: same seed
+        shard = generate(tiny_config(batch_size=1, image_format="png"), captions, str(tmp_path / rec.id))
+        [out] = read_manifest(shard)
+        images[rec.id] = np.asarray(Image.open(out.image_uri))
+        calls = out.provenance["generation"]["batch"]
+        if rec is weighted:
+            assert calls["weighted_prompts"] == ["a (red car)1.5 on a bridge"]
+            again = regenerate(shard, "same-id", str(tmp_path / "again.png"), check=True)
+            assert again.identical
+        else:
+            assert "weighted_prompts" not in calls
+    assert not np.array_equal(images["plain"], images["weighted"])
