@@ -438,6 +438,20 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(dump_yaml(_run_config(args)), end="")
 
 
+def cmd_prefetch(args: argparse.Namespace) -> None:
+    from synthvlm.prefetch import models_of, prefetch
+
+    refs = models_of(_run_config(args))
+    if not refs:
+        print("no model to download (built-in tiny models or local folders only)")
+    for ref in refs:
+        print(f"{ref.used_by:10} {ref.kind:9} {ref.name}" + (f" ({ref.revision})" if ref.revision else ""))
+    if args.dry_run:
+        return
+    for item in prefetch(refs):
+        print(f"cached {item['model']}: {item['path']}")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     import shutil
     import tempfile
@@ -578,6 +592,8 @@ EXAMPLES: dict[str, list[str]] = {
                       "--output cmp"],
     "config": ["synthvlm config show synthvlm --preset demo > run.yaml",
                "synthvlm run synthvlm --local --config run.yaml --output runs/mine"],
+    "prefetch-models": ["HF_HOME=/models/huggingface synthvlm prefetch-models synthvlm --preset paper",
+                        "synthvlm prefetch-models end-to-end --preset paper --dry-run"],
     "run": ["synthvlm run synthvlm --local --preset demo --output runs/demo",
             "synthvlm run stablellava --local --preset demo --set generate.steps=2 --output runs/sl"],
     "compile": ["synthvlm compile --output-dir pipelines/compiled --max-parallel-gpus 16"],
@@ -741,6 +757,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=["show"], help="show: print the config")
     p.add_argument("pipeline", choices=PIPELINES, help="pipeline name")
+
+    p = add(
+        "prefetch-models",
+        cmd_prefetch,
+        "download every model a run config names into HF_HOME (fill a model-cache volume once)",
+    )
+    p.add_argument("pipeline", choices=PIPELINES, help="pipeline name")
+    p.add_argument("--dry-run", action="store_true", help="list the models, download nothing")
 
     p = add("run", cmd_run, "run a pipeline (locally with --local, through kfp.local)")
     p.add_argument("pipeline", choices=PIPELINES, help="pipeline name")

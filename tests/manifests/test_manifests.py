@@ -16,7 +16,11 @@ MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 MIN_KUSTOMIZE = (5, 0)  # components, `labels` and `patches` with kustomize v5 semantics (kubectl >= 1.27)
 NAMESPACE = "synthvlm"
-OPTIONAL_COMPONENTS = ("../../components/model-cache", "../../components/llm-secret-template")
+OPTIONAL_COMPONENTS = (
+    "../../components/model-cache",
+    "../../components/data-volume",
+    "../../components/llm-secret-template",
+)
 # Shapes of real credentials that must never appear in a checked-in manifest.
 REAL_KEY = re.compile(r"sk-[A-Za-z0-9_-]{16,}|[A-Za-z0-9+/=_-]{32,}")
 
@@ -254,6 +258,16 @@ def test_optional_pieces_stay_optional(rendered):
     (secret,) = find(rendered["gke+components"], "Secret")
     assert secret["metadata"]["name"] == "synthvlm-llm"
     assert secret_values(secret) == ["REPLACE_ME"]
-    (claim,) = find(rendered["gke+components"], "PersistentVolumeClaim")
-    assert claim["metadata"]["name"] == "synthvlm-model-cache"
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    claims = {
+        claim["metadata"]["name"]: claim
+        for claim in find(rendered["gke+components"], "PersistentVolumeClaim")
+    }
+    assert set(claims) == {"synthvlm-model-cache", "synthvlm-data"}
+    assert all(claim["spec"]["accessModes"] == ["ReadWriteMany"] for claim in claims.values())
+    # the Job that fills the model cache mounts it where the compiled pipelines set HF_HOME
+    (job,) = find(rendered["gke+components"], "Job")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "synthvlm-model-cache"
+    [container] = pod["containers"]
+    assert {"name": "HF_HOME", "value": "/models/huggingface"} in container["env"]
+    assert container["volumeMounts"][0]["mountPath"] == "/models"
