@@ -161,6 +161,8 @@ def regenerate_config(
         "dtype": generation["dtype"],
         "device": device,
         "negative_prompt": generation["negative_prompt"],
+        # records from before the setting were all made with diffusers' truncating encoding
+        "long_prompts": generation.get("long_prompts", "truncate"),
         "image_format": generation["image_format"],
         "quality": generation["quality"],
         "batch_size": batch.get("padded_to") or len(batch["ids"]),

@@ -12,6 +12,7 @@ import io
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -27,8 +28,10 @@ from synthvlm.devices import DeviceName, DtypeName, resolve_device, resolve_dtyp
 from synthvlm.errors import ConfigError
 from synthvlm.models.clip import input_dtype, load_clip
 from synthvlm.records import Record
+from synthvlm.tokens import chunk_text, dropped, open_clip_counter
 
 ScoreForm = Literal["cosine", "clipscore"]
+LongCaptions = Literal["truncate", "chunk_mean"]
 
 
 CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021, CLIPScore w = 2.5
@@ -63,6 +66,19 @@ class ScoreConfig(StageConfig):
     read_workers: int = Field(8, ge=1)  # our choice: parallel image reads/decodes (gs:// latency)
     # Our choice: on; select's near-duplicate removal reads them (ViT-L-14: 1.5 KB per image as float16).
     save_embeddings: bool = True
+    # Captions longer than the text context (CLIP: 75 caption tokens of 77). "truncate": the encoder sees
+    # the first 75 tokens only, as in CLIPScore (Hessel et al.) and the papers' code; two captions that
+    # differ only later score the same. "chunk_mean": the caption is split into sentence (else word) chunks
+    # that each fit, every chunk is embedded and L2-normalised, their mean is renormalised and compared
+    # with the image: every token counts, and captions that fit score exactly as with "truncate"; but a
+    # mean of chunk embeddings is not what CLIP was trained on, so long captions' scores are on a
+    # somewhat different scale (typically pulled towards the caption's average chunk) and no longer
+    # comparable with published CLIPScores or thresholds. open_clip 3.3 has no long-context CLIP (every
+    # model's context is <= 77 tokens; Long-CLIP is not in it), so no model setting can do this instead.
+    # Our choice: "truncate", for comparability with the papers (SynthVLM's top-k by CLIPScore,
+    # StableLLaVA's gamma = 0.25 were measured on truncated text); every record says how many tokens its
+    # caption lost (provenance `<score_key>_scorer.dropped_tokens`) and the report counts them.
+    long_captions: LongCaptions = "truncate"
 
     @field_validator("score_key")
     @classmethod
@@ -83,25 +99,77 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def cosine_and_embeddings(
-    model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], pixels: torch.Tensor, texts: Sequence[str]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cosine of each preprocessed image with its text, L2-normalised image embeddings), float32 on CPU."""
+@dataclass(frozen=True)
+class EncodedTexts:
+    """L2-normalised text embeddings (float32, CPU) and, per text, what the encoder saw of it."""
+
+    features: torch.Tensor
+    dropped_tokens: list[int]  # caption tokens the encoder never saw (0 for a caption that fits)
+    chunks: list[int]  # pieces each text was embedded in (1 with "truncate")
+
+
+def encode_texts(
+    model: torch.nn.Module,
+    tokenizer: Callable[..., torch.Tensor],
+    texts: Sequence[str],
+    long_captions: LongCaptions = "truncate",
+) -> EncodedTexts:
+    """Text embeddings under the long-caption mode (see ScoreConfig.long_captions), normalised in float32."""
+    count, limit = open_clip_counter(tokenizer)
+    pieces = [chunk_text(text, count, limit) if long_captions == "chunk_mean" else [text] for text in texts]
+    flat = [piece for chunks in pieces for piece in chunks]
+    with torch.no_grad():
+        # Normalise in float32: fp16 features would round the cosine to ~3 digits.
+        features = F.normalize(model.encode_text(tokenizer(flat).to(_model_device(model))).float(), dim=-1)
+    rows, start = [], 0
+    for chunks in pieces:
+        block = features[start : start + len(chunks)]
+        # One chunk: its own embedding, so a caption that fits scores exactly as with "truncate".
+        rows.append(block[0] if len(chunks) == 1 else F.normalize(block.mean(dim=0), dim=-1))
+        start += len(chunks)
+    lost = [sum(dropped(count, limit, piece) for piece in chunks) for chunks in pieces]
+    stacked = torch.stack(rows) if rows else features  # no texts: an empty (0, width) tensor
+    return EncodedTexts(stacked.cpu(), lost, [len(chunks) for chunks in pieces])
+
+
+def score_pixels(
+    model: torch.nn.Module,
+    tokenizer: Callable[..., torch.Tensor],
+    pixels: torch.Tensor,
+    texts: Sequence[str],
+    long_captions: LongCaptions = "truncate",
+) -> tuple[torch.Tensor, torch.Tensor, EncodedTexts]:
+    """(cosine of each preprocessed image with its text, L2-normalised image embeddings, the encoded texts),
+    tensors float32 on CPU."""
     device = _model_device(model)
     with torch.no_grad():
         image_features = model.encode_image(pixels.to(device=device, dtype=input_dtype(model)))
-        text_features = model.encode_text(tokenizer(list(texts)).to(device))
-        # Normalise in float32: fp16 features would round the cosine to ~3 digits.
-        image_features = F.normalize(image_features.float(), dim=-1)
-        text_features = F.normalize(text_features.float(), dim=-1)
-        return (image_features * text_features).sum(dim=-1).cpu(), image_features.cpu()
+        image_features = F.normalize(image_features.float(), dim=-1).cpu()
+    texts_out = encode_texts(model, tokenizer, texts, long_captions)
+    return (image_features * texts_out.features).sum(dim=-1), image_features, texts_out
+
+
+def cosine_and_embeddings(
+    model: torch.nn.Module,
+    tokenizer: Callable[..., torch.Tensor],
+    pixels: torch.Tensor,
+    texts: Sequence[str],
+    long_captions: LongCaptions = "truncate",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine of each preprocessed image with its text, L2-normalised image embeddings), float32 on CPU."""
+    cosines, image_features, _ = score_pixels(model, tokenizer, pixels, texts, long_captions)
+    return cosines, image_features
 
 
 def cosine_batch(
-    model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], pixels: torch.Tensor, texts: Sequence[str]
+    model: torch.nn.Module,
+    tokenizer: Callable[..., torch.Tensor],
+    pixels: torch.Tensor,
+    texts: Sequence[str],
+    long_captions: LongCaptions = "truncate",
 ) -> torch.Tensor:
     """Cosine similarity of each preprocessed image with its text, as float32 on the CPU."""
-    return cosine_and_embeddings(model, tokenizer, pixels, texts)[0]
+    return cosine_and_embeddings(model, tokenizer, pixels, texts, long_captions)[0]
 
 
 def clip_scores(
@@ -113,15 +181,16 @@ def clip_scores(
     *,
     batch_size: int = 64,
     form: ScoreForm = "cosine",
+    long_captions: LongCaptions = "truncate",
 ) -> list[float]:
     """Score pairs (images[i], texts[i]) in batches. Captions longer than the model's context
-    (77 tokens for CLIP) are truncated by its tokenizer."""
+    (77 tokens for CLIP) are truncated by its tokenizer, or embedded in chunks (`long_captions`)."""
     if len(images) != len(texts):
         raise ValueError(f"got {len(images)} images but {len(texts)} texts")
     scores: list[float] = []
     for start in range(0, len(images), batch_size):
         pixels = torch.stack([preprocess(img.convert("RGB")) for img in images[start : start + batch_size]])
-        cosines = cosine_batch(model, tokenizer, pixels, texts[start : start + batch_size])
+        cosines = cosine_batch(model, tokenizer, pixels, texts[start : start + batch_size], long_captions)
         scores.extend(apply_form(c, form) for c in cosines.tolist())
     return scores
 
@@ -222,16 +291,34 @@ class TensorScorer:
 
     def __call__(self, images: torch.Tensor, captions: Sequence[str]) -> tuple[list[float], np.ndarray]:
         """(score in the configured form per image, L2-normalised image embeddings as float32)."""
+        scores, embeddings, _ = self.score(images, captions)
+        return scores, embeddings
+
+    def score(
+        self, images: torch.Tensor, captions: Sequence[str]
+    ) -> tuple[list[float], np.ndarray, EncodedTexts]:
+        """As `__call__`, plus what the text encoder saw of each caption (dropped tokens, chunks)."""
         if len(images) != len(captions):
             raise ValueError(f"got {len(images)} images but {len(captions)} captions")
         pixels = self.transform(images.float().to(_model_device(self.model)))
-        cosines, embeddings = cosine_and_embeddings(self.model, self.tokenizer, pixels, captions)
-        return [apply_form(c, self.config.form) for c in cosines.tolist()], embeddings.numpy()
+        cosines, embeddings, texts = score_pixels(
+            self.model, self.tokenizer, pixels, captions, self.config.long_captions
+        )
+        return [apply_form(c, self.config.form) for c in cosines.tolist()], embeddings.numpy(), texts
 
 
-def with_score(record: Record, value: float, config: ScoreConfig) -> Record:
-    """`record` with the score under config.score_key and the scorer in its provenance."""
-    scorer = {"model": config.model, "pretrained": config.pretrained, "form": config.form}
+def with_score(
+    record: Record, value: float, config: ScoreConfig, texts: EncodedTexts | None = None, row: int = 0
+) -> Record:
+    """`record` with the score under config.score_key and the scorer in its provenance: model, form, the
+    long-caption mode and, given the encoded `texts` (this record's at `row`), how many caption tokens the
+    text encoder never saw (`dropped_tokens`) and, with "chunk_mean", in how many chunks it was embedded."""
+    scorer: dict[str, object] = {"model": config.model, "pretrained": config.pretrained, "form": config.form}
+    scorer["long_captions"] = config.long_captions
+    if texts is not None:
+        scorer["dropped_tokens"] = texts.dropped_tokens[row]
+        if config.long_captions == "chunk_mean":
+            scorer["chunks"] = texts.chunks[row]
     return record.model_copy(
         update={
             "scores": {**record.scores, config.score_key: value},

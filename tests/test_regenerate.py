@@ -189,7 +189,7 @@ def test_regenerate_repeats_the_recorded_call_with_its_padding(shard: str, tmp_p
     calls: list[tuple[list[str], list[int]]] = []
     real_call = regen.Painter.__call__
 
-    def spy(self: regen.Painter, prompts: list[str], seeds: list[int]) -> Any:
+    def spy(self: regen.Painter, prompts: list[str], seeds: list[int], weighted_prompts: Any = None) -> Any:
         calls.append((prompts, seeds))
         return real_call(self, prompts, seeds)
 

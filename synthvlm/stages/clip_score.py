@@ -10,6 +10,10 @@ ahead of the model, so reading and decoding overlap with GPU work. The L2-normal
 are kept in a sidecar `.npy` next to the scored manifest (`synthvlm.embeddings`), so selection
 can remove near duplicates without running CLIP again. The model-level pieces (config, score forms,
 `TensorScorer` for generation's in-pod scoring) are in `synthvlm.scoring`.
+
+CLIP reads 75 caption tokens (77 with start and end). Each record's scorer provenance says how many
+tokens of its caption the text encoder never saw (`dropped_tokens`), the marker counts such records, and
+`long_captions: chunk_mean` scores long captions over chunks that each fit (see ScoreConfig).
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from synthvlm.scoring import (
     REJECT_NON_FINITE,
     ScoreConfig,
     apply_form,
-    cosine_and_embeddings,
     prefetched_batches,
     resolve_runtime,
+    score_pixels,
     with_score,
 )
 from synthvlm.stage import StageStats
+from synthvlm.tokens import dropped_token_counts
 
 logger = logging.getLogger(__name__)
 
@@ -129,16 +134,24 @@ def _score_loaded(
     if not good:
         return [], torch.empty(0, 0)
     pixels = torch.stack([p for _, p in good])
-    cosines, embeddings = cosine_and_embeddings(model, tokenizer, pixels, [r.caption for r, _ in good])
+    captions = [r.caption for r, _ in good]
+    cosines, embeddings, texts = score_pixels(model, tokenizer, pixels, captions, config.long_captions)
     out: list[Record] = []
     rows: list[int] = []
     for row, ((record, _), cosine) in enumerate(zip(good, cosines.tolist(), strict=True)):
         if not math.isfinite(cosine):
             rejects.add(record, REJECT_NON_FINITE)
             continue
-        out.append(with_score(record, apply_form(cosine, config.form), config))
+        out.append(with_score(record, apply_form(cosine, config.form), config, texts, row))
         rows.append(row)
     return out, embeddings[rows]
+
+
+def records_with_dropped_tokens(records: list[Record], config: ScoreConfig) -> dict[str, int]:
+    """{"<score_key>_scorer": how many of `records` have a caption this scorer's text encoder did not see
+    whole} (upstream stages' counts, e.g. generation's, are theirs to report)."""
+    key = f"{config.score_key}_scorer"
+    return {key: dropped_token_counts(rec.provenance for rec in records).get(key, 0)}
 
 
 def _summary(
@@ -154,6 +167,9 @@ def _summary(
         "model": config.model,
         "pretrained": config.pretrained,
         "form": config.form,
+        "long_captions": config.long_captions,
+        # how many records' captions lost tokens to the text encoder's context (the report shows it)
+        "records_with_dropped_tokens": records_with_dropped_tokens(scored, config),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "mean_score": sum(values) / len(values) if values else None,

@@ -20,8 +20,9 @@ Encoding and upload run on background threads while the next batch denoises (a b
 parts; an error there stops the stage, and parts already handed over are still committed). Optional:
 an SDXL refiner for the last (1 - high_noise_frac) of the steps, a prompt blocklist and an image
 safety checker (`synthvlm.safety`), CLIP scoring of the decoded tensors in the same pod
-(`score_in_pod`), and GPU speed settings (compile, fused QKV, channels-last, VAE precision) that are
-ignored, with a log line, on a CPU.
+(`score_in_pod`), chunked encoding of prompts longer than the text encoders' 77 tokens (`long_prompts`;
+every record says how many tokens each encoder dropped), and GPU speed settings (compile, fused QKV,
+channels-last, VAE precision) that are ignored, with a log line, on a CPU.
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ from synthvlm.safety import (
     load_image_checker,
 )
 from synthvlm.scoring import REJECT_NON_FINITE, ScoreConfig, TensorScorer, with_score
+from synthvlm.tokens import DROPPED_TOKENS_KEY, dropped_token_counts, hf_dropped
 
 log = logging.getLogger(__name__)
 
 STAGE = "generate"
 ImageFormat = Literal["jpeg", "png", "webp"]
+LongPrompts = Literal["truncate", "chunk"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 REJECT_NAN = "nan_image"
 REJECT_BLACK = "black_image"
@@ -106,6 +109,18 @@ class GenerateConfig(StageConfig):
     seed: int = Field(0, ge=0)
     # Our choice: none; an empty prompt keeps SDXL's zeroed negative conditioning.
     negative_prompt: str = ""
+    # Prompts longer than SDXL's text context (both CLIP encoders: 75 prompt tokens of 77). "truncate":
+    # diffusers' encoding, which drops the rest. "chunk": a call with a long prompt (or negative prompt) is
+    # encoded by compel (CompelForSDXL, truncate_long_prompts=False): 75-token chunks, each encoded on its
+    # own and concatenated, so the UNet cross-attends to every token; SDXL's pooled embedding still sees
+    # only the first 75 tokens (recorded as text_encoder_2_pooled). Other prompts of that call are padded
+    # with empty chunks to the same length, so their images then depend on sharing the call (the call is
+    # recorded; regeneration repeats it exactly); calls of prompts that fit are encoded as with "truncate".
+    # Prompts with emphasis weights (StableLLaVA) always go through compel, which never truncates.
+    # Our choice: "truncate", diffusers' default and what the papers' code ran, so images match theirs and
+    # records made before this setting regenerate unchanged; each record says how many tokens each encoder
+    # dropped (provenance.generation.dropped_tokens) and the report counts such records.
+    long_prompts: LongPrompts = "truncate"
     # Our choice: Euler, the sampler SDXL base ships with; dpmpp_2m = DPM-Solver++(2M).
     scheduler: SchedulerName = "euler"
     # Our choice: bfloat16 on GPU (no fp16 overflow in the SDXL VAE), float32 on CPU (half precision
@@ -352,6 +367,7 @@ class Painter:
             "width": config.width,
             "dtype": str(self.dtype).removeprefix("torch."),
             "negative_prompt": config.negative_prompt,
+            "long_prompts": config.long_prompts,
             "diffusers_version": diffusers.__version__,
             "global_seed": config.seed,
             "image_format": config.image_format,
@@ -397,6 +413,9 @@ class Painter:
 
             del base["prompt"], base["negative_prompt"]
             base.update(weighted_embeddings(self.pipe, weighted_prompts, self.config.negative_prompt or None))
+        elif self.chunks_needed(prompts):
+            del base["prompt"], base["negative_prompt"]
+            base.update(chunked_embeddings(self.pipe, prompts, self.config.negative_prompt or None))
         size = {"height": self.config.height, "width": self.config.width}
         if self.refiner is None:
             return self.pipe(**base, **size, output_type="pt").images[:count]
@@ -405,6 +424,68 @@ class Painter:
         frac = self.config.high_noise_frac
         latents = self.pipe(**base, **size, denoising_end=frac, output_type="latent").images
         return self.refiner(**common, image=latents, denoising_start=frac, output_type="pt").images[:count]
+
+    def chunks_needed(self, prompts: Sequence[str]) -> bool:
+        """Whether a call of plain `prompts` is encoded in chunks: `long_prompts: chunk` and a prompt (or the
+        negative prompt) longer than a text encoder's context."""
+        if self.config.long_prompts != "chunk":
+            return False
+        texts = [*prompts, self.config.negative_prompt]
+        return any(max(hf_dropped(tok, texts)) > 0 for tok in (self.pipe.tokenizer, self.pipe.tokenizer_2))
+
+    def dropped_tokens(
+        self, prompts: Sequence[str], weighted_prompts: Sequence[str] | None = None
+    ) -> list[dict[str, int]]:
+        """Per prompt of one call, how many of its tokens each text encoder never saw.
+
+        text_encoder / text_encoder_2: the per-token conditioning of the base's two encoders (0 when compel
+        encodes the call: weighted prompts, or `long_prompts: chunk`); text_encoder_2_pooled: SDXL's pooled
+        embedding, from the first 77 tokens in every mode; refiner_text_encoder_2: the refiner's encoder,
+        which gets the plain prompts through diffusers (truncated).
+        """
+        chunked = bool(weighted_prompts) or self.config.long_prompts == "chunk"
+        encoded = list(weighted_prompts) if weighted_prompts else list(prompts)
+        first = [0] * len(prompts) if chunked else hf_dropped(self.pipe.tokenizer, prompts)
+        second = hf_dropped(self.pipe.tokenizer_2, encoded)  # compel pools the text it was given
+        out = [
+            {"text_encoder": a, "text_encoder_2": 0 if chunked else b, "text_encoder_2_pooled": b}
+            for a, b in zip(first, second, strict=True)
+        ]
+        if self.refiner is not None:
+            for row, n in zip(out, hf_dropped(self.refiner.tokenizer_2, prompts), strict=True):
+                row["refiner_text_encoder_2"] = n
+        return out
+
+
+def chunked_embeddings(
+    pipe: Any, prompts: Sequence[str], negative_prompt: str | None = None
+) -> dict[str, Any]:
+    """SDXL conditioning of plain prompts of any length, as keyword arguments of a diffusers SDXL call:
+    compel's CompelForSDXL (truncate_long_prompts=False: 75-token chunks per encoder, concatenated; pooled
+    embedding from the first chunk), with every prompt read as literal text, not compel's weight syntax
+    (a caption's "(left)" or "well-liked -" stays what it says).
+
+    Without a negative prompt no negative embeddings are returned, so the pipeline keeps SDXL's zeroed
+    negative conditioning, as a call with `negative_prompt=None` does.
+    """
+    from compel import CompelForSDXL
+    from compel.prompt_parser import Conjunction, FlattenedPrompt, Fragment
+
+    def literal(text: str) -> Conjunction:
+        fragment = Fragment("")
+        fragment.text = text  # set after construction: Fragment() would unescape "\(" in captions
+        return Conjunction([FlattenedPrompt([fragment])])
+
+    compel = CompelForSDXL(pipe, device=str(pipe.device))
+    for encoder in (compel.compel_1, compel.compel_2):
+        encoder.parse_prompt_string = literal  # an instance attribute shadows the classmethod
+    negative = [negative_prompt] * len(prompts) if negative_prompt else None
+    cond = compel(list(prompts), negative_prompt=negative)
+    out = {"prompt_embeds": cond.embeds, "pooled_prompt_embeds": cond.pooled_embeds}
+    if cond.negative_embeds is not None:
+        out["negative_prompt_embeds"] = cond.negative_embeds
+        out["negative_pooled_prompt_embeds"] = cond.negative_pooled_embeds
+    return out
 
 
 # --- one batch ----------------------------------------------------------------------------------
@@ -522,6 +603,10 @@ def paint_part(
     started = time.monotonic()
     good = _paint_with_retry(painter, batch, config.seed, stats)
     calls = _painter_calls(painter, batch, good, config.seed)  # before safety drops any from `good`
+    dropped: list[dict[str, dict[str, int]]] = []  # per call: id -> tokens each text encoder never saw
+    for call in calls:
+        counts = painter.dropped_tokens(call["captions"], call.get("weighted_prompts"))
+        dropped.append(dict(zip(call["ids"], counts, strict=True)))
     _check_safety(painter, batch, good, stats)
     kept = [rec for rec in batch if rec.id in good]
     records = [
@@ -535,6 +620,7 @@ def paint_part(
                         **painter.provenance,
                         "seed_repeat": good[rec.id].repeat,
                         "batch": calls[good[rec.id].repeat],
+                        DROPPED_TOKENS_KEY: dropped[good[rec.id].repeat][rec.id],
                     },
                 },
             }
@@ -559,13 +645,13 @@ def _score(
     if not records:
         return [], np.empty((0, 0), np.float32)
     tensors = torch.stack([good[rec.id].tensor for rec in records])
-    scores, embeddings = scorer(tensors, [rec.caption for rec in records])
+    scores, embeddings, texts = scorer.score(tensors, [rec.caption for rec in records])
     scored, rows = [], []
     for row, (rec, value) in enumerate(zip(records, scores, strict=True)):
         if not np.isfinite(value):
             _reject(stats, rec.id, REJECT_NON_FINITE)
             continue
-        scored.append(with_score(rec, value, config))
+        scored.append(with_score(rec, value, config, texts, row))
         rows.append(row)
     return scored, embeddings[rows]
 
@@ -691,6 +777,8 @@ def _finish_shard(
         "retried": sum(part["retried"] for part in part_stats),
         "generate_seconds": round(sum(part.get("paint_seconds", part["seconds"]) for part in part_stats), 3),
         "reject_examples": _reject_examples(rejected),
+        # per text encoder, kept records whose prompt lost tokens to it (the report shows it)
+        "records_with_dropped_tokens": dropped_token_counts(rec.provenance for rec in kept),
     }
     lines = "".join(json.dumps({"id": rid, "reason": why}) + "\n" for rid, why in rejected.items())
     storage.write_text(shard_rejects_uri, lines, content_type="application/jsonl")

@@ -467,7 +467,18 @@ def _key_numbers_html(
         images = sum(int(m.get("count_out", 0) or 0) for m in members)
         if painting:
             items.append(f"images per painting-second: {_sig(images / painting)}")
+    items += dropped_tokens_items(members)
     return "<br>".join(items) or "-"
+
+
+def dropped_tokens_items(members: Sequence[dict[str, Any]]) -> list[str]:
+    """'records with dropped tokens (<encoder>): n', summed over shards, from the markers of stages whose text
+    encoders truncate (generate: SDXL's, clip_score: the CLIP scorer's; synthvlm.tokens)."""
+    totals: dict[str, int] = {}
+    for marker in members:
+        for encoder, n in (marker.get("records_with_dropped_tokens") or {}).items():
+            totals[encoder] = totals.get(encoder, 0) + int(n)
+    return [f"records with dropped tokens ({html.escape(k)}): {n:,}" for k, n in sorted(totals.items())]
 
 
 def _group_by_stage(all_stats: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

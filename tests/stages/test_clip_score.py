@@ -21,6 +21,7 @@ from synthvlm.scoring import (
     apply_form,
     clip_scores,
     cosine_batch,
+    encode_texts,
     tensor_transform,
 )
 from synthvlm.stage import is_done, read_stats
@@ -161,7 +162,13 @@ def test_score_writes_scores_and_reports_rejects(
     for rec in scored:
         expected = direct_cosine(model, preprocess, tokenizer, images[rec.id], rec.caption)
         assert rec.scores["clip"] == pytest.approx(expected, abs=1e-5)
-        assert rec.provenance["clip_scorer"] == {"model": TINY_CLIP, "pretrained": None, "form": "cosine"}
+        assert rec.provenance["clip_scorer"] == {
+            "model": TINY_CLIP,
+            "pretrained": None,
+            "form": "cosine",
+            "long_captions": "truncate",
+            "dropped_tokens": 0,  # short captions: the text encoder saw every token
+        }
     assert scored[0].scores["llm"] == 0.9  # earlier scores and provenance are kept
     assert scored[0].provenance["steps"] == 60
 
@@ -308,3 +315,74 @@ def test_tensor_transform_keeps_resize_crop_normalise(tiny_clip) -> None:
 
     with pytest.raises(ConfigError, match="no tensor equivalent"):
         tensor_transform(transforms.Compose([transforms.Grayscale(), transforms.ToTensor()]))
+
+
+# 80 one-token words ("cat</w>"): 5 more than the 75 caption tokens a 77-token CLIP context holds.
+LONG_PREFIX = " ".join(["cat"] * 80)
+
+
+def test_truncate_cannot_tell_captions_apart_after_token_77_and_chunk_mean_can(tiny_clip) -> None:
+    model, preprocess, tokenizer = tiny_clip
+    images = [red_square(), red_square(), red_square()]
+    texts = [f"{LONG_PREFIX} on a red sofa", f"{LONG_PREFIX} under a blue sky", "a red square"]
+    truncated = clip_scores(model, preprocess, tokenizer, images, texts)
+    assert truncated[0] == truncated[1]  # CLIP never saw where the two differ
+    chunked = clip_scores(model, preprocess, tokenizer, images, texts, long_captions="chunk_mean")
+    assert abs(chunked[0] - chunked[1]) > 1e-4
+    assert chunked[2] == truncated[2]  # a caption that fits is one chunk: the same score
+
+
+def test_encode_texts_counts_dropped_tokens_and_chunks(tiny_clip) -> None:
+    model, _, tokenizer = tiny_clip
+    texts = [LONG_PREFIX, "a red square", f"A red square. {LONG_PREFIX}."]
+    truncated = encode_texts(model, tokenizer, texts)
+    assert truncated.dropped_tokens == [5, 0, 10]  # 80 - 75; 0; 3 + 1 + 80 + 1 - 75
+    assert truncated.chunks == [1, 1, 1]
+    chunked = encode_texts(model, tokenizer, texts, "chunk_mean")
+    assert chunked.dropped_tokens == [0, 0, 0]
+    # sentences packed greedily, the long one split between words: "A red square. cat x71", "cat x9."
+    assert chunked.chunks == [2, 1, 2]
+    norms = chunked.features.norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    # the mean of the chunks' normalised embeddings, renormalised
+    pieces = encode_texts(model, tokenizer, [" ".join(["cat"] * 75), " ".join(["cat"] * 5)]).features
+    expected = torch.nn.functional.normalize(pieces.mean(dim=0), dim=-1)
+    assert torch.allclose(chunked.features[0], expected, atol=1e-6)
+
+
+def test_score_stage_records_dropped_tokens_and_counts_them(tmp_path: Path) -> None:
+    path = tmp_path / "images" / "a.png"
+    storage.write_bytes(str(path), png_bytes(red_square()))
+    records = [
+        Record(id="long", caption=f"{LONG_PREFIX} on a red sofa", image_uri=str(path)),
+        Record(id="short", caption="a red square", image_uri=str(path)),
+    ]
+    manifest = str(tmp_path / "manifest.jsonl")
+    write_manifest(manifest, records)
+    truncate_out = str(tmp_path / "truncate.jsonl")
+    score(tiny_config(), manifest, truncate_out)
+    by_id = {rec.id: rec for rec in read_manifest(truncate_out)}
+    assert by_id["long"].provenance["clip_scorer"]["dropped_tokens"] == 9  # 80 + 4 - 75
+    assert by_id["short"].provenance["clip_scorer"]["dropped_tokens"] == 0
+    stats = read_stats(truncate_out)
+    assert stats["records_with_dropped_tokens"] == {"clip_scorer": 1}
+    assert stats["long_captions"] == "truncate"
+
+    from synthvlm.stages.report import stages_table_html
+
+    assert "records with dropped tokens (clip_scorer): 1" in stages_table_html([stats])
+
+    chunk_out = str(tmp_path / "chunk.jsonl")
+    score(tiny_config(long_captions="chunk_mean"), manifest, chunk_out)
+    chunked = {rec.id: rec for rec in read_manifest(chunk_out)}
+    assert chunked["long"].provenance["clip_scorer"] == {
+        "model": TINY_CLIP,
+        "pretrained": None,
+        "form": "cosine",
+        "long_captions": "chunk_mean",
+        "dropped_tokens": 0,
+        "chunks": 2,
+    }
+    assert chunked["long"].scores["clip"] != by_id["long"].scores["clip"]
+    assert chunked["short"].scores["clip"] == by_id["short"].scores["clip"]
+    assert read_stats(chunk_out)["records_with_dropped_tokens"] == {"clip_scorer": 0}

@@ -141,6 +141,7 @@ def test_generate_writes_images_and_manifest_with_provenance(tmp_path, spy, capl
             "width": 64,
             "dtype": "float32",
             "negative_prompt": "",
+            "long_prompts": "truncate",
             "diffusers_version": generation["diffusers_version"],
             "global_seed": 0,
             "image_format": "jpeg",
@@ -150,6 +151,7 @@ def test_generate_writes_images_and_manifest_with_provenance(tmp_path, spy, capl
             **{key: generation[key] for key in runtime},
             "seed_repeat": 0,
             "batch": generation["batch"],
+            "dropped_tokens": {"text_encoder": 0, "text_encoder_2": 0, "text_encoder_2_pooled": 0},
         }
         assert rec.id in generation["batch"]["ids"] and generation["num_threads"] == torch.get_num_threads()
         assert generation["versions"]["Pillow"] and generation["numerics"]["float32_matmul_precision"]
@@ -648,3 +650,60 @@ def test_emphasis_weights_condition_the_base_model_and_regenerate(tmp_path: Path
         else:
             assert "weighted_prompts" not in calls
     assert not np.array_equal(images["plain"], images["weighted"])
+
+
+# 80 one-token words: 5 past the 75 prompt tokens of SDXL's two 77-token text encoders.
+LONG_PROMPT = " ".join(["cat"] * 80) + " on a red sofa"  # 84 tokens: 9 dropped
+
+
+def test_long_prompts_record_dropped_tokens_and_chunk_changes_the_image(tmp_path: Path) -> None:
+    """`truncate` drops what follows token 75 (and says so per record and in the marker); `chunk` encodes it
+    through compel, so the image changes, nothing is dropped but from the pooled embedding, and
+    regeneration repeats it exactly. A short prompt in a call of its own is encoded alike in both modes."""
+    from synthvlm.regenerate import regenerate
+    from synthvlm.stages.report import stages_table_html
+
+    captions = str(tmp_path / "captions.jsonl")
+    write_manifest(captions, [Record(id="long", caption=LONG_PROMPT), Record(id="short", caption="a cat")])
+    images, shards = {}, {}
+    for mode in ("truncate", "chunk"):
+        config = tiny_config(batch_size=1, image_format="png", long_prompts=mode)
+        shards[mode] = generate(config, captions, str(tmp_path / mode))
+        for rec in read_manifest(shards[mode]):
+            images[mode, rec.id] = np.asarray(Image.open(rec.image_uri))
+            assert rec.provenance["generation"]["long_prompts"] == mode
+            if rec.id == "short":
+                assert set(rec.provenance["generation"]["dropped_tokens"].values()) == {0}
+    by_mode = {mode: {r.id: r for r in read_manifest(shard)} for mode, shard in shards.items()}
+    assert by_mode["truncate"]["long"].provenance["generation"]["dropped_tokens"] == {
+        "text_encoder": 9,
+        "text_encoder_2": 9,
+        "text_encoder_2_pooled": 9,
+    }
+    assert by_mode["chunk"]["long"].provenance["generation"]["dropped_tokens"] == {
+        "text_encoder": 0,
+        "text_encoder_2": 0,
+        "text_encoder_2_pooled": 9,  # SDXL's pooled embedding is made from the first 77 tokens only
+    }
+    assert not np.array_equal(images["truncate", "long"], images["chunk", "long"])
+    assert np.array_equal(images["truncate", "short"], images["chunk", "short"])
+
+    marker = stage.read_stats(shards["truncate"])
+    assert marker["records_with_dropped_tokens"] == {
+        "text_encoder": 1,
+        "text_encoder_2": 1,
+        "text_encoder_2_pooled": 1,
+    }
+    assert "records with dropped tokens (text_encoder): 1" in stages_table_html([marker])
+    assert stage.read_stats(shards["chunk"])["records_with_dropped_tokens"]["text_encoder"] == 0
+
+    again = regenerate(shards["chunk"], "long", str(tmp_path / "again.png"), check=True)
+    assert again.identical
+
+
+def test_truncated_prompts_differing_after_token_77_paint_the_same_image() -> None:
+    long_a, long_b = LONG_PROMPT, LONG_PROMPT.replace("red sofa", "blue sky")
+    for mode, same in (("truncate", True), ("chunk", False)):
+        painter = gen.Painter(tiny_config(long_prompts=mode))
+        a, b = (painter([prompt], [7]).numpy() for prompt in (long_a, long_b))
+        assert np.array_equal(a, b) is same
