@@ -36,6 +36,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 import synthvlm.stablellava.templates  # noqa: F401  (registers the offline template generators)
 from synthvlm import storage
 from synthvlm.config import StageConfig
+from synthvlm.dataset_card import CardConfig, CardData, write_card
+from synthvlm.dataset_card import Subset as CardSubset
 from synthvlm.errors import InputError
 from synthvlm.llava_format import relative_image_path
 from synthvlm.llm import LLMRequest, LLMResult
@@ -110,6 +112,11 @@ from synthvlm.stablellava.prompts import (
     sample_keywords,
 )
 from synthvlm.stage import StageStats
+from synthvlm.webdataset_export import EXCLUDED as WDS_EXCLUDED
+from synthvlm.webdataset_export import INDEX_NAME as WDS_INDEX
+from synthvlm.webdataset_export import SHARD_DIR as WDS_DIR
+from synthvlm.webdataset_export import Sample as WdsSample
+from synthvlm.webdataset_export import ShardSet, WebDatasetConfig, write_index, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -740,7 +747,7 @@ def read_dialogues(uri: str) -> list[Dialogue]:
 
 class StableLLaVAExportConfig(StageConfig):
     """LLaVA JSON (LLaVA-1.5 and LLaVA-NeXT/OneVision interleaved) + eval JSONL export of StableLLaVA
-    dialogues."""
+    dialogues, WebDataset shards and the dataset card."""
 
     # v1 §5.2 keyword matching between eval and training data; our definition (filters.find_eval_overlaps):
     # same key subject and keyword-set Jaccard >= this value, the same threshold as near-duplicate prompts.
@@ -761,6 +768,13 @@ class StableLLaVAExportConfig(StageConfig):
                 allowed = ", ".join(ALLOWED_METRICS[kind])
                 raise ValueError(f"{kind} questions cannot be scored as {metric!r}; use one of: {allowed}")
         return {**EVAL_METRICS, **value}
+
+    # WebDataset tar shards, one set per subset and image count (on by default, our choice; shard size
+    # there): pretrain (captions), sft (the interleaved file's samples), eval (split "test").
+    webdataset: WebDatasetConfig = Field(default_factory=WebDatasetConfig)
+    # The dataset card, README.md with the file guide in it (on by default, our choice; off: README.md is
+    # the file guide alone).
+    card: CardConfig = Field(default_factory=CardConfig)
 
 
 def _image_paths(records: dict[str, Record], data_root: str, source: str) -> dict[str, str]:
@@ -862,9 +876,34 @@ def _export(config: StableLLaVAExportConfig, run: StageRun) -> StageStats:
         json.dumps({"files": guide}, indent=2) + "\n",
         "application/json",
     )
-    storage.write_text(storage.join(output_dir, README_MD), file_guide(guide), content_type="text/markdown")
     kinds = Counter(d.kind for d in [*clean_train, *evals])
     multi_image = len(interleaved) - len(sft)
+    captions = [d for d in clean_train if d.kind == "caption"]
+    sft_dialogues = [d for d in clean_train if d.kind != "caption" and d.id in {s["id"] for s in interleaved}]
+    groups = {"pretrain": captions, "sft": sft_dialogues, "eval": evals}
+    shard_sets: dict[str, ShardSet] = {}
+    if config.webdataset.enabled:
+        metrics = {row["id"]: row for row in eval_rows}
+        shard_sets = _write_webdataset(
+            config.webdataset, run, groups, selected, paths, metrics, selected_manifest
+        )
+        stats.extra.update(
+            webdataset_shards=sum(len(s.shards) for s in shard_sets.values()),
+            webdataset_bytes=sum(s.bytes for s in shard_sets.values()),
+        )
+    if config.card.enabled:
+        counts = {
+            "LLaVA-1.5 SFT samples (one image)": len(sft),
+            "multi-image SFT samples": multi_image,
+            "eval items": len(eval_rows),
+            "dropped at export": len(rejects),
+        }
+        card = _card_data(groups, shard_sets, [selected[rid] for rid in used], counts, guide, run.inputs)
+        write_card(storage.join(output_dir, README_MD), config.card, card, ("generation", "*_scorer", "llm"))
+    else:
+        storage.write_text(
+            storage.join(output_dir, README_MD), file_guide(guide), content_type="text/markdown"
+        )
     stats.count_out = len(pretrain) + len(interleaved) + len(eval_rows)
     stats.rejects.update(r.reason for r in rejects)
     stats.extra.update(
@@ -928,10 +967,146 @@ def _file_guide(
     }
 
 
+def _subset_name(group: str, images: int) -> str:
+    return group if images == 1 else f"{group}_{images}images"
+
+
+def _write_webdataset(
+    config: WebDatasetConfig,
+    run: StageRun,
+    groups: dict[str, list[Dialogue]],
+    selected: dict[str, Record],
+    paths: dict[str, str],
+    eval_rows: dict[str, dict[str, Any]],
+    source: str,
+) -> dict[str, ShardSet]:
+    """One shard set per group and image count (HF `datasets` needs one schema per set):
+    `{prefix}-{subset}-{index:06d}.tar` with `{key}.jpg` (or `{key}.0.jpg`, ...) + `{key}.json`."""
+    prefix = config.prefix or "stablellava"
+    used = {rid for dialogues in groups.values() for d in dialogues for rid in d.record_ids}
+    # Scores every used record has: a key some lack would change the JSON's schema between samples.
+    common = sorted(set.intersection(*(set(selected[rid].scores) for rid in used))) if used else []
+    sets: dict[str, ShardSet] = {}
+    for group, dialogues in groups.items():
+        for images in sorted({len(d.record_ids) for d in dialogues}):
+            name = _subset_name(group, images)
+            shard_set = ShardSet(
+                prefix=f"{prefix}-{name}",
+                folder=run.path(WDS_DIR),
+                relative=WDS_DIR,
+                split="test" if group == "eval" else "train",
+            )
+            members = [d for d in dialogues if len(d.record_ids) == images]
+            samples = (_wds_sample(d, selected, paths, eval_rows.get(d.id), common) for d in members)
+            sets[name] = write_shards(samples, shard_set, config, source=source)
+    write_index(run.path(WDS_INDEX), sets)
+    return sets
+
+
+def _wds_sample(
+    dialogue: Dialogue,
+    selected: dict[str, Record],
+    paths: dict[str, str],
+    eval_row: dict[str, Any] | None,
+    score_keys: list[str],
+) -> WdsSample:
+    records = [selected[rid] for rid in dialogue.record_ids]
+    generation = records[0].provenance.get("generation") or {}
+    meta: dict[str, Any] = {
+        "id": dialogue.id,
+        "kind": dialogue.kind,
+        "ability": dialogue.ability,
+        "question_type": dialogue.question_type or "",
+        "relation": dialogue.relation or "",
+        "conversations": interleaved_sample(dialogue, [paths[r.id] for r in records])["conversations"],
+        "images": [paths[r.id] for r in records],
+        "record_ids": list(dialogue.record_ids),
+        "prompts": [r.caption for r in records],
+        "seeds": [r.seed for r in records],
+        "scores": {key: [float(r.scores[key]) for r in records] for key in score_keys},
+        "model": str(generation.get("model") or "") if isinstance(generation, dict) else "",
+        "manifest_records": [r.model_dump_json() for r in records],
+        "dialogue_provenance": json.dumps(dialogue.provenance, ensure_ascii=False, sort_keys=True),
+    }
+    if eval_row is not None:
+        meta["metric"] = eval_row["type"]
+        meta["answers"] = [eval_row["answer"]] if "answer" in eval_row else list(eval_row["answers"])
+        meta["choices"] = list(eval_row.get("choices") or [])
+    return WdsSample(id=dialogue.id, image_uris=[str(r.image_uri) for r in records], meta=meta)
+
+
+def _card_data(
+    groups: dict[str, list[Dialogue]],
+    shard_sets: dict[str, ShardSet],
+    records: list[Record],
+    counts: dict[str, Any],
+    guide: dict[str, dict[str, Any]],
+    inputs: Any,
+) -> CardData:
+    descriptions = {
+        "pretrain": f"caption dialogues (as {PRETRAIN_JSON})",
+        "sft": f"instruction dialogues (as {INTERLEAVED_JSON})",
+        "eval": f"evaluation items with references (as {EVAL_JSONL})",
+    }
+    subsets = []
+    for group, dialogues in groups.items():
+        for images in sorted({len(d.record_ids) for d in dialogues}):
+            name = _subset_name(group, images)
+            shard_set = shard_sets.get(name)
+            subsets.append(
+                CardSubset(
+                    name=name,
+                    samples=sum(1 for d in dialogues if len(d.record_ids) == images),
+                    data_files=shard_set.pattern if shard_set and shard_set.shards else None,
+                    shards=len(shard_set.shards) if shard_set else 0,
+                    split="test" if group == "eval" else "train",
+                    description=descriptions[group] + (f", {images} images each" if images > 1 else ""),
+                )
+            )
+    scores: dict[str, list[float]] = {}
+    for record in records:
+        for key, value in record.scores.items():
+            scores.setdefault(key, []).append(float(value))
+    dialogues = [d for group in groups.values() for d in group]
+    guide_text = file_guide(guide).split("\n", 2)[2]  # without its title
+    return CardData(
+        recipe="StableLLaVA",
+        summary=(
+            "Synthetic visual instruction data made with the StableLLaVA recipe (Li et al., *StableLLaVA: "
+            "Enhanced Visual Instruction Tuning with Synthesized Image-Dialogue Data*): an LLM wrote Stable "
+            "Diffusion prompts per ability, a text-to-image model drew them, the same LLM wrote dialogues "
+            "about each prompt, and a CLIP alignment check kept the images that match. Made by synthvlm."
+        ),
+        how_made=[
+            "An LLM lists keywords per ability (colour, animal, plant, vehicle, food, clothes, furniture, "
+            "hair, profession, scene, action, art style, abnormal/joke).",
+            "The LLM writes Stable Diffusion prompts from the keywords and in-context examples; filters drop "
+            "repetitive, over-long and off-task prompts.",
+            "One image per prompt with the text-to-image model (settings below).",
+            "The LLM writes dialogues from the same prompts: captions, Q&A, multi-turn, multi-image "
+            "(difference, similarity, logic), interleaved, and evaluation Q&A.",
+            "CLIP alignment check: images whose score is under the threshold (the paper: 0.25) are dropped, "
+            "with their dialogues; training items that match an eval item by keywords are dropped.",
+            "Export: LLaVA JSON files, the eval JSONL, the manifest, WebDataset shards and this card.",
+        ],
+        task_categories=["visual-question-answering", "image-text-to-text"],
+        subsets=subsets,
+        samples=sum(len(d) for name, d in groups.items() if name != "eval"),
+        images=len(records),
+        scores=scores,
+        provenance=[r.provenance for r in records] + [d.provenance for d in dialogues],
+        upstream=[inputs["selected"], inputs["dialogues"]],
+        counts=counts,
+        files=guide_text,
+        text_source="the LLM that wrote the prompts and dialogues (its provider's terms)",
+    )
+
+
 # Every setting changes the files; the data root is a param (image paths are relative to it).
 EXPORT = Stage(
     name="stablellava_export",
     process=_export,
+    excluded={f"webdataset.{key}": why for key, why in WDS_EXCLUDED.items()},
     sidecars=(
         MANIFEST_NAME,
         REJECTS_NAME,
@@ -942,6 +1117,7 @@ EXPORT = Stage(
         README_MD,
         LMMS_YAML,
         LMMS_UTILS,
+        WDS_INDEX,
     ),
 )
 
@@ -955,8 +1131,10 @@ def export_stablellava(
 ) -> str:
     """Write pretraining JSON (captions), the LLaVA-1.5 SFT JSON (one image per sample), the interleaved SFT
     JSON (every sample, image lists), the eval JSONL with its lmms-eval task, exports.json + README.md
-    (which file fits which trainer), the manifest of the records used and the export rejects; returns the
-    versioned LLaVA-1.5 SFT JSON's URI (copies of all are published under `output_dir`)."""
+    (which file fits which trainer; with `card` on, inside the dataset card), the manifest of the records
+    used, the export rejects and (with `webdataset` on) WebDataset shards under `webdataset/` with their
+    index `webdataset.json`; returns the versioned LLaVA-1.5 SFT JSON's URI (copies of all but the shards,
+    too big to copy, are published under `output_dir`)."""
     return run_stage(
         EXPORT,
         config,

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -198,6 +200,8 @@ def test_export_on_gcs(gcs_emulator: str) -> None:
         Record(id=f"g{i}", caption=f"caption {i}", image_uri=storage.join(root, "images", f"g{i}.jpg"))
         for i in range(3)
     ]
+    for i, rec in enumerate(records):  # the WebDataset shards hold the images themselves
+        storage.write_bytes(rec.image_uri, f"jpeg bytes {i}".encode())
     manifest = storage.join(root, "selected.jsonl")
     write_manifest(manifest, records)
     out_dir = storage.join(root, "export")
@@ -209,3 +213,114 @@ def test_export_on_gcs(gcs_emulator: str) -> None:
     assert [s["image"] for s in samples] == ["images/g0.jpg", "images/g1.jpg", "images/g2.jpg"]
     assert read_manifest(storage.join(out_dir, "manifest.jsonl")) == records
     assert is_done(json_uri)
+    index = json.loads(storage.read_text(storage.join(out_dir, "webdataset.json")))
+    (shard,) = index["subsets"]["default"]["shards"]
+    assert shard["uri"] == storage.join(json_uri.rpartition("/")[0], "webdataset", "synthvlm-000000.tar")
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(shard["uri"]))) as tar:
+        assert tar.extractfile("g1.jpg").read() == b"jpeg bytes 1"
+        assert json.loads(tar.extractfile("g1.json").read())["caption"] == "caption 1"
+    assert "configs" in storage.read_text(storage.join(out_dir, "README.md"))
+
+
+def test_missing_image_is_an_input_error_naming_the_record(selected, tmp_path: Path) -> None:
+    manifest, data_root, records = selected
+    Path(records[3].image_uri).unlink()
+    with pytest.raises(InputError, match="rec003") as err:
+        export_llava(ExportConfig(), manifest, str(data_root), str(tmp_path / "export"))
+    assert err.value.field == "image_uri"
+    assert not (tmp_path / "export" / "llava_pretrain.json").exists()
+
+
+# --- WebDataset shards and the dataset card -------------------------------------------------------------
+
+
+def test_export_writes_webdataset_shards_and_card(selected, tmp_path: Path) -> None:
+    import webdataset as wds
+    import yaml
+
+    from synthvlm.dataset_card import parse_header
+    from synthvlm.webdataset_export import sample_key
+
+    manifest, data_root, _ = selected
+    records = [
+        r.model_copy(
+            update={
+                "provenance": {
+                    "generation": {"model": "tiny/sdxl", "steps": 2},
+                    "clip_scorer": {"model": "B"},
+                }
+            }
+        )
+        for r in _records(data_root, 7)
+    ]
+    write_manifest(manifest, records)
+    out_dir = tmp_path / "export"
+    config = ExportConfig(webdataset={"max_samples": 3})
+    json_uri = export_llava(config, manifest, str(data_root), str(out_dir))
+    version = Path(json_uri).parent
+
+    shards = sorted((version / "webdataset").glob("*.tar"))
+    assert [p.name for p in shards] == [f"synthvlm-{i:06d}.tar" for i in range(3)]
+    index = json.loads((out_dir / "webdataset.json").read_text())  # published beside the JSON
+    assert index["samples"] == 7 and [s["uri"] for s in index["subsets"]["default"]["shards"]] == [
+        str(p) for p in shards
+    ]
+    rows = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
+    assert [r["__key__"] for r in rows] == [sample_key(r.id) for r in records]
+    llava = {s["id"]: s for s in json.loads(Path(json_uri).read_text())}
+    for row, rec in zip(rows, records, strict=True):
+        assert row["jpg"] == Path(rec.image_uri).read_bytes()
+        meta = json.loads(row["json"])
+        assert meta["caption"] == rec.caption and meta["seed"] == rec.seed and meta["model"] == "tiny/sdxl"
+        assert meta["scores"] == rec.scores and meta["conversations"] == llava[rec.id]["conversations"]
+        assert meta["image"] == llava[rec.id]["image"]
+        assert Record.model_validate_json(meta["manifest_record"]) == rec
+
+    card = (out_dir / "README.md").read_text()
+    assert card == (version / "README.md").read_text()
+    head = parse_header(card)
+    assert head == yaml.safe_load(card.split("---\n")[1])
+    assert head["license"] == "other" and head["license_name"] and head["license_link"].startswith("https://")
+    assert head["task_categories"] == ["image-to-text", "image-text-to-text"]
+    assert head["size_categories"] == ["n<1K"]
+    assert head["configs"] == [
+        {
+            "config_name": "default",
+            "data_files": [{"split": "train", "path": "webdataset/synthvlm-*.tar"}],
+            "default": True,
+        }
+    ]
+    for section in ("## How it was made", "## Models and settings", "## Counts", "## Score distribution"):
+        assert section in card
+    assert '`generation.model` | `"tiny/sdxl"`' in card and "## Limitations" in card
+    assert "| 0.2000 |" in card  # the clip scores' minimum in the quantile table
+
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset(
+        "webdataset",
+        data_files={"train": str(version / head["configs"][0]["data_files"][0]["path"])},
+        split="train",
+        cache_dir=str(tmp_path / "hf-cache"),
+    )
+    assert len(ds) == 7 and sorted(ds["__key__"]) == sorted(sample_key(r.id) for r in records)
+    assert {row["json"]["id"] for row in ds} == {r.id for r in records}
+    assert ds[0]["jpg"].size == (8, 8)
+
+
+def test_webdataset_and_card_can_be_switched_off(selected, tmp_path: Path) -> None:
+    manifest, data_root, _ = selected
+    out_dir = tmp_path / "export"
+    export_llava(ExportConfig(), manifest, str(data_root), str(out_dir))
+    assert (out_dir / "README.md").is_file() and (out_dir / "webdataset.json").is_file()
+    json_uri = export_llava(
+        ExportConfig(webdataset=False, card=False), manifest, str(data_root), str(out_dir)
+    )
+    assert not (Path(json_uri).parent / "webdataset").exists()
+    # The stable folder no longer shows the older version's card and index.
+    assert not (out_dir / "README.md").exists() and not (out_dir / "webdataset.json").exists()
+    # A card without shards says so and has no configs.
+    json_uri = export_llava(ExportConfig(webdataset=False), manifest, str(data_root), str(out_dir))
+    from synthvlm.dataset_card import parse_header
+
+    card = (out_dir / "README.md").read_text()
+    assert "configs" not in parse_header(card) and "No WebDataset shards" in card

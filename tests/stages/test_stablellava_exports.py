@@ -152,3 +152,164 @@ def test_our_trainer_and_hf_llava_processor_read_both_files(demo: dict) -> None:
         assert count % len(images) == 0 and count >= len(images)
         if per_image:
             assert count == per_image * len(images)
+
+
+# --- WebDataset shards and the dataset card (hand-made records and dialogues, no models) -----------------
+
+
+def _jpeg(path: Path, shade: int) -> str:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (shade, 40, 90)).save(path, format="JPEG")
+    return str(path)
+
+
+def _made(root: Path) -> tuple[str, str, list]:
+    from synthvlm.records import Record, write_manifest
+    from synthvlm.stablellava.dialogues import Dialogue, Turn
+
+    subjects = [
+        "teal bicycle",
+        "coral kettle",
+        "amber lamp",
+        "olive teapot",
+        "ivory vase",
+        "scarlet kite",
+        "navy hat",
+    ]
+    records = [
+        Record(
+            id=f"r{i}",
+            caption=f"{subject}, studio light, 8k",
+            seed=100 + i,
+            image_uri=_jpeg(root / "images" / f"r{i}.jpg", 30 * i),
+            scores={"clip": 0.26 + i / 100},
+            provenance={
+                "ability": "colour",
+                "raw_prompt": f"(({subject})), studio light, 8k",
+                "kind": "single",
+                "split": "eval" if i == 6 else "train",
+                "generation": {"model": "tiny/sdxl", "steps": 2},
+                "clip_scorer": {"model": "tiny-clip"},
+            },
+        )
+        for i, subject in enumerate(subjects)
+    ]
+    manifest = str(root / "selected.jsonl")
+    write_manifest(manifest, records)
+    turn = Turn(question="What colour is it?", answer="Teal.")
+    llm = {"llm": {"backend": "template", "model": "template"}}
+
+    def dialogue(did: str, kind: str, ids: list[str], **extra) -> Dialogue:
+        return Dialogue(
+            id=did, kind=kind, record_ids=ids, ability="colour", turns=[turn], provenance=llm, **extra
+        )
+
+    dialogues = [
+        dialogue("r0-caption", "caption", ["r0"]),
+        dialogue("r1-caption", "caption", ["r1"]),
+        dialogue("r2-qa", "qa", ["r2"]),
+        dialogue("r3-multi_turn", "multi_turn", ["r3"]),
+        dialogue("r4.r5-multi_image", "multi_image", ["r4", "r5"], relation="difference"),
+        dialogue("r6-eval", "eval", ["r6"], answer_keywords=["navy"], question_type="wh"),
+    ]
+    dialogues_uri = root / "dialogues.jsonl"
+    dialogues_uri.write_text("".join(d.model_dump_json() + "\n" for d in dialogues))
+    return manifest, str(dialogues_uri), records
+
+
+def test_export_writes_webdataset_subsets_and_card(tmp_path: Path) -> None:
+    import webdataset as wds
+
+    from synthvlm.dataset_card import parse_header
+    from synthvlm.webdataset_export import sample_key
+
+    manifest, dialogues_uri, records = _made(tmp_path)
+    out = tmp_path / "export"
+    sft_uri = sl.export_stablellava(
+        sl.StableLLaVAExportConfig(), manifest, dialogues_uri, str(tmp_path), str(out)
+    )
+    version = Path(sft_uri).parent
+    index = json.loads((out / "webdataset.json").read_text())
+    assert {name: s["samples"] for name, s in index["subsets"].items()} == {
+        "pretrain": 2,
+        "sft": 2,
+        "sft_2images": 1,
+        "eval": 1,
+    }
+    shards = sorted(p.name for p in (version / "webdataset").glob("*.tar"))
+    assert shards == [
+        "stablellava-eval-000000.tar",
+        "stablellava-pretrain-000000.tar",
+        "stablellava-sft-000000.tar",
+        "stablellava-sft_2images-000000.tar",
+    ]
+    interleaved = {s["id"]: s for s in json.loads((out / sl.INTERLEAVED_JSON).read_text())}
+    by_id = {r.id: r for r in records}
+
+    pairs = list(wds.WebDataset(str(version / "webdataset" / shards[3]), shardshuffle=False))
+    (pair,) = pairs
+    assert pair["__key__"] == sample_key("r4.r5-multi_image") == "r4%2Er5-multi_image"
+    assert pair["0.jpg"] == Path(by_id["r4"].image_uri).read_bytes()
+    assert pair["1.jpg"] == Path(by_id["r5"].image_uri).read_bytes()
+    meta = json.loads(pair["json"])
+    assert meta["conversations"] == interleaved["r4.r5-multi_image"]["conversations"]
+    assert meta["images"] == interleaved["r4.r5-multi_image"]["image"] and meta["record_ids"] == ["r4", "r5"]
+    assert meta["seeds"] == [104, 105] and meta["scores"] == {"clip": [0.30, 0.31]}
+    assert meta["model"] == "tiny/sdxl" and meta["relation"] == "difference" and meta["kind"] == "multi_image"
+    assert json.loads(meta["dialogue_provenance"])["llm"]["backend"] == "template"
+    assert [json.loads(r)["id"] for r in meta["manifest_records"]] == ["r4", "r5"]
+    (eval_row,) = wds.WebDataset(str(version / "webdataset" / shards[0]), shardshuffle=False)
+    eval_meta = json.loads(eval_row["json"])
+    assert (
+        eval_meta["answers"] == ["navy"] and eval_meta["metric"] == "keyword" and eval_meta["choices"] == []
+    )
+
+    card = (out / sl.README_MD).read_text()
+    head = parse_header(card)
+    assert head["license"] == "other" and head["license_name"]
+    assert head["task_categories"] == ["visual-question-answering", "image-text-to-text"]
+    assert head["size_categories"] == ["n<1K"]
+    configs = {c["config_name"]: c for c in head["configs"]}
+    assert list(configs) == ["pretrain", "sft", "sft_2images", "eval"] and configs["pretrain"]["default"]
+    assert configs["eval"]["data_files"] == [{"split": "test", "path": "webdataset/stablellava-eval-*.tar"}]
+    assert sl.SFT_JSON in card and sl.INTERLEAVED_JSON in card and "lmms" in card  # the file guide inside
+    assert '`llm.backend` | `"template"`' in card and "## Score distribution" in card
+
+    datasets = pytest.importorskip("datasets")
+    for name, expected in (("sft", {"r2-qa", "r3-multi_turn"}), ("sft_2images", {"r4.r5-multi_image"})):
+        (files,) = configs[name]["data_files"]
+        ds = datasets.load_dataset(
+            "webdataset",
+            data_files={files["split"]: str(version / files["path"])},
+            split=files["split"],
+            cache_dir=str(tmp_path / "hf" / name),
+        )
+        assert {row["json"]["id"] for row in ds} == expected
+        assert all(row["json"]["conversations"][0]["from"] == "human" for row in ds)
+
+
+def test_card_off_keeps_the_file_guide(tmp_path: Path) -> None:
+    manifest, dialogues_uri, _ = _made(tmp_path)
+    out = tmp_path / "export"
+    config = sl.StableLLaVAExportConfig(webdataset=False, card=False)
+    sft_uri = sl.export_stablellava(config, manifest, dialogues_uri, str(tmp_path), str(out))
+    assert (out / sl.README_MD).read_text().startswith("# StableLLaVA export")
+    assert not (out / "webdataset.json").exists() and not (Path(sft_uri).parent / "webdataset").exists()
+
+
+@pytest.mark.slow
+def test_demo_webdataset_shards_read_back(demo: dict) -> None:
+    import webdataset as wds
+
+    from synthvlm.dataset_card import parse_header
+
+    index = json.loads((demo["export"] / "webdataset.json").read_text())
+    assert index["samples"] > 0
+    for subset in index["subsets"].values():
+        rows = list(wds.WebDataset([s["uri"] for s in subset["shards"]], shardshuffle=False))
+        assert len(rows) == subset["samples"]
+        assert all(json.loads(r["json"])["conversations"] for r in rows)
+    head = parse_header((demo["export"] / sl.README_MD).read_text())
+    assert {c["config_name"] for c in head["configs"]} == set(index["subsets"])
