@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.synthvlm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint compile images clean-demo
+.PHONY: demo test test-containers lint compile images clean-demo
 
 # torch and torchvision first and together (same build; open_clip needs torchvision), then the
 # package with every dependency pinned by constraints.txt.
@@ -23,6 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	-bash scripts/install_kubectl.sh  # manifest render tests skip, saying why, without kubectl >= 1.27
 	$(BIN)/python -m pytest -q
+
+# The images built offline (debootstrap base, wheelhouse) and the demo pipelines run task by task in them
+# through kfp.local.DockerRunner, no network, as uid 1000 and as an arbitrary uid (scripts/test_containers.sh).
+test-containers: $(STAMP)
+	bash scripts/test_containers.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

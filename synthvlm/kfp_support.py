@@ -269,7 +269,8 @@ def _root_logging_to(stream: Any) -> Iterator[None]:
 # SYNTHVLM_LOCAL_RUNNER=docker runs each task in its component's image (kfp.local.DockerRunner; the
 # images must exist locally under the references synthvlm.images gives), with no network unless
 # SYNTHVLM_DOCKER_NETWORK names one, as SYNTHVLM_DOCKER_USER ("uid:gid", default: the image's user). The
-# folder holding pipeline_root (the run's data root, see cli.cmd_run) is mounted at the same path.
+# folder holding pipeline_root (the run's data root, see cli.cmd_run) is mounted at the same path; it
+# must be writable by that user (e.g. group 0 with umask 002 for "uid:0", as tests/containers does).
 LOCAL_RUNNER_ENV = "SYNTHVLM_LOCAL_RUNNER"
 
 
@@ -284,6 +285,8 @@ def _local_runner(pipeline_root: str) -> Any:
     from docker.types import Mount
 
     data_root = os.path.dirname(os.path.abspath(pipeline_root))
+    # Made here, not by dockerd (which would make a missing bind source root's, mode 755).
+    os.makedirs(pipeline_root, exist_ok=True)
     run_args: dict[str, Any] = {
         "network_mode": os.environ.get("SYNTHVLM_DOCKER_NETWORK", "none"),
         "mounts": [Mount(target=data_root, source=data_root, type="bind")],
