@@ -4,7 +4,7 @@
 from kfp import dsl
 
 from components.captions import load_captions
-from components.curate import curate_captions as curate_captions_op
+from components.curate import curate_shard, dedup_partition, merge_curation, plan_curation, plan_dedup
 from components.export import export_llava
 from components.passthrough import same_manifest
 from components.report import write_report
@@ -14,6 +14,49 @@ from pipelines.common import form_documented, generate_and_score, named, with_ll
 from synthvlm.run_config import SynthVLMRunConfig, to_pipeline_arguments
 
 _DEFAULTS = to_pipeline_arguments(SynthVLMRunConfig())
+
+
+# The most curation pods (filter shards, dedup partitions) at once; the shard count is the pool size over
+# curate.scale.records_per_shard (200K: ~1 GB of records per pod).
+MAX_PARALLEL_CURATION_PODS = 16
+
+
+def curate_sharded(config_json, captions_manifest, data_root, llm_secret):
+    """SynthVLM §3.1 curation over pods: per-caption filters per shard -> dedup per bucket partition ->
+    one global merge (dedup resolution, raw-CLIP top 40%, sample); the same result as one pod."""
+    plan = plan_curation(captions_manifest=captions_manifest, config_json=config_json)
+    named(plan, "plan curation shards")
+    with dsl.ParallelFor(plan.output, parallelism=MAX_PARALLEL_CURATION_PODS) as item:
+        shard = curate_shard(
+            config_json=item.config_json,
+            captions_manifest=item.manifest,
+            data_root=data_root,
+            shard=item.shard,
+            num_shards=item.num_shards,
+        )
+        named(shard, "curate: per-caption filters (shard)", size="records")
+        with_llm_key(shard, llm_secret)
+    parts = plan_dedup(
+        shard_manifests=dsl.Collected(shard.output), config_json=config_json, data_root=data_root
+    )
+    named(parts, "plan dedup partitions")
+    with dsl.ParallelFor(parts.output, parallelism=MAX_PARALLEL_CURATION_PODS) as item:
+        pairs = dedup_partition(
+            config_json=item.config_json,
+            shard_manifests=item.shards,
+            data_root=item.data_root,
+            part=item.part,
+            parts=item.parts,
+        )
+        named(pairs, "curate: near-duplicate pairs (partition)", size="records")
+    merged = merge_curation(
+        config_json=config_json,
+        shard_manifests=dsl.Collected(shard.output),
+        pair_files=dsl.Collected(pairs.output),
+        data_root=data_root,
+    )
+    named(merged, "curate: merge (dedup, CLIP top 40%, sample)", size="records")
+    return merged
 
 
 @dsl.pipeline(name="synthvlm", description=__doc__)
@@ -96,13 +139,7 @@ def pipeline(
     caps = load_captions(captions=captions, max_captions=max_captions, data_root=data_root).after(cfg)
     named(caps, "load captions", size="records")
     with dsl.If(curate_captions == True, name="curate captions"):  # noqa: E712 - a KFP condition, not Python
-        curated = curate_captions_op(
-            config_json=cfg.outputs["curate_config"],
-            captions_manifest=caps.outputs["Output"],
-            data_root=data_root,
-        )
-        named(curated, "curate captions (SynthVLM §3.1)", size="records")
-        with_llm_key(curated, llm_secret)
+        curated = curate_sharded(cfg.outputs["curate_config"], caps.outputs["Output"], data_root, llm_secret)
     with dsl.Else(name="all captions"):
         uncurated = same_manifest(manifest=caps.outputs["Output"])
         named(uncurated, "use all captions")

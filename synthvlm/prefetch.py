@@ -38,6 +38,8 @@ def models_of(config: BaseModel) -> list[ModelRef]:
     """Every downloadable model the config names (built-in tiny models and local folders left out)."""
     import os
 
+    from synthvlm.curation.image_text_matching import ImageTextMatchConfig
+    from synthvlm.curation.perplexity import TINY_LM, PerplexityConfig
     from synthvlm.models.clip import TINY_CLIP
     from synthvlm.models.sdxl import is_builtin
     from synthvlm.scoring import ScoreConfig
@@ -55,6 +57,9 @@ def models_of(config: BaseModel) -> list[ModelRef]:
                     refs.append(ModelRef("hub", name, revision, path))
         elif isinstance(node, ScoreConfig) and node.model != TINY_CLIP and node.pretrained:
             refs.append(ModelRef("open_clip", node.model, node.pretrained, path))
+        elif isinstance(node, PerplexityConfig | ImageTextMatchConfig) and downloadable(node.model):
+            if not (isinstance(node, PerplexityConfig) and node.model == TINY_LM):
+                refs.append(ModelRef("hub", node.model, node.revision, path))
         elif isinstance(node, TrainConfig) and not node.tiny:
             for name in (node.vision_tower, node.llm):
                 if downloadable(name):

@@ -1,4 +1,4 @@
-"""Each pipeline's whole run as one validated config, with presets `paper` (the defaults) and `demo`.
+"""Each pipeline's whole run as one validated config, with presets `paper` (the papers' settings) and `demo`.
 
 Pipeline parameters are a run config flattened one level: scalar run settings stay scalars, and each
 stage's config travels as one JSON parameter (`generate_config`, ...), so the KFP UI shows every
@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from synthvlm.config import StageConfig, validate
+from synthvlm.curation.perplexity import TINY_LM
 from synthvlm.errors import ConfigError
 from synthvlm.scoring import ScoreConfig
 from synthvlm.stages.captions import DEMO_CAPTIONS, CaptionsConfig
@@ -255,9 +256,24 @@ def _synthvlm_demo() -> dict[str, Any]:
         "captions": DEMO_CAPTIONS,
         # curation with the offline template judge (the demo captions have no raw images to CLIP-score)
         "curate_captions": True,
-        "curate": {"judge": {"llm": {"backend": "template"}}, "sample_size": None},
+        # (the perplexity filter with the built-in tiny random LM: ~257 for any text, all kept)
+        "curate": {
+            "judge": {"llm": {"backend": "template"}},
+            "perplexity": {"enabled": True, "model": TINY_LM},
+            "sample_size": None,
+        },
         "select": {"mode": "top_k", "k": 8},
         "report": {"max_images": 16},
+    }
+
+
+def _synthvlm_paper() -> dict[str, Any]:
+    # SynthVLM §3.1 curates its captions before generating (heuristics, dedup, LLM judge, raw-image CLIPScore
+    # top 40%), and its caption recipe (issue 13) adds the perplexity (<= 5500) and BLIP ITM (>= 0.8) filters.
+    # Only this preset turns them on: the plain defaults run without an LLM endpoint or those models.
+    return {
+        "curate_captions": True,
+        "curate": {"perplexity": {"enabled": True}, "itm": {"enabled": True}},
     }
 
 
@@ -301,12 +317,13 @@ def _stablellava_end_to_end_demo() -> dict[str, Any]:
     return {**_stablellava_demo(), **_train_demo(), "pretrain_on_synthetic": True}
 
 
-# paper = the defaults, from the papers (SDXL base 1.0, 60 steps, 1024^2, CLIP ViT-L-14, top-k 100K, gamma).
+# paper = the defaults, from the papers (SDXL base 1.0, 60 steps, 1024^2, CLIP ViT-L-14, top-k 100K, gamma),
+# plus, for SynthVLM, caption curation with every filter of its recipe (_synthvlm_paper).
 PRESETS: dict[str, dict[str, Callable[[], dict[str, Any]]]] = {
-    "synthvlm": {"paper": dict, "demo": _synthvlm_demo},
+    "synthvlm": {"paper": _synthvlm_paper, "demo": _synthvlm_demo},
     "stablellava": {"paper": dict, "demo": _stablellava_demo},
     "train": {"paper": dict, "demo": _train_demo},
-    "end-to-end": {"paper": dict, "demo": _end_to_end_demo},
+    "end-to-end": {"paper": _synthvlm_paper, "demo": _end_to_end_demo},
     "stablellava-end-to-end": {"paper": dict, "demo": _stablellava_end_to_end_demo},
 }
 

@@ -16,6 +16,8 @@ def test_paper_run_names_sdxl_clip_and_llava_parts():
     assert ("open_clip", "ViT-L-14", "openai") in names
     assert ("hub", "lmsys/vicuna-7b-v1.5", None) in names
     assert ("hub", "openai/clip-vit-large-patch14-336", None) in names
+    assert ("hub", "openai-community/gpt2", None) in names  # curation's perplexity filter (paper preset)
+    assert ("hub", "Salesforce/blip-itm-base-coco", None) in names  # and its BLIP image-text matching
     assert len(names) == len(models_of(config))  # each model once, however many stages use it
 
 

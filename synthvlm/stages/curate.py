@@ -1,19 +1,28 @@
 """SynthVLM §3.1 caption curation: the candidate caption set that images are generated from.
 
-Steps, in order (each sees only what the previous one kept; cheap checks first, so the LLM and CLIP see
-fewer captions):
+Steps, in order. The per-caption filters come first (each sees only what the previous one kept; cheap
+checks first, so the LLM and the image models see fewer captions), then the steps that compare captions
+with each other; so the per-caption filters can run sharded over pods and give the same result
+(synthvlm.curation.sharded):
 
 1. heuristics: alphanumeric, character/word repetition, special-character and flagged-word ratios
    (synthvlm.curation.heuristics; thresholds of data-juicer's LLaVA caption recipe),
-2. dedup: exact (normalized text) and near duplicates (MinHash LSH + exact Jaccard; curation.dedup),
+2. perplexity: per-token perplexity of the caption under a causal LM <= 5500 (curation.perplexity;
+   SynthVLM's recipe, data-juicer perplexity_filter),
 3. judge: an LLM answers "Is this caption detailed and coherent enough to guide a text-to-image model?
    Answer Yes or No." (§3.1 used GPT-3 to remove ads, repetitive and ungrammatical captions); through
    `synthvlm.llm.backend`, so the offline "template" backend answers by a deterministic rule instead,
-4. raw-image CLIPScore: for records that carry their web image (`image_uri`), the cosine similarity of
-   caption and image with CLIP (§3.1 formula), keeping the top 40% (§3.1) or those >= a threshold;
-   records without an image pass this step unscored,
-5. sample: a deterministic sample of `sample_size` captions (§3.1: 1,000K), the records with the smallest
+4. itm: for records that carry their web image (`image_uri`), BLIP's image-text matching probability
+   >= 0.8 (curation.image_text_matching; SynthVLM's recipe, data-juicer image_text_matching_filter),
+5. clip: for records with `image_uri`, the cosine similarity of caption and raw image with CLIP (§3.1
+   formula); in mode "threshold" those below it are dropped here; records without an image pass unscored,
+6. dedup: exact (normalized text) and near duplicates (MinHash LSH + exact Jaccard; curation.dedup),
+7. clip_rank: in mode "top_fraction", the top 40% (§3.1) of the scored captions that are left,
+8. sample: a deterministic sample of `sample_size` captions (§3.1: 1,000K), the records with the smallest
    sha256(f"{sample_seed}:{id}"), so it does not depend on input order and a rerun picks the same ones.
+
+Dedup after the judge costs LLM requests for near-duplicate captions (exact copies hit the LLM response
+cache when `judge.llm.cache_dir` is set); it buys a per-caption phase that scales out with one global merge.
 
 The output manifest keeps input order and holds captions only, as §3.1 ("by using only captions"): a
 raw image's URI moves to `provenance["raw_image_uri"]` (its score stays in `scores["raw_clip"]`), so the
@@ -42,6 +51,8 @@ from synthvlm import storage
 from synthvlm.config import StageConfig
 from synthvlm.curation.dedup import DedupConfig, find_duplicates
 from synthvlm.curation.heuristics import HeuristicFilter, HeuristicsConfig, words
+from synthvlm.curation.image_text_matching import ITM_LOW, ImageTextMatchConfig
+from synthvlm.curation.perplexity import PERPLEXITY_HIGH, PerplexityConfig
 from synthvlm.errors import SynthVLMError
 from synthvlm.llm.backend import Backend, BackendConfig, make_backend
 from synthvlm.llm.client import LLMRequest
@@ -56,7 +67,8 @@ from synthvlm.stage import StageStats
 log = logging.getLogger(__name__)
 
 STAGE = "curate"
-STEPS = ("heuristics", "dedup", "judge", "clip", "sample")
+STEPS = ("heuristics", "perplexity", "judge", "itm", "clip", "dedup", "clip_rank", "sample")
+PER_CAPTION_STEPS = STEPS[:5]  # each caption on its own: these run sharded
 
 JUDGE_TASK = "caption_judge"
 CAPTION_MARKER = "Caption:"
@@ -119,16 +131,30 @@ class ClipFilterConfig(StageConfig):
     score: RawClipScoreConfig = Field(default_factory=RawClipScoreConfig)
 
 
+class CurateScaleConfig(StageConfig):
+    """How the pipeline spreads curation over pods (synthvlm.curation.sharded). Left out of the
+    fingerprint: the kept set does not depend on it (tests/curation/test_sharded.py)."""
+
+    # our choice: ~5 KB of memory per caption in a filter pod (issue 13's measurement) -> ~1 GB of records
+    # per pod besides the models; the number of filter shards (and dedup partitions) is pool / this.
+    records_per_shard: int = Field(200_000, ge=1)
+    max_shards: int = Field(1000, ge=1)  # our choice: a bound on the pods one run asks for
+
+
 class CurateConfig(StageConfig):
-    """SynthVLM §3.1 caption curation: heuristics -> dedup -> LLM judge -> raw-image CLIPScore -> sample."""
+    """SynthVLM §3.1 caption curation: heuristics -> perplexity -> LLM judge -> BLIP ITM -> raw-image
+    CLIPScore -> dedup -> CLIP top fraction -> sample."""
 
     heuristics: HeuristicsConfig = Field(default_factory=HeuristicsConfig)
-    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    itm: ImageTextMatchConfig = Field(default_factory=ImageTextMatchConfig)
     clip: ClipFilterConfig = Field(default_factory=ClipFilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     # SynthVLM §3.1: "we sampled a dataset of 1,000k captions"; None = keep all that pass.
     sample_size: int | None = Field(1_000_000, ge=1)
     sample_seed: int = 0  # our choice: any fixed seed; changes which captions a sample picks
+    scale: CurateScaleConfig = Field(default_factory=CurateScaleConfig)
 
 
 # ---- the judge: prompt, answer parsing, template rule ----------------------------------------------------
@@ -219,14 +245,47 @@ def _heuristics(records: list[Record], config: HeuristicsConfig, run: _Run) -> l
     return kept
 
 
-def _dedup(records: list[Record], config: DedupConfig, run: _Run) -> list[Record]:
+PERPLEXITY_KEY = "perplexity"
+
+
+def _perplexity(records: list[Record], config: PerplexityConfig, run: _Run, models: Models) -> list[Record]:
+    if not records:
+        return records
+    values = models.perplexity(config).perplexities([r.caption for r in records])
+    kept, limit = [], {"max_perplexity": config.max_perplexity}
+    for record, value in zip(records, values, strict=True):
+        if value is None:
+            run.reject(record, "perplexity", "no_tokens", {})
+        elif not value <= config.max_perplexity:
+            run.reject(record, "perplexity", PERPLEXITY_HIGH, {PERPLEXITY_KEY: round(value, 3), **limit})
+        else:
+            scores = {**record.scores, PERPLEXITY_KEY: round(value, 3)}
+            kept.append(record.model_copy(update={"scores": scores}))
+    return kept
+
+
+def _itm(records: list[Record], config: ImageTextMatchConfig, run: _Run, models: Models) -> list[Record]:
+    from synthvlm.curation.image_text_matching import score_records
+
+    with_image = [r for r in records if r.image_uri]
+    run.stats.extra["itm_records_without_image"] = len(records) - len(with_image)
+    if not with_image:
+        return records
+    scored = dict(zip((r.id for r in with_image), score_records(models.itm(config), with_image), strict=True))
     kept = []
-    for record, duplicate in zip(records, find_duplicates([r.caption for r in records], config), strict=True):
-        if duplicate is None:
+    for record in records:
+        if not record.image_uri:
             kept.append(record)
             continue
-        details = {"duplicate_of": records[duplicate.of_index].id, "jaccard": round(duplicate.jaccard, 4)}
-        run.reject(record, "dedup", f"{duplicate.kind}_duplicate", details)
+        value, reason = scored[record.id]
+        if value is None:
+            run.reject(
+                record, "itm", (reason or "unscored").replace(" ", "_"), {"image_uri": record.image_uri}
+            )
+        elif value < config.min_score:
+            run.reject(record, "itm", ITM_LOW, {config.score_key: value, "min_score": config.min_score})
+        else:
+            kept.append(record.model_copy(update={"scores": {**record.scores, config.score_key: value}}))
     return kept
 
 
@@ -288,7 +347,8 @@ def _score_raw_images(
             scores: dict[int, float] = {}
             if good:
                 pixels = torch.stack([loaded[i][0] for i in good])
-                cosines = cosine_batch(model, tokenizer, pixels, [batch[i].caption for i in good]).tolist()
+                captions = [batch[i].caption for i in good]
+                cosines = cosine_batch(model, tokenizer, pixels, captions, config.long_captions).tolist()
                 scores = {i: apply_form(c, config.form) for i, c in zip(good, cosines, strict=True)}
             for i, (_, reason) in enumerate(loaded):
                 value = scores.get(i)
@@ -300,43 +360,77 @@ def _score_raw_images(
 
 
 def _clip(records: list[Record], config: ClipFilterConfig, run: _Run) -> list[Record]:
+    """Score the records with a raw image; in mode "threshold", drop those below it."""
     with_image = [r for r in records if r.image_uri]
     run.stats.extra["clip_records_without_image"] = len(records) - len(with_image)
     if not with_image:
         return records
     key = config.score.score_key
     scorer = {"model": config.score.model, "pretrained": config.score.pretrained, "form": config.score.form}
-    scored: dict[str, float] = {}
+    scored: dict[str, float | None] = {}
     for record, (value, reason) in zip(with_image, _score_raw_images(with_image, config.score), strict=True):
+        scored[record.id] = value
         if value is None:
-            run.reject(
-                record, "clip", (reason or "unscored").replace(" ", "_"), {"image_uri": record.image_uri}
-            )
-        else:
-            scored[record.id] = value
-    if config.mode == "top_fraction":
-        ranked = sorted(scored, key=lambda rid: (-scored[rid], rid))  # as stages.select: ties by id
-        chosen = set(ranked[: fraction_count(len(ranked), config.top_fraction)])
-        reason, limit = "not_in_top_fraction", {"top_fraction": config.top_fraction}
-    else:
-        chosen = {rid for rid, value in scored.items() if value >= config.threshold}
-        reason, limit = "below_threshold", {"threshold": config.threshold}
+            reason = (reason or "unscored").replace(" ", "_")
+            run.reject(record, "clip", reason, {"image_uri": record.image_uri})
     kept = []
     for record in records:
+        value = scored.get(record.id)
         if not record.image_uri:
             kept.append(record)
-        elif record.id in chosen:
+        elif value is None:
+            continue
+        elif config.mode == "threshold" and value < config.threshold:
+            run.reject(record, "clip", "below_threshold", {key: value, "threshold": config.threshold})
+        else:
             update = {
-                "scores": {**record.scores, key: scored[record.id]},
+                "scores": {**record.scores, key: value},
                 "provenance": {**record.provenance, f"{key}_scorer": scorer},
             }
             kept.append(record.model_copy(update=update))
-        elif record.id in scored:
-            run.reject(record, "clip", reason, {key: scored[record.id], **limit})
+    return kept
+
+
+def top_fraction_ids(scored: dict[str, float], fraction: float) -> set[str]:
+    """The ids of the best `fraction` of the scores (ceil), ties by id (as stages.select)."""
+    ranked = sorted(scored, key=lambda rid: (-scored[rid], rid))
+    return set(ranked[: fraction_count(len(ranked), fraction)])
+
+
+def _clip_rank(records: list[Record], config: ClipFilterConfig, run: _Run) -> list[Record]:
+    """Mode "top_fraction": keep the best `top_fraction` of the scored records left (unscored pass)."""
+    key = config.score.score_key
+    scored = {r.id: r.scores[key] for r in records if r.image_uri and key in r.scores}
+    chosen = top_fraction_ids(scored, config.top_fraction)
+    kept = []
+    for record in records:
+        if record.id in scored and record.id not in chosen:
+            run.reject(
+                record,
+                "clip",
+                "not_in_top_fraction",
+                {key: scored[record.id], "top_fraction": config.top_fraction},
+            )
+        else:
+            kept.append(record)
+    _clip_summary(run.stats, key, list(scored.values()), [scored[rid] for rid in chosen])
+    return kept
+
+
+def _clip_summary(stats: StageStats, key: str, scored: list[float], kept: list[float]) -> None:
     if scored:
-        run.stats.extra[f"{key}_mean_in"] = sum(scored.values()) / len(scored)
-        kept_scores = [scored[rid] for rid in chosen]
-        run.stats.extra[f"{key}_min_kept"] = min(kept_scores, default=None)
+        stats.extra[f"{key}_mean_in"] = sum(scored) / len(scored)
+        stats.extra[f"{key}_min_kept"] = min(kept, default=None)
+
+
+def _dedup(records: list[Record], config: DedupConfig, run: _Run) -> list[Record]:
+    kept = []
+    for record, duplicate in zip(records, find_duplicates([r.caption for r in records], config), strict=True):
+        if duplicate is None:
+            kept.append(record)
+            continue
+        details = {"duplicate_of": records[duplicate.of_index].id, "jaccard": round(duplicate.jaccard, 4)}
+        run.reject(record, "dedup", f"{duplicate.kind}_duplicate", details)
     return kept
 
 
@@ -358,26 +452,65 @@ def _sample(records: list[Record], size: int | None, seed: int, run: _Run) -> li
 # ---- the stage -------------------------------------------------------------------------------------------
 
 
-def _process(config: CurateConfig, run: StageRun) -> StageStats:
-    stats = StageStats(STAGE)
-    # Created first so that a missing API key fails before any work is done.
-    backend = (
-        make_backend(config.judge.llm, default_cache_dir=storage.join(run.data_root, LLM_CACHE_DIR))
-        if config.judge.enabled
-        else None
-    )
-    records = read_manifest(run.inputs["captions"])
-    stats.count_in = len(records)
-    steps = _Run(stats)
+class Models:
+    """The filters' models, each loaded once per process on first use."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Any] = {}
+
+    def perplexity(self, config: PerplexityConfig):
+        from synthvlm.curation.perplexity import PerplexityScorer
+
+        key = f"ppl:{config.model_dump_json()}"
+        if key not in self._loaded:
+            self._loaded[key] = PerplexityScorer(config)
+        return self._loaded[key]
+
+    def itm(self, config: ImageTextMatchConfig):
+        from synthvlm.curation.image_text_matching import ImageTextMatcher
+
+        key = f"itm:{config.model_dump_json()}"
+        if key not in self._loaded:
+            self._loaded[key] = ImageTextMatcher(config)
+        return self._loaded[key]
+
+
+def make_judge_backend(config: CurateConfig, data_root: str) -> Backend | None:
+    """The judge's backend, created first so that a missing API key fails before any work is done."""
+    if not config.judge.enabled:
+        return None
+    return make_backend(config.judge.llm, default_cache_dir=storage.join(data_root, LLM_CACHE_DIR))
+
+
+def filter_records(
+    records: list[Record], config: CurateConfig, backend: Backend | None, steps: _Run, models: Models
+) -> list[Record]:
+    """The per-caption steps (PER_CAPTION_STEPS): each caption's fate depends on that caption alone."""
     kept = records
     if config.heuristics.enabled:
         kept = steps.step("heuristics", kept, lambda rs: _heuristics(rs, config.heuristics, steps))
-    if config.dedup.exact or config.dedup.near:
-        kept = steps.step("dedup", kept, lambda rs: _dedup(rs, config.dedup, steps))
+    if config.perplexity.enabled:
+        kept = steps.step("perplexity", kept, lambda rs: _perplexity(rs, config.perplexity, steps, models))
     if backend is not None:
         kept = steps.step("judge", kept, lambda rs: _judge(rs, config.judge, backend, steps))
+    if config.itm.enabled:
+        kept = steps.step("itm", kept, lambda rs: _itm(rs, config.itm, steps, models))
     if config.clip.enabled:
         kept = steps.step("clip", kept, lambda rs: _clip(rs, config.clip, steps))
+    return kept
+
+
+def _process(config: CurateConfig, run: StageRun) -> StageStats:
+    stats = StageStats(STAGE)
+    backend = make_judge_backend(config, run.data_root)
+    records = read_manifest(run.inputs["captions"])
+    stats.count_in = len(records)
+    steps = _Run(stats)
+    kept = filter_records(records, config, backend, steps, Models())
+    if config.dedup.exact or config.dedup.near:
+        kept = steps.step("dedup", kept, lambda rs: _dedup(rs, config.dedup, steps))
+    if config.clip.enabled and config.clip.mode == "top_fraction":
+        kept = steps.step("clip_rank", kept, lambda rs: _clip_rank(rs, config.clip, steps))
     kept = steps.step("sample", kept, lambda rs: _sample(rs, config.sample_size, config.sample_seed, steps))
 
     rejects_manifest = storage.join(run.dir, run.context["rejects_name"])
@@ -388,16 +521,43 @@ def _process(config: CurateConfig, run: StageRun) -> StageStats:
     return stats
 
 
+def model_params(config: CurateConfig) -> dict[str, Any]:
+    """The filters' weights, resolved to a commit (or a folder's content hash) before loading: part of the
+    fingerprint, so a hub branch that moved between two runs is not taken for the same output."""
+    from synthvlm.curation.perplexity import is_builtin_lm
+    from synthvlm.models.sdxl import resolve_weights
+
+    weights: dict[str, Any] = {}
+    if config.perplexity.enabled:
+        ppl = config.perplexity
+        weights["perplexity"] = (
+            {"unresolved": "built in code from a fixed seed"}
+            if is_builtin_lm(ppl.model)
+            else resolve_weights(ppl.model, ppl.revision)
+        )
+    if config.itm.enabled:
+        weights["itm"] = resolve_weights(config.itm.model, config.itm.revision)
+    return {"weights": weights} if weights else {}
+
+
+EXCLUDED = {
+    **llm_runtime_fields("judge.llm"),
+    "judge.chunk_size": "requests per batch sent to the LLM, each answered on its own",
+    "clip.score.batch_size": "each image and caption is encoded on its own",
+    "clip.score.read_workers": "parallel reads of the same images",
+    "perplexity.batch_size": "each caption is scored on its own (padding is masked out)",
+    "itm.batch_size": "each image and caption is scored on its own",
+    "itm.read_workers": "parallel reads of the same images",
+    "scale": "how the pipeline spreads the work over pods; the kept set does not depend on it",
+}
+
+
 CURATE = Stage(
     name=STAGE,
     process=_process,
-    excluded={
-        **llm_runtime_fields("judge.llm"),
-        "judge.chunk_size": "requests per batch sent to the LLM, each answered on its own",
-        "clip.score.batch_size": "each image and caption is encoded on its own",
-        "clip.score.read_workers": "parallel reads of the same images",
-    },
+    excluded=EXCLUDED,
     sidecars=("{rejects}",),
+    version=2,  # 2: perplexity and ITM filters; per-caption steps before dedup
 )
 
 
@@ -419,6 +579,7 @@ def curate(
         config,
         {"captions": input_manifest},
         output_manifest,
+        params=model_params(config),
         context={"rejects_name": rejects_name},
         names={"rejects": rejects_name},
         data_root=data_root,

@@ -25,15 +25,17 @@ WORDS = _VOCABULARY.split()
 
 
 def brute_force(texts: list[str], config: DedupConfig) -> list[Duplicate | None]:
-    """The reference: each text against every earlier kept text, exact Jaccard, best match first."""
+    """The reference: exact duplicates of the first equal text; else each text against every earlier kept
+    text, exact Jaccard, best match first."""
     kept: list[tuple[int, str, np.ndarray]] = []
+    first: dict[str, int] = {}
     out: list[Duplicate | None] = []
     for index, text in enumerate(texts):
         normalized = normalize_text(text)
-        same = [i for i, n, _ in kept if n == normalized]
-        if same:
-            out.append(Duplicate("exact", same[0], 1.0))
+        if normalized in first:
+            out.append(Duplicate("exact", first[normalized], 1.0))
             continue
+        first[normalized] = index
         hashes = shingle_hashes(normalized, config.shingle_size)
         scored = [(jaccard(hashes, h), -i) for i, _, h in kept if len(hashes)]
         best = max(scored, default=None)

@@ -135,7 +135,9 @@ def test_local_run_produces_the_exported_dataset(tmp_path: Path):
     assert rebuilt.read_bytes() == Path(record.image_uri).read_bytes()
 
 
-RUNNER_STAGES = 9  # captions, curate, 2 x generate, 2 x clip_score, select, export_llava, report
+# captions, curate (one shard, one dedup partition, the merge), 2 x generate, 2 x clip_score, select,
+# export_llava, report
+RUNNER_STAGES = 11
 
 
 RUNNER_LINE = re.compile(r"^\s+(\w+): (computing|unchanged|settings or inputs changed)")

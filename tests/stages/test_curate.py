@@ -155,10 +155,11 @@ def test_each_step_drops_its_captions_with_reasons(paths) -> None:
         "judge.answered_no": 2,
     }
     assert stats["steps"]["heuristics"] == {"in": 11, "out": 8, "rejected": 3}
-    assert stats["steps"]["dedup"] == {"in": 8, "out": 6, "rejected": 2}
-    assert stats["steps"]["judge"] == {"in": 6, "out": 4, "rejected": 2}
+    # the per-caption steps first (judge), then the steps that compare captions (dedup)
+    assert stats["steps"]["judge"] == {"in": 8, "out": 6, "rejected": 2}
+    assert stats["steps"]["dedup"] == {"in": 6, "out": 4, "rejected": 2}
     assert (
-        stats["llm_backend"] == "template" and stats["llm_items"] == 6 and stats["llm_template_backend"] == 1
+        stats["llm_backend"] == "template" and stats["llm_items"] == 8 and stats["llm_template_backend"] == 1
     )
     # The rejects are written beside the versioned output and published beside the stable one.
     versioned_rejects = Path(out).parent / paths["rejects"].name
@@ -385,7 +386,8 @@ def test_raw_image_clipscore_keeps_the_top_40_percent(tmp_path: Path, paths) -> 
     for rid in dropped:
         assert rows[rid]["details"]["raw_clip"] == pytest.approx(expected[rid], abs=1e-5)
     stats = read_stats(out)
-    assert stats["steps"]["clip"] == {"in": 7, "out": 3, "rejected": 4}
+    assert stats["steps"]["clip"] == {"in": 7, "out": 6, "rejected": 1}  # the missing image
+    assert stats["steps"]["clip_rank"] == {"in": 6, "out": 3, "rejected": 3}
     assert stats["clip_records_without_image"] == 1
 
 
@@ -401,3 +403,23 @@ def test_raw_image_clipscore_threshold(tmp_path: Path, paths) -> None:
     assert {r.id for r in read_manifest(out)} == above | {"i6"}
     reasons = {row["id"]: row["reason"] for row in rejects_of(paths["rejects"])}
     assert reasons == {**{rid: "below_threshold" for rid in set(expected) - above}, "i5": "image_missing"}
+
+
+def test_paper_preset_curates_with_every_filter_of_the_recipe() -> None:
+    from synthvlm.run_config import EndToEndRunConfig, SynthVLMRunConfig, preset
+
+    config = SynthVLMRunConfig.model_validate({**preset("paper"), "data_root": "/d"})
+    assert config.curate_captions  # SynthVLM §3.1 curates before generating
+    curate_config = config.curate
+    assert curate_config.heuristics.enabled and curate_config.dedup.exact and curate_config.dedup.near
+    assert curate_config.judge.enabled and curate_config.judge.llm.backend == "openai"
+    assert curate_config.clip.enabled and curate_config.clip.mode == "top_fraction"
+    assert curate_config.clip.top_fraction == 0.4
+    assert curate_config.perplexity.enabled and curate_config.perplexity.max_perplexity == 5500
+    assert curate_config.itm.enabled and curate_config.itm.min_score == 0.8
+    e2e = EndToEndRunConfig.model_validate(
+        {**preset("paper", "end-to-end"), "data_root": "/d", "sft_datasets": '["x.json"]'}
+    )
+    assert e2e.curate_captions and e2e.curate.perplexity.enabled
+    # the plain defaults (what the compiled pipelines carry) need no LLM endpoint nor filter models
+    assert not SynthVLMRunConfig().curate_captions
