@@ -77,12 +77,14 @@ def test_stablellava(tmp_path: Path, user: str):
     _run("stablellava", root, user)
     export = root / "stablellava" / "export"
     sft = json.loads((export / "stablellava_sft.json").read_text())
-    assert sft and any(isinstance(s["image"], list) for s in sft)
-    for sample in sft:
-        images = sample["image"] if isinstance(sample["image"], list) else [sample["image"]]
-        assert all((root / image).is_file() for image in images)
+    assert sft and all(isinstance(s.get("image", ""), str) for s in sft)  # LLaVA-1.5: one image per sample
+    interleaved = json.loads((export / "stablellava_sft_interleaved.json").read_text())
+    assert any(len(s["image"]) > 1 for s in interleaved)
+    for sample in interleaved:
+        assert all((root / image).is_file() for image in sample["image"])
     evals = [json.loads(line) for line in (export / "stablellava_eval.jsonl").read_text().splitlines()]
-    assert evals and all(item["answers"] for item in evals)
+    assert evals and all(item.get("answer") or item.get("answers") for item in evals)
+    assert (root / "stablellava" / "report.html").is_file()
     _owned_by(root, user)
 
 
