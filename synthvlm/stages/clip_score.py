@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -71,7 +72,9 @@ def _process(config: ScoreConfig, run: StageRun) -> StageStats:
     records = read_manifest(input_manifest)
     stats.count_in = len(records)
     device, dtype = resolve_runtime(config)
+    loading = time.monotonic()
     model, preprocess, tokenizer = load_clip(config.model, config.pretrained, device, dtype)
+    stats.extra["load_seconds"] = round(time.monotonic() - loading, 3)  # the report's cost splits it
     rejects = _Rejects(stats, input_manifest)
     scored: list[Record] = []
     embeddings: list[torch.Tensor] = []

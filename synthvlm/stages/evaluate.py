@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -335,6 +336,7 @@ def _process(config: EvalConfig, run: StageRun) -> StageStats:
     cache = storage.join(run.data_root, LLM_CACHE_DIR)
     # A missing API key fails here, early.
     judge = LLMClient(config.judge, default_cache_dir=cache) if needs_judge else None
+    loading = time.monotonic()
     if loaded and answerer is None:
         answerer = HFLlavaAnswerer.load(
             model_uri_or_name,
@@ -344,6 +346,7 @@ def _process(config: EvalConfig, run: StageRun) -> StageStats:
             mc_instruction=config.mc_instruction,
         )
     stats = StageStats(stage="evaluate")
+    stats.extra["load_seconds"] = round(time.monotonic() - loading, 3)  # the report's cost splits it
     results: dict[str, Any] = {}
     for bench in loaded:
         assert answerer is not None

@@ -837,6 +837,7 @@ def _process(config: GenerateConfig, run: stage_runner.StageRun) -> stage.StageS
     input_manifest: str = run.inputs["captions"]
     rank, world_size = run.context["rank"], run.context["world_size"]
     painter: Painter | None = run.context.get("painter")
+    load_seconds = 0.0  # loading the painter (the report's cost splits it from painting)
     captions = read_manifest(input_manifest)[rank::world_size]
     allowed, blocked = _split_blocked(captions, config, input_manifest)
     items = image_records(allowed, config.images_per_prompt, input_manifest)
@@ -853,7 +854,9 @@ def _process(config: GenerateConfig, run: stage_runner.StageRun) -> stage.StageS
     if todo:
         label = f"shard {rank + 1}/{world_size}"
         with run.progress(len(items), "images", done=len(items) - len(todo), label=label) as progress:
+            loading = time.monotonic()
             painter = painter or Painter(config)
+            load_seconds = round(time.monotonic() - loading, 3)
             _generate_parts(painter, todo, config, run.dir, parts_dir, part_uris, part_stats, progress)
     order = sorted(part_uris)
     stats = _finish_shard(
@@ -865,6 +868,7 @@ def _process(config: GenerateConfig, run: stage_runner.StageRun) -> stage.StageS
         rejects_uri(run.dir, rank, world_size),
         config,
     )
+    stats.extra["load_seconds"] = load_seconds
     log.info(
         "shard %d/%d done: %s",
         *(rank, world_size, {k: v for k, v in stats.to_dict().items() if k != "reject_examples"}),

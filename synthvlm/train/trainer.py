@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -367,7 +368,9 @@ def run_training(config: TrainConfig, datasets: list[TrainDataset], output_dir: 
     world_size = current_world_size()
     mode = distributed_mode(config, world_size)
     device = process_device(config)
+    loading = time.monotonic()
     model, processor = load_model(config, device, fsdp=mode == "fsdp")
+    load_seconds = round(time.monotonic() - loading, 3)  # the report's cost splits loading from training
     trainable, total = count_parameters(model)
     log.info(
         "stage %s: %d of %d parameters train (%s, %d process(es))",
@@ -417,6 +420,8 @@ def run_training(config: TrainConfig, datasets: list[TrainDataset], output_dir: 
     return {
         "global_step": trainer.state.global_step,
         "train_loss": float(result.training_loss),
+        "load_seconds": load_seconds,
+        "train_seconds": float((result.metrics or {}).get("train_runtime", 0.0) or 0.0),
         "first_logged_loss": float(losses[0]) if losses else None,
         "last_logged_loss": float(losses[-1]) if losses else None,
         "samples_per_epoch": len(dataset),

@@ -407,3 +407,103 @@ def test_histogram_svg_without_scores_has_no_cut_line() -> None:
 
     svg = histogram_svg(compute_histogram([], None, bins=5), "clip")
     assert 'class="cut"' not in svg
+
+
+def _done_output(tmp_path: Path, name: str, marker: dict) -> str:
+    """An output whose marker holds exactly `marker` (fixed seconds, unlike mark_done's clock)."""
+    import json
+
+    from synthvlm.stage import done_uri
+
+    uri = str(tmp_path / f"{name}.out")
+    Path(uri).write_text("")
+    Path(done_uri(uri)).write_text(json.dumps({"count_in": 1, "count_out": 1, "rejects": {}, **marker}))
+    return uri
+
+
+def test_report_cost_includes_load_time_training_and_llm_tokens(run, tmp_path: Path) -> None:
+    from synthvlm.stages.report import cost_rows, read_markers
+
+    selected, _, _ = run
+    outputs = [
+        _done_output(
+            tmp_path,
+            "curate",
+            {
+                "stage": "curate",
+                "seconds": 100.0,
+                "llm_model": "gpt-4o-mini",
+                "llm_prompt_tokens": 2_000_000,
+                "llm_completion_tokens": 1_000_000,
+            },
+        ),
+        _done_output(
+            tmp_path,
+            "generate",
+            {
+                "stage": "generate",
+                "seconds": 1000.0,
+                "load_seconds": 120.0,
+                "generate_seconds": 800.0,
+                "settings": {"device": "cuda"},
+            },
+        ),
+        _done_output(
+            tmp_path,
+            "train",
+            {
+                "stage": "train_finetune",
+                "seconds": 3600.0,
+                "load_seconds": 300.0,
+                "train_seconds": 3000.0,
+                "settings": {"gpus_per_node": 8, "num_nodes": 2},
+            },
+        ),
+    ]
+    config = ReportConfig(gpu_hour_usd=2.0, cpu_hour_usd=0.05, llm_prices={"gpt-4o-mini": (0.15, 0.60)})
+    rows = {row.stage: row for row in cost_rows(read_markers(outputs), config)}
+    gen, train, curate = rows["generate"], rows["train_finetune"], rows["curate"]
+    assert (gen.unit, gen.units, gen.load, gen.work, gen.idle) == ("GPU", 1.0, 120.0, 800.0, 80.0)
+    assert gen.usd == pytest.approx(1000 / 3600 * 2.0)
+    # training: gpus_per_node x num_nodes GPUs for its whole wall time, loading included
+    assert (train.unit, train.units, train.load, train.work, train.idle) == (
+        "GPU",
+        16.0,
+        300.0,
+        3000.0,
+        300.0,
+    )
+    assert train.usd == pytest.approx(16 * 3600 / 3600 * 2.0)
+    assert (curate.unit, curate.units) == ("vCPU", 2.0) and curate.usd == pytest.approx(100 * 2 / 3600 * 0.05)
+
+    out = str(tmp_path / "report.html")
+    write_report(config, selected, outputs, out)
+    section = _section(Path(out).read_text(), "Cost: billed time")
+    assert "<td>generate</td><td>1</td><td>1 GPU</td><td>1,000.0</td><td>120.0</td><td>800.0</td>" in section
+    assert "<td>train_finetune</td><td>1</td><td>16 GPU</td><td>3,600.0</td><td>300.0</td>" in section
+    assert "<td>57,600.0</td><td>$2.000</td><td>$32.00</td>" in section  # 16 GPUs x 3600 s at $2/GPU-hour
+    # LLM tokens: 2M input x $0.15 + 1M output x $0.60 per 1M tokens = $0.90
+    assert "LLM gpt-4o-mini: 2,000,000 input + 1,000,000 output tokens" in section and "$0.90" in section
+    assert "gpu_hour_usd = $2.00" in section and "gpt-4o-mini: $0.15 / $0.60" in section
+    total = 1000 / 3600 * 2.0 + 32.0 + 100 * 2 / 3600 * 0.05 + 0.90
+    assert f"<th>total</th><td colspan='8'></td><th>${total:,.2f}</th>" in section
+    md = report_markdown(config, selected, outputs)
+    assert "| train_finetune | 16 GPU x 1 pod(s) | 3600.0 | 300.0 | 3000.0 | 300.0 | $32.00 |" in md
+    assert f"| total | | | | | | ${total:.2f} |" in md
+
+
+def test_llm_token_cost_of_an_unpriced_model_is_named() -> None:
+    from synthvlm.stages.report import llm_token_costs
+
+    prompts = {"stage": "stablellava_prompts", "llm": {"model": "m1"}}
+    tokens = {"llm_prompt_tokens": 10, "llm_completion_tokens": 5}
+    markers = [
+        {**prompts, **tokens},  # shard 0
+        {**prompts, **tokens},  # shard 1
+        {"stage": "curate", "llm_model": "other", "llm_prompt_tokens": 1, "llm_completion_tokens": 1},
+    ]
+    costs = llm_token_costs(markers, {"m1": (1.0, 2.0)})
+    assert costs == [
+        ("stablellava_prompts", "m1", 20, 10, pytest.approx(40 / 1e6)),
+        ("curate", "other", 1, 1, None),
+    ]

@@ -60,6 +60,10 @@ def test_pretrain_component_trains_and_logs_metrics(tmp_path):
     )
     assert is_done(out) and out.startswith(str(tmp_path / "root" / "train" / "pretrain"))
     assert metrics.logged["global_step"] == 4.0 and metrics.logged["count_in"] == 4.0
+    # the cost of training: model loading and training measured, wall seconds x 1 requested GPU billed
+    assert metrics.logged["load_seconds"] > 0 and metrics.logged["train_seconds"] > 0
+    assert metrics.logged["billed_gpu_seconds"] == metrics.logged["seconds"]
+    assert metrics.logged["cost_usd"] == pytest.approx(metrics.logged["seconds"] / 3600 * 3.0)
 
 
 def test_components_compile_into_a_two_stage_pipeline(tmp_path):
