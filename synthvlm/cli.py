@@ -592,7 +592,7 @@ EXAMPLES: dict[str, list[str]] = {
                       "--output cmp"],
     "config": ["synthvlm config show synthvlm --preset demo > run.yaml",
                "synthvlm run synthvlm --local --config run.yaml --output runs/mine"],
-    "prefetch-models": ["HF_HOME=/models/huggingface synthvlm prefetch-models synthvlm --preset paper",
+    "prefetch-models": ["synthvlm prefetch-models synthvlm --preset paper",
                         "synthvlm prefetch-models end-to-end --preset paper --dry-run"],
     "run": ["synthvlm run synthvlm --local --preset demo --output runs/demo",
             "synthvlm run stablellava --local --preset demo --set generate.steps=2 --output runs/sl"],
