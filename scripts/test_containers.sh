@@ -26,6 +26,12 @@ if [[ -z "${DOCKER:-}" ]]; then
   [[ -x /usr/bin/docker ]] && DOCKER=/usr/bin/docker
 fi
 export DOCKER
+# Exit code 3: this machine cannot run the test (no engine, no overlay storage, no room, containers do not
+# start), as opposed to 1: the test ran and failed. .ci/run reports 3 as "not run", plainly.
+cannot() {
+  echo "test-containers: CANNOT RUN HERE: $1" >&2
+  exit 3
+}
 dockerd_pid=
 stop_dockerd() {
   if [[ -n "$dockerd_pid" ]]; then
@@ -41,13 +47,19 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
     dockerd >"$log" 2>&1 &
     dockerd_pid=$!
     for _ in $(seq 60); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 1; done
-    "$DOCKER" info >/dev/null 2>&1 || { echo "test-containers: dockerd did not start (see $log)" >&2; exit 1; }
+    "$DOCKER" info >/dev/null 2>&1 || cannot "dockerd did not start (see $log)"
     step "starting dockerd (pid $dockerd_pid)"
   else
-    echo "test-containers: no Docker engine answers and none can be started here (needs root and dockerd)" >&2
-    exit 1
+    cannot "no Docker engine answers and none can be started here (needs root and dockerd)"
   fi
 fi
+
+# The images share layers through overlay2; the vfs fallback copies every layer (tens of GB, hours).
+driver="$("$DOCKER" info --format '{{.Driver}}' 2>/dev/null || true)"
+[[ "$driver" == overlay* ]] || cannot "Docker's storage driver is '$driver', not overlay2"
+docker_root="$("$DOCKER" info --format '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)"
+free_gb=$(( $(df -Pk "$(dirname "$docker_root")" | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+(( free_gb >= 30 )) || cannot "${free_gb} GB free for Docker, 30 GB needed (four images, build cache, wheelhouse)"
 
 export SYNTHVLM_IMAGE_REGISTRY="${SYNTHVLM_IMAGE_REGISTRY:-localhost/synthvlm}"
 export SYNTHVLM_IMAGE_TAG="${SYNTHVLM_IMAGE_TAG:-test}"
@@ -58,6 +70,8 @@ if [[ -z "${PYTHON_IMAGE:-}" ]]; then
   DOCKER="$DOCKER" bash images/base_image.sh "$PYTHON_IMAGE"
   step "base image $PYTHON_IMAGE"
 fi
+"$DOCKER" run --rm --network none "$PYTHON_IMAGE" python -c "pass" \
+  || cannot "a container of $PYTHON_IMAGE does not start here"
 PYTHON="$python" bash images/wheelhouse.sh >"${TMPDIR:-/tmp}/synthvlm-wheelhouse.log" 2>&1 \
   || { tail -30 "${TMPDIR:-/tmp}/synthvlm-wheelhouse.log" >&2; exit 1; }
 tail -1 "${TMPDIR:-/tmp}/synthvlm-wheelhouse.log"
