@@ -9,6 +9,7 @@ from kfp import dsl, kubernetes
 from components.clip_score import clip_score
 from components.generate import generate_images
 from components.plan_shards import plan_shards
+from synthvlm.errors import ConfigError
 
 # KFP needs ParallelFor's parallelism at compile time: the most GPU pods generating at once, set with
 # `synthvlm compile --max-parallel-gpus N`. Default 8: SynthVLM §3.1 generated on 8 A100.
@@ -43,7 +44,9 @@ TASK_RESOURCES: dict[str, tuple[str, str, str | None]] = {
     "eval": ("8", "64Gi", None),
 }
 for _kind, _size in json.loads(os.environ.get("SYNTHVLM_TASK_RESOURCES", "{}")).items():
-    TASK_RESOURCES[_kind] = tuple(_size)  # checked by the CLI (synthvlm compile --resources)
+    if _kind not in TASK_RESOURCES:  # `synthvlm compile --resources` names a kind this table lacks
+        raise ConfigError(f"--resources {_kind}: unknown kind; kinds: {', '.join(sorted(TASK_RESOURCES))}")
+    TASK_RESOURCES[_kind] = tuple(_size)
 
 # Optional volumes, chosen at compile time (`synthvlm compile --data-pvc NAME --model-cache-pvc NAME`):
 # a PVC mounted at the same path in every task, so data_root can be a plain path on shared storage, and

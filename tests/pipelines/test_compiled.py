@@ -209,3 +209,15 @@ def test_volumes_and_sizes_are_compile_options(tmp_path):
     generate = spec["deploymentSpec"]["executors"]["exec-generate-images"]["container"]["resources"]
     assert (generate["resourceCpuRequest"], generate["resourceMemoryRequest"]) == ("4", "24Gi")
     assert generate["resourceMemoryLimit"] == "30Gi"
+
+
+def test_an_unknown_resource_kind_is_a_clean_error(tmp_path):
+    proc = subprocess.run(
+        [*SYNTHVLM, "compile", "--output-dir", str(tmp_path), "--resources", "gpu=1,2Gi"],
+        capture_output=True, text=True, env=_clean_env(), cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        "--resources gpu: unknown kind; kinds: eval, generate, light, llm, records, score, train"
+        in proc.stderr
+    )
