@@ -17,10 +17,14 @@ Three kinds of task, each a runner stage (fingerprints, skip on rerun, atomic ou
 
 Memory per pod, for a pool of N captions in S shards (= partitions): a shard holds its N/S records (~5 KB
 each as pydantic records) and the filters' models; a partition holds 1/S of the N x bands bucket entries
-(32 bytes each while sorting) plus the shingles of its candidates; the merge holds ~60 bytes per caption
-that survived the per-caption filters (position, sample key, score, flags) plus the pairs, and streams
-records. With the default 200K records per shard a shard or partition stays near 1 GB whatever N is; the
-merge reaches 4 GB at about 60M surviving captions.
+(32 bytes each while sorting), its candidates' shingles and 1/S of the id keys (the pool-wide unique-id
+check). The merge is out of core: each shard's index columns, a bit per input position (drops, targets),
+the drops in input order and the duplicates' target ids go to files on the pod's local disk (about 60
+bytes per caption that passed the filters), read through memory maps or a slice at a time; it holds one
+shard's columns, the pairs that end in one range of `records_per_shard` positions, and the captions tied at
+a cut. The CLIP top fraction and the sample are cuts found by bisection over per-shard sorted keys
+(`kth_smallest`). With the default 200K records per shard every task stays near 1 GB whatever N is, as long
+as S grows with N (`scale.max_shards`, 1000 by default = 200M captions before shards grow).
 """
 
 from __future__ import annotations
@@ -49,7 +53,6 @@ from synthvlm.curation.dedup import (
     exact_pairs,
     pairs_from_entries,
     partition_of,
-    resolve,
     verify_pairs,
 )
 from synthvlm.errors import InputError
@@ -297,7 +300,12 @@ def _dedup_process(config: Any, run: StageRun) -> StageStats:
     stats = StageStats(DEDUP_STAGE)
     dedup = config.dedup
     exact_parts, entry_parts = [], []
-    for uri in shards:  # per shard, only this partition's digests and bucket entries are kept
+    id_parts = []
+    for uri in shards:  # per shard, only this partition's digests, bucket entries and id keys are kept
+        index = _read_npz(uri + INDEX_SUFFIX, ("dedup_pos", "sample"))
+        mask = partition_of(index["sample"][:, 0], parts) == part
+        id_parts.append((index["dedup_pos"][mask], index["sample"][mask]))
+        del index
         light = _features(uri, ("pos", "digest", "keys", "has_shingles"))
         stats.count_in += len(light.pos)
         if dedup.exact:
@@ -305,6 +313,8 @@ def _dedup_process(config: Any, run: StageRun) -> StageStats:
             exact_parts.append((light.pos[mask], light.digest[mask]))
         entry_parts.append(bucket_entries(light, dedup, part, parts))
         del light
+    _check_unique_ids(shards, id_parts)
+    del id_parts
     firsts, dups = np.empty(0, np.int64), np.empty(0, np.int64)
     if exact_parts:
         subset = DedupFeatures(
@@ -343,6 +353,23 @@ def _dedup_process(config: Any, run: StageRun) -> StageStats:
     return stats
 
 
+def _check_unique_ids(shards: Sequence[str], id_parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Ids are unique across the whole pool: each partition checks the sample keys (sha256 of seed:id) that
+    fall in it, so no task holds them all. (A shard checks its own records as it reads them.)"""
+    pos = np.concatenate([p for p, _ in id_parts]) if id_parts else np.empty(0, np.int64)
+    words = np.concatenate([w for _, w in id_parts]).reshape(-1, 4) if id_parts else np.empty((0, 4))
+    if len(pos) < 2:
+        return
+    order = np.lexsort(words.T[::-1])
+    same = np.flatnonzero((words[order][1:] == words[order][:-1]).all(axis=1))
+    if len(same):
+        first, second = sorted((int(pos[order[same[0]]]), int(pos[order[same[0] + 1]])))
+        marker = json.loads(storage.read_text(done_uri(shards[0])))
+        source = (marker.get("inputs", {}).get("captions") or {}).get("uri", "the captions manifest")
+        message = f"duplicate id: the same id as record {first + 1}"
+        raise InputError(source, message, line=second + 1, field="id")
+
+
 def dedup_partition(config: Any, shard_outputs: Sequence[str], output_dir: str, part: int, parts: int) -> str:
     """Exact groups and verified near pairs of partition `part` of `parts`; returns the versioned pairs."""
     from synthvlm.stages.curate import EXCLUDED
@@ -361,10 +388,208 @@ def dedup_partition(config: Any, shard_outputs: Sequence[str], output_dir: str, 
 
 
 # ---- 3. the global merge -----------------------------------------------------------------------------------
+#
+# Out of core: what grows with the pool lives in files on the pod's local disk (each shard's index columns,
+# a drop bitmap of one bit per input position, the drops in input order, the ids of duplicates' targets in
+# sqlite), read through memory maps or in slices; what is held at once is one shard's columns, one position
+# range's pairs, and per shard a few bytes per caption while a cut is searched. The CLIP and sample cuts are
+# found by bisection over the merged order of per-shard sorted keys, never merging them.
+
+_ROW_KEPT, _ROW_DEDUP, _ROW_CLIP, _ROW_SAMPLE = 0, 1, 2, 3
+_TARGET = 8  # flag in a row's code: a later caption is a duplicate of this one
+_ALL_ONES = (1 << 64) - 1
+_DROP = np.dtype([("pos", "<i8"), ("of", "<i8"), ("jaccard", "<f8"), ("exact", "u1")])
+
+
+class _Bits:
+    """One bit per input position in a file on local disk (1 bit/caption: 125 MB per billion positions)."""
+
+    def __init__(self, path: str, size: int):
+        self.array = np.memmap(path, dtype=np.uint8, mode="w+", shape=(max(1, (size + 7) // 8),))
+
+    def set(self, positions: np.ndarray) -> None:
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions):
+            np.bitwise_or.at(self.array, positions >> 3, (1 << (positions & 7)).astype(np.uint8))
+
+    def get(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        return ((self.array[positions >> 3] >> (positions & 7).astype(np.uint8)) & 1).astype(bool)
+
+
+def _float_keys(values: np.ndarray) -> np.ndarray:
+    """uint64 keys in the order of the float64 values (no NaN); -0.0 and 0.0 get one key, as they compare."""
+    bits = (np.asarray(values, dtype=np.float64) + 0.0).view(np.uint64)
+    sign = bits >> np.uint64(63)
+    return np.where(sign == 1, ~bits, bits | np.uint64(1 << 63))
+
+
+def _key_float(key: int) -> float:
+    bits = key ^ (1 << 63) if key >> 63 else ~key & 0xFFFFFFFFFFFFFFFF
+    return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
+
+
+def kth_smallest(sorted_arrays: Sequence[np.ndarray], k: int) -> int:
+    """The k-th smallest (1-based) of the union of ascending uint64 arrays, by bisection over the key space:
+    64 rounds of one binary search per array, however large the arrays (memory maps are fine)."""
+    total = sum(len(a) for a in sorted_arrays)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} outside 1..{total}")
+    lo, hi = 0, (1 << 64) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(int(np.searchsorted(a, np.uint64(mid), side="right")) for a in sorted_arrays) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+class _Cut:
+    """Rows of a key up to `key` pass; rows equal to it pass only if their position is in `tied_kept` (None:
+    all of them pass)."""
+
+    def __init__(self, key: int, tied_kept: np.ndarray | None):
+        self.key, self.tied_kept = np.uint64(key), tied_kept
+
+    def passes(self, keys: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        ok = keys < self.key
+        tied = keys == self.key
+        if self.tied_kept is None:
+            return ok | tied
+        return ok | (tied & np.isin(pos, self.tied_kept))
+
+
+class _Columns:
+    """Each shard's index columns (input position, CLIP score, sample words), spilled to local .npy files and
+    opened as memory maps, one shard at a time."""
+
+    def __init__(self, shards: Sequence[str], work: str):
+        self.work, self.sizes = work, []
+        for i, uri in enumerate(shards):
+            index = _read_npz(uri + INDEX_SUFFIX, ("dedup_pos", "sample", "score"))
+            for name, values in (("pos", index["dedup_pos"]), ("score", index["score"])):
+                np.save(self._path(i, name), values)
+            np.save(self._path(i, "sample"), np.ascontiguousarray(index["sample"]))
+            self.sizes.append(len(index["dedup_pos"]))
+            del index
+
+    def _path(self, shard: int, name: str) -> str:
+        return os.path.join(self.work, f"shard-{shard}-{name}.npy")
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def get(self, shard: int, name: str) -> np.ndarray:
+        return np.load(self._path(shard, name), mmap_mode="r")
+
+
+def _pair_columns(pair_files: Sequence[str], work: str) -> list[dict[str, np.ndarray]]:
+    """Each dedup partition's pairs, spilled to local .npy files (sorted by the later position) and mapped."""
+    out = []
+    for i, uri in enumerate(pair_files):
+        pairs = _read_npz(uri, ("exact_first", "exact_dup", "near", "near_jaccard"))
+        near = pairs["near"].reshape(-1, 2).astype(np.int64)
+        first, dup = pairs["exact_first"].astype(np.int64), pairs["exact_dup"].astype(np.int64)
+        by_dup, by_later = np.argsort(dup, kind="stable"), np.argsort(near[:, 1], kind="stable")
+        columns = {
+            "exact_first": first[by_dup],
+            "exact_dup": dup[by_dup],
+            "near_a": near[by_later, 0],
+            "near_b": near[by_later, 1],
+            "near_jaccard": pairs["near_jaccard"][by_later],
+        }
+        del pairs, near
+        mapped = {}
+        for name, values in columns.items():
+            path = os.path.join(work, f"pairs-{i}-{name}.npy")
+            np.save(path, values)
+            mapped[name] = np.load(path, mmap_mode="r")
+        out.append(mapped)
+    return out
+
+
+def _resolve_by_range(
+    pairs: Sequence[dict[str, np.ndarray]],
+    positions: int,
+    step: int,
+    dropped: _Bits,
+    targets: _Bits,
+    out: Any,
+) -> Counter[str]:
+    """`curation.dedup.resolve`, one range of `step` input positions at a time: a caption's fate depends only
+    on earlier positions, so each range needs the pairs ending in it and the drop bits written before it.
+    Writes the drops in input order to `out` (`_DROP` rows); returns the count per kind."""
+    kinds: Counter[str] = Counter()
+    for lo in range(0, positions, step):
+        hi = lo + step
+
+        def ending_here(later: str, *names: str, lo: int = lo, hi: int = hi) -> list[np.ndarray]:
+            pieces: list[list[np.ndarray]] = [[] for _ in names]
+            for p in pairs:
+                a, b = np.searchsorted(p[later], [lo, hi])
+                for piece, name in zip(pieces, names, strict=True):
+                    piece.append(np.asarray(p[name][a:b]))
+            return [np.concatenate(piece) if piece else np.empty(0) for piece in pieces]
+
+        first, dup = (x.astype(np.int64) for x in ending_here("exact_dup", "exact_first", "exact_dup"))
+        dropped.set(dup)
+        targets.set(first)
+        a, b, value = ending_here("near_b", "near_a", "near_b", "near_jaccard")
+        a, b = a.astype(np.int64), b.astype(np.int64)
+        order = np.lexsort((a, -value, b))
+        a, b, value = a[order], b[order], value[order]
+        before = dropped.get(a) | dropped.get(b)  # exact drops anywhere, near drops of earlier ranges
+        here: dict[int, tuple[int, float]] = {}
+        for i, (x, y) in enumerate(zip(a.tolist(), b.tolist(), strict=True)):
+            if before[i] or y in here or x in here:
+                continue
+            here[y] = (x, float(value[i]))
+        near_b = np.fromiter(here, dtype=np.int64, count=len(here))
+        dropped.set(near_b)
+        targets.set(np.fromiter((x for x, _ in here.values()), dtype=np.int64, count=len(here)))
+        rows = np.empty(len(dup) + len(here), dtype=_DROP)
+        rows["pos"] = np.concatenate([dup, near_b])
+        rows["of"] = np.concatenate([first, [x for x, _ in here.values()]]).astype(np.int64)
+        rows["jaccard"] = np.concatenate([np.ones(len(dup)), [v for _, v in here.values()]])
+        rows["exact"] = np.concatenate([np.ones(len(dup), np.uint8), np.zeros(len(here), np.uint8)])
+        rows.sort(order="pos")
+        rows.tofile(out)
+        kinds["exact"] += len(dup)
+        kinds["near"] += len(here)
+    return kinds
+
+
+class _TargetIds:
+    """The ids of captions that later captions duplicate, by input position: needed when the later one's
+    reject row is written, held in sqlite on local disk (a pool may have billions of them)."""
+
+    def __init__(self, path: str):
+        import sqlite3
+
+        self.db = sqlite3.connect(path)
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("CREATE TABLE ids (pos INTEGER PRIMARY KEY, id TEXT NOT NULL)")
+        self.pending: dict[int, str] = {}
+
+    def add(self, pos: int, rid: str) -> None:
+        self.pending[pos] = rid
+        if len(self.pending) >= 100_000:
+            self.db.executemany("INSERT INTO ids VALUES (?, ?)", self.pending.items())
+            self.pending.clear()
+
+    def __getitem__(self, pos: int) -> str:
+        if pos in self.pending:
+            return self.pending[pos]
+        return self.db.execute("SELECT id FROM ids WHERE pos = ?", (pos,)).fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
 
 
 def _merge_process(config: Any, run: StageRun) -> StageStats:
-    from synthvlm.stages.curate import STAGE, STEPS, _caption_only
+    from synthvlm.stages.curate import STAGE, STEPS
 
     shards, pair_files = list(run.inputs["shards"]), list(run.inputs["pairs"])
     stats = StageStats(STAGE)
@@ -383,138 +608,136 @@ def _merge_process(config: Any, run: StageRun) -> StageStats:
             total = steps.setdefault(step, {"in": 0, "out": 0, "rejected": 0})
             for key, value in counts.items():
                 total[key] += value
-    indices = [_read_npz(uri + INDEX_SUFFIX, ("dedup_pos", "sample", "score")) for uri in shards]
-    sizes = [len(index["dedup_pos"]) for index in indices]
-    pos = np.concatenate([index["dedup_pos"] for index in indices])
-    sample = np.concatenate([index["sample"] for index in indices])
-    score = np.concatenate([index["score"] for index in indices])
-    del indices
-    alive = np.ones(len(pos), dtype=bool)
 
-    # dedup
-    pairs = [_read_npz(uri, ("exact_first", "exact_dup", "near", "near_jaccard")) for uri in pair_files]
-    exact = (
-        np.concatenate([p["exact_first"] for p in pairs]).astype(np.int64),
-        np.concatenate([p["exact_dup"] for p in pairs]).astype(np.int64),
-    )
-    near = (
-        np.concatenate([p["near"].reshape(-1, 2) for p in pairs]).astype(np.int64),
-        np.concatenate([p["near_jaccard"] for p in pairs]),
-    )
-    dropped = resolve(exact, near) if (config.dedup.exact or config.dedup.near) else {}
-    targets = {d.of_index for d in dropped.values()}
-    if config.dedup.exact or config.dedup.near:
-        alive &= ~np.isin(pos, np.fromiter(dropped, dtype=np.int64, count=len(dropped)))
-        steps["dedup"] = {"in": len(pos), "out": int(alive.sum()), "rejected": len(dropped)}
+    with tempfile.TemporaryDirectory(prefix="synthvlm-merge-") as work:
+        columns = _Columns(shards, work)
+        rows = sum(columns.sizes)
+        dropped = _Bits(os.path.join(work, "dropped.bits"), stats.count_in)
+        targets = _Bits(os.path.join(work, "targets.bits"), stats.count_in)
 
-    # clip rank
-    key = config.clip.score.score_key
-    code = np.zeros(len(pos), dtype=np.int8)  # 0 kept, 1 dedup, 2 clip rank, 3 sample (per index row)
-    n_ranked_out = n_sampled_out = 0
-    if config.clip.enabled and config.clip.mode == "top_fraction":
-        before = int(alive.sum())
-        scored = np.flatnonzero(alive & ~np.isnan(score))
-        k = fraction_count(len(scored), config.clip.top_fraction)
-        chosen = _top(scored, score, k, shards, sizes, pos)
-        out_rows = np.setdiff1d(scored, chosen)
-        alive[out_rows] = False
-        code[out_rows] = 2
-        n_ranked_out = len(out_rows)
-        steps["clip_rank"] = {"in": before, "out": int(alive.sum()), "rejected": n_ranked_out}
-        if len(scored):
-            stats.extra[f"{key}_mean_in"] = float(np.sum(score[scored]) / len(scored))
-            stats.extra[f"{key}_min_kept"] = float(score[chosen].min()) if len(chosen) else None
+        # dedup
+        drops_path = os.path.join(work, "drops.bin")
+        kinds: Counter[str] = Counter()
+        with open(drops_path, "wb") as out:
+            if config.dedup.exact or config.dedup.near:
+                pairs = _pair_columns(pair_files, work)
+                step = max(1, config.scale.records_per_shard)
+                kinds = _resolve_by_range(pairs, stats.count_in, step, dropped, targets, out)
+                del pairs
+        n_dropped = kinds["exact"] + kinds["near"]
+        if config.dedup.exact or config.dedup.near:
+            steps["dedup"] = {"in": rows, "out": rows - n_dropped, "rejected": n_dropped}
 
-    # sample
-    size, seed = config.sample_size, config.sample_seed
-    before = int(alive.sum())
-    left = np.flatnonzero(alive)
-    if size is not None and len(left) > size:
-        words = sample[left]
-        order = np.lexsort(words.T[::-1])
-        out = left[order[size:]]
-        alive[out] = False
-        code[out] = 3
-        n_sampled_out = len(out)
-    steps["sample"] = {"in": before, "out": int(alive.sum()), "rejected": n_sampled_out}
-    _check_unique(sample[np.flatnonzero(alive)])
+        def alive(shard: int, clip: _Cut | None = None) -> np.ndarray:
+            pos = columns.get(shard, "pos")
+            ok = ~dropped.get(pos)
+            if clip is not None:
+                score = np.asarray(columns.get(shard, "score"))
+                scored = ~np.isnan(score)
+                keys = ~_float_keys(np.where(scored, score, 0.0))  # descending scores as ascending keys
+                ok &= ~scored | clip.passes(keys, pos)
+            return ok
 
-    # stream the survivors in input order: 0 kept, 1 dedup, 2 clip rank, 3 sample (a row per index entry)
-    code[np.isin(pos, np.fromiter(dropped, dtype=np.int64, count=len(dropped)))] = 1
-    ids: dict[int, str] = {}
-    spill = tempfile.TemporaryDirectory()
-    spill_files = {
-        name: open(os.path.join(spill.name, name), "w+", encoding="utf-8")  # noqa: SIM115 - closed below
-        for name in ("dedup", "clip_rank", "sample")
-    }
+        # clip rank: the best top_fraction of the scored captions left, ties at the cut by id
+        key = config.clip.score.score_key
+        clip_cut: _Cut | None = None
+        n_ranked_out = n_sampled_out = 0
+        if config.clip.enabled and config.clip.mode == "top_fraction":
+            sorted_keys, n_scored, total = [], 0, 0.0
+            for s in range(len(columns)):
+                score = np.asarray(columns.get(s, "score"))
+                values = score[alive(s) & ~np.isnan(score)]
+                n_scored += len(values)
+                total += float(np.sum(values))
+                path = os.path.join(work, f"clip-keys-{s}.npy")
+                np.save(path, np.sort(~_float_keys(values)))
+                sorted_keys.append(np.load(path, mmap_mode="r"))
+            k = fraction_count(n_scored, config.clip.top_fraction)
+            min_kept: float | None = None
+            if k == 0:
+                clip_cut = _Cut(0, np.empty(0, np.int64))  # no key is below 0 and no tie passes
+            elif k < n_scored:
+                cut = kth_smallest(sorted_keys, k)
+                cut_value = _key_float(~cut & _ALL_ONES)
+                above = sum(int(np.searchsorted(a, np.uint64(cut), side="left")) for a in sorted_keys)
+                tied = sum(int(np.searchsorted(a, np.uint64(cut), side="right")) for a in sorted_keys) - above
+                tied_kept = None
+                if k - above < tied:
+                    tied_kept = _tied_by_id(columns, shards, alive, cut_value, k - above)
+                clip_cut, min_kept = _Cut(cut, tied_kept), cut_value
+            elif n_scored:  # all kept: the lowest score left is the largest descending key
+                min_kept = _key_float(~int(max(a[-1] for a in sorted_keys if len(a))) & _ALL_ONES)
+            before = rows - n_dropped
+            after = sum(int(alive(s, clip_cut).sum()) for s in range(len(columns)))
+            n_ranked_out = before - after
+            steps["clip_rank"] = {"in": before, "out": after, "rejected": n_ranked_out}
+            if n_scored:
+                stats.extra[f"{key}_mean_in"] = total / n_scored
+                stats.extra[f"{key}_min_kept"] = min_kept
+            for path in (os.path.join(work, f"clip-keys-{s}.npy") for s in range(len(columns))):
+                os.remove(path)
 
-    def reject_row(record: dict[str, Any], step: str, reason: str, details: dict[str, Any]) -> str:
-        row = {
-            "id": record["id"],
-            "caption": record["caption"],
-            "stage": step,
-            "reason": reason,
-            "details": details,
-        }
-        return json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n"
+        # sample: the `size` captions left with the smallest sample keys (sha256 of seed:id)
+        size = config.sample_size
+        sample_cut: _Cut | None = None
+        before = sum(int(alive(s, clip_cut).sum()) for s in range(len(columns)))
+        if size is not None and before > size:
+            sorted_words = []
+            for s in range(len(columns)):
+                path = os.path.join(work, f"sample-words-{s}.npy")
+                np.save(path, np.sort(np.asarray(columns.get(s, "sample")[:, 0])[alive(s, clip_cut)]))
+                sorted_words.append(np.load(path, mmap_mode="r"))
+            cut = kth_smallest(sorted_words, size)
+            below = sum(int(np.searchsorted(a, np.uint64(cut), side="left")) for a in sorted_words)
+            tied = sum(int(np.searchsorted(a, np.uint64(cut), side="right")) for a in sorted_words) - below
+            tied_kept = None
+            if size - below < tied:  # equal first words: order by the full 256-bit key
+                found_pos, found_words = [], []
+                for s in range(len(columns)):
+                    words = np.asarray(columns.get(s, "sample"))
+                    rows_ = np.flatnonzero(alive(s, clip_cut) & (words[:, 0] == np.uint64(cut)))
+                    found_pos.append(np.asarray(columns.get(s, "pos"))[rows_])
+                    found_words.append(words[rows_])
+                tied_pos, tied_words = np.concatenate(found_pos), np.concatenate(found_words)
+                order = np.lexsort(tied_words.T[::-1])
+                tied_kept = np.sort(tied_pos[order[: size - below]])
+            sample_cut = _Cut(cut, tied_kept)
+        del before
 
-    def survivors() -> Iterator[str]:
-        with ExitStack() as stack:
-            streams = []
-            start = 0
-            for uri, n in zip(shards, sizes, strict=True):
-                lines = stack.enter_context(_closing(_lines(uri)))
-                rows = zip(pos[start : start + n].tolist(), code[start : start + n].tolist(), strict=True)
-                streams.append(((p, c, line) for (p, c), line in zip(rows, lines, strict=False)))
-                start += n
-            for p, c, line in heapq.merge(*streams, key=lambda item: item[0]):
-                if c == 0:
-                    record = Record.model_validate_json(line)
-                    if p in targets:
-                        ids[p] = record.id
-                    yield _caption_only(record).model_dump_json() + "\n"
-                    continue
-                data = json.loads(line)
-                if p in targets:
-                    ids[p] = data["id"]
-                if c == 1:
-                    d = dropped[p]
-                    details = {"duplicate_of": ids[d.of_index], "jaccard": round(d.jaccard, 4)}
-                    spill_files["dedup"].write(reject_row(data, "dedup", f"{d.kind}_duplicate", details))
-                elif c == 2:
-                    details = {key: data["scores"][key], "top_fraction": config.clip.top_fraction}
-                    spill_files["clip_rank"].write(reject_row(data, "clip", "not_in_top_fraction", details))
-                elif c == 3:
-                    details = {"sample_size": size, "sample_seed": seed}
-                    spill_files["sample"].write(reject_row(data, "sample", "not_sampled", details))
+        def codes(shard: int) -> np.ndarray:
+            """Per index row: kept, or the step that dropped it; plus the target flag."""
+            pos = np.asarray(columns.get(shard, "pos"))
+            code = np.full(len(pos), _ROW_KEPT, dtype=np.uint8)
+            after_dedup = ~dropped.get(pos)
+            after_clip = alive(shard, clip_cut)
+            code[~after_dedup] = _ROW_DEDUP
+            code[after_dedup & ~after_clip] = _ROW_CLIP
+            if sample_cut is not None:
+                words = np.asarray(columns.get(shard, "sample")[:, 0])
+                code[after_clip & ~sample_cut.passes(words, pos)] = _ROW_SAMPLE
+            code[targets.get(pos)] |= _TARGET
+            return code
 
-    stats.count_out = write_lines(run.output, survivors())
+        code_maps = []
+        for s in range(len(columns)):
+            path = os.path.join(work, f"codes-{s}.npy")
+            np.save(path, codes(s))
+            code_maps.append(np.load(path, mmap_mode="r"))
+        n_sampled_out = sum(int(((c & 7) == _ROW_SAMPLE).sum()) for c in code_maps)
+        after_sample = sum(int(((c & 7) == _ROW_KEPT).sum()) for c in code_maps)
+        steps["sample"] = {"in": after_sample + n_sampled_out, "out": after_sample, "rejected": n_sampled_out}
+
+        stats.count_out = _write_merged(
+            config, run, shards, columns, code_maps, drops_path, os.path.join(work, "targets.sqlite")
+        )
+
     rejects.update(
         {
-            **({f"dedup.{k}_duplicate": v for k, v in Counter(d.kind for d in dropped.values()).items()}),
+            **({f"dedup.{k}_duplicate": v for k, v in kinds.items() if v}),
             **({"clip.not_in_top_fraction": n_ranked_out} if n_ranked_out else {}),
             **({"sample.not_sampled": n_sampled_out} if n_sampled_out else {}),
         }
     )
-
-    def all_rejects() -> Iterator[str]:
-        with ExitStack() as stack:
-            streams = []
-            for uri in shards:
-                lines = stack.enter_context(_closing(_lines(uri + REJECTS_SUFFIX)))
-                streams.append(json.loads(line) for line in lines)
-            for row in heapq.merge(*streams, key=lambda r: r[ORDER_KEY]):
-                row.pop(ORDER_KEY)
-                yield json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n"
-        for name in ("dedup", "clip_rank", "sample"):
-            handle = spill_files[name]
-            handle.seek(0)
-            yield from handle
-            handle.close()
-
-    rejects_manifest = storage.join(run.dir, run.context["rejects_name"])
-    write_lines(rejects_manifest, all_rejects())
-    spill.cleanup()
     stats.rejects = rejects
     ordered = {step: steps[step] for step in STEPS if step in steps}
     rejected_by_step: Counter[str] = Counter()
@@ -524,7 +747,7 @@ def _merge_process(config: Any, run: StageRun) -> StageStats:
         {
             "steps": ordered,
             "kept_fraction": stats.count_out / stats.count_in if stats.count_in else None,
-            "rejects_manifest": rejects_manifest,
+            "rejects_manifest": storage.join(run.dir, run.context["rejects_name"]),
             "rejected_by_step": dict(rejected_by_step),
             "shards": len(shards),
             "dedup_partitions": len(pair_files),
@@ -533,6 +756,117 @@ def _merge_process(config: Any, run: StageRun) -> StageStats:
     if llm:
         stats.extra.update({k: v for k, v in llm.items()})
     return stats
+
+
+def _tied_by_id(columns: _Columns, shards: Sequence[str], alive: Any, cut: float, need: int) -> np.ndarray:
+    """Positions of the `need` smallest ids among the captions left whose score equals the cut (one pass
+    over the shards' survivors; ties of float scores are few)."""
+    wanted: list[np.ndarray] = []
+    for s in range(len(columns)):
+        score = np.asarray(columns.get(s, "score"))
+        wanted.append(np.asarray(columns.get(s, "pos"))[alive(s) & (score == cut)])
+    tied = set(np.concatenate(wanted).tolist())
+    found: list[tuple[str, int]] = []
+    for s, uri in enumerate(shards):
+        for p, line in zip(columns.get(s, "pos").tolist(), _lines(uri), strict=False):
+            if p in tied:
+                found.append((json.loads(line)["id"], p))
+    return np.sort(np.array([p for _, p in sorted(found)[:need]], dtype=np.int64))
+
+
+def _write_merged(
+    config: Any,
+    run: StageRun,
+    shards: Sequence[str],
+    columns: _Columns,
+    code_maps: Sequence[np.ndarray],
+    drops_path: str,
+    ids_path: str,
+) -> int:
+    """Stream every shard's survivors in input order into the curated manifest, and the rejects (per-caption
+    steps merged by step and position, then dedup, CLIP rank, sample) into the rejects manifest."""
+    from synthvlm.stages.curate import _caption_only
+
+    key, size, seed = config.clip.score.score_key, config.sample_size, config.sample_seed
+    target_ids = _TargetIds(ids_path)
+    drops = (
+        np.memmap(drops_path, dtype=_DROP, mode="r") if os.path.getsize(drops_path) else np.empty(0, _DROP)
+    )
+    spill_dir = os.path.dirname(drops_path)
+    spill_files = {
+        name: open(os.path.join(spill_dir, f"rejects-{name}.jsonl"), "w+", encoding="utf-8")  # noqa: SIM115
+        for name in ("dedup", "clip_rank", "sample")
+    }
+
+    def reject_row(record: dict[str, Any], step: str, reason: str, details: dict[str, Any]) -> str:
+        row = {"id": record["id"], "caption": record["caption"], "stage": step, "reason": reason}
+        return json.dumps({**row, "details": details}, ensure_ascii=False, sort_keys=True) + "\n"
+
+    def survivors() -> Iterator[str]:
+        next_drop = 0
+        with ExitStack() as stack:
+            streams = []
+            for s, uri in enumerate(shards):
+                lines = stack.enter_context(_closing(_lines(uri)))
+                rows = zip(_chunked(columns.get(s, "pos")), _chunked(code_maps[s]), strict=True)
+                streams.append(((p, c, line) for (p, c), line in zip(rows, lines, strict=False)))
+            for p, c, line in heapq.merge(*streams, key=lambda item: item[0]):
+                row_kind = c & 7
+                if row_kind == _ROW_KEPT:
+                    record = Record.model_validate_json(line)
+                    if c & _TARGET:
+                        target_ids.add(p, record.id)
+                    yield _caption_only(record).model_dump_json() + "\n"
+                    continue
+                data = json.loads(line)
+                if c & _TARGET:
+                    target_ids.add(p, data["id"])
+                if row_kind == _ROW_DEDUP:
+                    drop = drops[next_drop]
+                    next_drop += 1
+                    assert int(drop["pos"]) == p, "drops out of input order"
+                    details = {
+                        "duplicate_of": target_ids[int(drop["of"])],
+                        "jaccard": round(float(drop["jaccard"]), 4),
+                    }
+                    reason = "exact_duplicate" if drop["exact"] else "near_duplicate"
+                    spill_files["dedup"].write(reject_row(data, "dedup", reason, details))
+                elif row_kind == _ROW_CLIP:
+                    details = {key: data["scores"][key], "top_fraction": config.clip.top_fraction}
+                    spill_files["clip_rank"].write(reject_row(data, "clip", "not_in_top_fraction", details))
+                else:
+                    details = {"sample_size": size, "sample_seed": seed}
+                    spill_files["sample"].write(reject_row(data, "sample", "not_sampled", details))
+
+    try:
+        count = write_lines(run.output, survivors())
+
+        def all_rejects() -> Iterator[str]:
+            with ExitStack() as stack:
+                streams = []
+                for uri in shards:
+                    lines = stack.enter_context(_closing(_lines(uri + REJECTS_SUFFIX)))
+                    streams.append(json.loads(line) for line in lines)
+                for row in heapq.merge(*streams, key=lambda r: r[ORDER_KEY]):
+                    row.pop(ORDER_KEY)
+                    yield json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n"
+            for name in ("dedup", "clip_rank", "sample"):
+                handle = spill_files[name]
+                handle.seek(0)
+                yield from handle
+
+        write_lines(storage.join(run.dir, run.context["rejects_name"]), all_rejects())
+    finally:
+        for handle in spill_files.values():
+            handle.close()
+        target_ids.close()
+    return count
+
+
+def _chunked(values: np.ndarray, chunk: int = 65_536) -> Iterator[Any]:
+    """The items of a (memory-mapped) array as Python values, a chunk at a time."""
+    for start in range(0, len(values), chunk):
+        yield from np.asarray(values[start : start + chunk]).tolist()
 
 
 class _closing:
@@ -546,47 +880,6 @@ class _closing:
 
     def __exit__(self, *exc: object) -> None:
         self.generator.close()  # type: ignore[attr-defined]
-
-
-def _check_unique(words: np.ndarray) -> None:
-    if len(words) < 2:
-        return
-    order = np.lexsort(words.T[::-1])
-    ordered = words[order]
-    if (ordered[1:] == ordered[:-1]).all(axis=1).any():
-        raise InputError("curate input", "duplicate id among the curated captions")
-
-
-def _top(
-    scored: np.ndarray,
-    score: np.ndarray,
-    k: int,
-    shards: Sequence[str],
-    sizes: Sequence[int],
-    pos: np.ndarray,
-) -> np.ndarray:
-    """Rows of the k best scores, ties at the cut broken by id (as stages.curate.top_fraction_ids)."""
-    if k >= len(scored):
-        return scored
-    if k == 0:
-        return scored[:0]
-    values = score[scored]
-    cut = np.sort(values)[::-1][k - 1]
-    above = scored[values > cut]
-    tied = scored[values == cut]
-    need = k - len(above)
-    if need < len(tied):  # ties at the cut: the smallest ids (one more pass over the survivors)
-        wanted = set(pos[tied].tolist())
-        found: dict[int, str] = {}
-        start = 0
-        for uri, n in zip(shards, sizes, strict=True):
-            for p, line in zip(pos[start : start + n].tolist(), _lines(uri), strict=False):
-                if p in wanted:
-                    found[p] = json.loads(line)["id"]
-            start += n
-        row_of = {int(pos[r]): r for r in tied}
-        tied = np.array(sorted((row_of[p] for p in wanted), key=lambda r: found[int(pos[r])]), dtype=np.int64)
-    return np.sort(np.concatenate([above, tied[:need]]))
 
 
 def merge(

@@ -182,3 +182,77 @@ def test_bucket_cap_is_by_input_order(cap: int) -> None:
     texts = [f"w1 w2 w3 w4 w5 w6 w7 w8 w9 x{i}" for i in range(5)]
     result = find_duplicates(texts, DedupConfig(shingle_size=1, jaccard=0.8, max_bucket_size=cap))
     assert result[0] is None and all(d is not None and d.of_index == 0 for d in result[1:])
+
+
+# ---- the out-of-core merge ---------------------------------------------------------------------------------
+
+
+def test_merge_resolves_duplicates_one_position_range_at_a_time(tmp_path: Path) -> None:
+    """Ranges of 7 input positions: pairs cross many range boundaries; the result is still the one pod's."""
+    records = pool(150, seed=11)
+    results = run_both(tmp_path, records, config(scale={"records_per_shard": 7}), shard_counts=(4,))
+    assert results[4][0] == results["single"][0]
+    assert results[4][1] == results["single"][1]
+    reasons = {json.loads(line)["reason"] for line in results[4][1].decode().splitlines()}
+    assert {"exact_duplicate", "near_duplicate", "not_sampled"} <= reasons
+
+
+def test_clip_cut_with_ties_and_signed_zeros_matches_the_one_pod_stage(tmp_path: Path, monkeypatch) -> None:
+    """Few distinct scores (-0.0 and 0.0 among them): the top fraction ends inside a tie, broken by id."""
+    import synthvlm.stages.curate as curate_module
+
+    values = [0.5, 0.25, 0.0, -0.0, -0.25]
+
+    def fake_scores(records, config):
+        return [(values[int(r.id[1:]) % len(values)], None) for r in records]
+
+    monkeypatch.setattr(curate_module, "_score_raw_images", fake_scores)
+    records = [r.model_copy(update={"image_uri": str(tmp_path / f"{r.id}.png")}) for r in pool(90, seed=4)]
+    score = {"model": TINY_CLIP, "pretrained": None, "device": "cpu", "batch_size": 1}
+    for fraction in (0.3, 0.5, 0.77):
+        cfg = config(clip={"score": score, "top_fraction": fraction}, sample_size=None)
+        results = run_both(tmp_path / str(fraction), records, cfg, shard_counts=(3,))
+        assert results[3][0] == results["single"][0], fraction
+        assert results[3][1] == results["single"][1], fraction
+        assert b"not_in_top_fraction" in results[3][1]
+
+
+def test_kth_smallest_by_bisection_equals_a_sort() -> None:
+    from synthvlm.curation.sharded import kth_smallest
+
+    rng = np.random.default_rng(0)
+    arrays = [np.sort(rng.integers(0, 2**64, size=n, dtype=np.uint64)) for n in (0, 1, 50, 300)]
+    arrays.append(np.sort(np.repeat(rng.integers(0, 2**64, size=20, dtype=np.uint64), 5)))  # ties
+    merged = np.sort(np.concatenate(arrays))
+    for k in (1, 2, 77, 200, len(merged) - 1, len(merged)):
+        assert kth_smallest(arrays, k) == int(merged[k - 1])
+    with pytest.raises(ValueError):
+        kth_smallest(arrays, len(merged) + 1)
+
+
+def test_float_keys_sort_as_the_floats_do() -> None:
+    from synthvlm.curation.sharded import _float_keys, _key_float
+
+    values = np.array([3.5, -np.inf, -1e-300, -0.0, 0.0, 1e-300, -2.0, np.inf, 0.25])
+    keys = _float_keys(values)
+    assert [float(v) for v in values[np.argsort(keys, kind="stable")]] == sorted(values.tolist())
+    assert keys[3] == keys[4]  # -0.0 == 0.0, as the one-pod stage compares them
+    assert [_key_float(int(k)) for k in keys] == [v + 0.0 for v in values.tolist()]
+
+
+def test_a_duplicate_id_across_shards_is_an_input_error(tmp_path: Path) -> None:
+    from synthvlm.errors import InputError
+
+    records = pool(30, seed=2)
+    records[4] = records[4].model_copy(update={"caption": "A small wooden house under tall old trees."})
+    records[17] = records[17].model_copy(
+        update={"id": records[4].id, "caption": "A red boat on a calm river."}
+    )
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(r.model_dump_json() + "\n" for r in records))
+    with pytest.raises(
+        InputError, match=r"in\.jsonl, line 18, field 'id': duplicate id: the same id as record 5"
+    ):
+        curate_sharded(
+            config(sample_size=None), str(source), str(tmp_path / "out" / "curated.jsonl"), shards=3
+        )
