@@ -182,7 +182,20 @@ def sample_words(ids: Sequence[str], seed: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=">u8").reshape(-1, 4).astype(np.uint64)
 
 
+def _batches(items: Iterator[tuple[int, Record]], size: int) -> Iterator[list[tuple[int, Record]]]:
+    batch: list[tuple[int, Record]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _shard_process(config: Any, run: StageRun) -> StageStats:
+    """The per-caption steps over the shard, `scale.records_per_shard` records at a time: a shard larger than
+    that (a pool over `max_shards` x `records_per_shard`) costs time, not memory."""
     from synthvlm.stages.curate import (
         PER_CAPTION_STEPS,
         STEPS,
@@ -193,40 +206,81 @@ def _shard_process(config: Any, run: StageRun) -> StageStats:
     )
 
     rank, world_size = run.context["rank"], run.context["world_size"]
+    source = run.inputs["captions"]
     stats = StageStats(SHARD_STAGE)
-    positions: dict[str, int] = {}
-    records: list[Record] = []
-    for pos, record in iter_shard(run.inputs["captions"], rank, world_size):
-        if record.id in positions:
-            raise InputError(run.inputs["captions"], f"duplicate id {record.id!r}", line=pos + 1, field="id")
-        positions[record.id] = pos
-        records.append(record)
-    stats.count_in = len(records)
-    steps = _Run(stats)
     backend = make_judge_backend(config, run.data_root)
-    kept = filter_records(records, config, backend, steps, Models())
-    del records
-
-    rows = []
-    for row in steps.rows:
-        rows.append({**row, ORDER_KEY: [STEPS.index(row["stage"]), positions[row["id"]]]})
-    assert all(row["stage"] in PER_CAPTION_STEPS for row in rows)
-    write_lines(
-        run.output + REJECTS_SUFFIX, (json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
-    )
+    models = Models()
     key = config.clip.score.score_key
-    pos = np.array([positions[r.id] for r in kept], dtype=np.int64)
-    features = compute_features([r.caption for r in kept], pos, config.dedup)
+    step_counts: dict[str, dict[str, int]] = {}
+    every_pos: list[np.ndarray] = []  # every record's position and id key: the pool-wide unique-id check
+    every_id: list[np.ndarray] = []
+    kept_features: list[DedupFeatures] = []
+    kept_sample: list[np.ndarray] = []
+    kept_score: list[np.ndarray] = []
+
+    with tempfile.TemporaryDirectory(prefix="synthvlm-shard-") as tmp:
+        # reject rows of each step, in input order: concatenated in step order they are sorted by ORDER_KEY
+        spills = {step: open(os.path.join(tmp, step), "w+", encoding="utf-8") for step in PER_CAPTION_STEPS}  # noqa: SIM115
+
+        def survivors() -> Iterator[str]:
+            for batch in _batches(iter_shard(source, rank, world_size), config.scale.records_per_shard):
+                positions: dict[str, int] = {}
+                for pos, record in batch:
+                    if record.id in positions:
+                        message = f"duplicate id {record.id!r} (first at record {positions[record.id] + 1})"
+                        raise InputError(source, message, line=pos + 1, field="id", unit="record")
+                    positions[record.id] = pos
+                records = [record for _, record in batch]
+                every_pos.append(np.array([pos for pos, _ in batch], dtype=np.int64))
+                every_id.append(sample_words([r.id for r in records], config.sample_seed))
+                chunk = StageStats(SHARD_STAGE)
+                steps = _Run(chunk)
+                kept = filter_records(records, config, backend, steps, models)
+                del records
+                stats.count_in += len(batch)
+                stats.rejects.update(chunk.rejects)
+                for name, value in chunk.extra.items():
+                    stats.extra[name] = stats.extra.get(name, 0) + value
+                for step, counts in steps.steps.items():
+                    total = step_counts.setdefault(step, {"in": 0, "out": 0, "rejected": 0})
+                    for name, value in counts.items():
+                        total[name] += value
+                for row in steps.rows:
+                    row = {**row, ORDER_KEY: [STEPS.index(row["stage"]), positions[row["id"]]]}
+                    spills[row["stage"]].write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+                pos = np.array([positions[r.id] for r in kept], dtype=np.int64)
+                kept_features.append(compute_features([r.caption for r in kept], pos, config.dedup))
+                kept_sample.append(sample_words([r.id for r in kept], config.sample_seed))
+                kept_score.append(
+                    np.array([r.scores.get(key, np.nan) if r.image_uri else np.nan for r in kept], np.float64)
+                )
+                for record in kept:
+                    yield record.model_dump_json() + "\n"
+                log.info("curate shard %d/%d: %d records read", rank + 1, world_size, stats.count_in)
+
+        stats.count_out = write_lines(run.output, survivors())
+
+        def rejects() -> Iterator[str]:
+            for step in PER_CAPTION_STEPS:
+                spills[step].seek(0)
+                yield from spills[step]
+
+        write_lines(run.output + REJECTS_SUFFIX, rejects())
+        for handle in spills.values():
+            handle.close()
+
+    features = DedupFeatures.concat(
+        kept_features or [compute_features([], np.empty(0, np.int64), config.dedup)]
+    )
     index = {
         **{f"dedup_{name}": getattr(features, name) for name in DedupFeatures.__dataclass_fields__},
-        "sample": sample_words([r.id for r in kept], config.sample_seed),
-        "score": np.array(
-            [r.scores.get(key, np.nan) if r.image_uri else np.nan for r in kept], dtype=np.float64
-        ),
+        "sample": np.concatenate(kept_sample) if kept_sample else np.empty((0, 4), np.uint64),
+        "score": np.concatenate(kept_score) if kept_score else np.empty(0, np.float64),
+        "id_pos": np.concatenate(every_pos) if every_pos else np.empty(0, np.int64),
+        "id_sample": np.concatenate(every_id) if every_id else np.empty((0, 4), np.uint64),
     }
     _write_npz(run.output + INDEX_SUFFIX, index)
-    stats.count_out = write_lines(run.output, (r.model_dump_json() + "\n" for r in kept))
-    stats.extra["steps"] = steps.steps
+    stats.extra["steps"] = step_counts
     if backend is not None:
         stats.extra["llm"] = {k: v for k, v in backend.metrics().items() if isinstance(v, int | float)}
     return stats
@@ -302,9 +356,9 @@ def _dedup_process(config: Any, run: StageRun) -> StageStats:
     exact_parts, entry_parts = [], []
     id_parts = []
     for uri in shards:  # per shard, only this partition's digests, bucket entries and id keys are kept
-        index = _read_npz(uri + INDEX_SUFFIX, ("dedup_pos", "sample"))
-        mask = partition_of(index["sample"][:, 0], parts) == part
-        id_parts.append((index["dedup_pos"][mask], index["sample"][mask]))
+        index = _read_npz(uri + INDEX_SUFFIX, ("id_pos", "id_sample"))
+        mask = partition_of(index["id_sample"][:, 0], parts) == part
+        id_parts.append((index["id_pos"][mask], index["id_sample"][mask]))
         del index
         light = _features(uri, ("pos", "digest", "keys", "has_shingles"))
         stats.count_in += len(light.pos)
@@ -354,20 +408,22 @@ def _dedup_process(config: Any, run: StageRun) -> StageStats:
 
 
 def _check_unique_ids(shards: Sequence[str], id_parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Ids are unique across the whole pool: each partition checks the sample keys (sha256 of seed:id) that
-    fall in it, so no task holds them all. (A shard checks its own records as it reads them.)"""
+    """Ids are unique across the whole pool, as the one-pod stage requires: each partition checks the id keys
+    (sha256 of seed:id, of every input record) that fall in it, so no task holds them all."""
     pos = np.concatenate([p for p, _ in id_parts]) if id_parts else np.empty(0, np.int64)
     words = np.concatenate([w for _, w in id_parts]).reshape(-1, 4) if id_parts else np.empty((0, 4))
     if len(pos) < 2:
         return
-    order = np.lexsort(words.T[::-1])
+    order = np.lexsort((pos, *words.T[::-1]))
     same = np.flatnonzero((words[order][1:] == words[order][:-1]).all(axis=1))
-    if len(same):
-        first, second = sorted((int(pos[order[same[0]]]), int(pos[order[same[0] + 1]])))
-        marker = json.loads(storage.read_text(done_uri(shards[0])))
-        source = (marker.get("inputs", {}).get("captions") or {}).get("uri", "the captions manifest")
-        message = f"duplicate id: the same id as record {first + 1}"
-        raise InputError(source, message, line=second + 1, field="id")
+    if not len(same):
+        return
+    first, second = int(pos[order[same[0]]]), int(pos[order[same[0] + 1]])
+    marker = json.loads(storage.read_text(done_uri(shards[0])))
+    source = marker["inputs"]["captions"]["uri"]
+    rid = next(record.id for p, record in iter_shard(source, 0, 1) if p == second)  # only to name it
+    message = f"duplicate id {rid!r} (first at record {first + 1})"
+    raise InputError(source, message, line=second + 1, field="id", unit="record")
 
 
 def dedup_partition(config: Any, shard_outputs: Sequence[str], output_dir: str, part: int, parts: int) -> str:

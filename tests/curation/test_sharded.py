@@ -240,19 +240,26 @@ def test_float_keys_sort_as_the_floats_do() -> None:
     assert [_key_float(int(k)) for k in keys] == [v + 0.0 for v in values.tolist()]
 
 
-def test_a_duplicate_id_across_shards_is_an_input_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("first_caption", ["A small wooden house under tall old trees.", "Photograph"])
+def test_a_duplicate_id_across_shards_is_an_input_error(tmp_path: Path, first_caption: str) -> None:
+    """Also when the first copy is dropped by a filter: the one-pod stage refuses any duplicate id."""
     from synthvlm.errors import InputError
 
     records = pool(30, seed=2)
-    records[4] = records[4].model_copy(update={"caption": "A small wooden house under tall old trees."})
+    records[4] = records[4].model_copy(update={"caption": first_caption})
     records[17] = records[17].model_copy(
         update={"id": records[4].id, "caption": "A red boat on a calm river."}
     )
     source = tmp_path / "in.jsonl"
     source.write_text("".join(r.model_dump_json() + "\n" for r in records))
+    out = str(tmp_path / "out" / "curated.jsonl")
     with pytest.raises(
-        InputError, match=r"in\.jsonl, line 18, field 'id': duplicate id: the same id as record 5"
+        InputError, match=r"in\.jsonl, record 18, field 'id': duplicate id 'r0004' \(first at record 5\)"
     ):
-        curate_sharded(
-            config(sample_size=None), str(source), str(tmp_path / "out" / "curated.jsonl"), shards=3
-        )
+        curate_sharded(config(sample_size=None), str(source), out, shards=3)
+    with pytest.raises(
+        InputError, match=r"in\.jsonl, record 18, field 'id': duplicate id 'r0004' \(first at record 5\)"
+    ):
+        curate_sharded(config(sample_size=None, scale={"records_per_shard": 4}), str(source), out, shards=1)
+    with pytest.raises(InputError, match="duplicate id 'r0004'"):
+        curate(config(sample_size=None), str(source), str(tmp_path / "one" / "curated.jsonl"))
