@@ -15,16 +15,19 @@ Three kinds of task, each a runner stage (fingerprints, skip on rerun, atomic ou
    curated manifest and the rejects manifest (per-caption rejects merged by step and position, then dedup,
    CLIP rank and sample rejects: the one-pod stage's order).
 
-Memory per pod, for a pool of N captions in S shards (= partitions): a shard holds its N/S records (~5 KB
-each as pydantic records) and the filters' models; a partition holds 1/S of the N x bands bucket entries
-(32 bytes each while sorting), its candidates' shingles and 1/S of the id keys (the pool-wide unique-id
-check). The merge is out of core: each shard's index columns, a bit per input position (drops, targets),
-the drops in input order and the duplicates' target ids go to files on the pod's local disk (about 60
-bytes per caption that passed the filters), read through memory maps or a slice at a time; it holds one
-shard's columns, the pairs that end in one range of `records_per_shard` positions, and the captions tied at
-a cut. The CLIP top fraction and the sample are cuts found by bisection over per-shard sorted keys
-(`kth_smallest`). With the default 200K records per shard every task stays near 1 GB whatever N is, as long
-as S grows with N (`scale.max_shards`, 1000 by default = 200M captions before shards grow).
+Memory per pod, for a pool of N captions in S shards (= partitions):
+- a shard filters `scale.records_per_shard` records at a time (~5 KB each as pydantic records) besides the
+  filters' models, and keeps its index (~40 bytes per record, a few hundred per survivor);
+- a partition holds 1/S of the N x bands bucket entries (32 bytes each while sorting), its candidates'
+  shingles and 1/S of the id keys (the pool-wide unique-id check);
+- the merge is out of core: each shard's index columns, a bit per input position (drops, targets), the
+  drops in input order and the duplicates' target ids go to files on the pod's local disk (about 60 bytes
+  per caption that passed the filters), read through memory maps or a slice at a time. It holds one shard's
+  columns, the pairs that end in one range of `records_per_shard` positions and the captions tied at a cut;
+  the CLIP top fraction and the sample are cuts found by bisection over per-shard sorted keys
+  (`kth_smallest`).
+What grows with N/S (indexes, partitions) stays near 1 GB while S grows with N: up to `scale.max_shards`
+(1000 by default, 200M captions at 200K per shard); past that, raise max_shards.
 """
 
 from __future__ import annotations
