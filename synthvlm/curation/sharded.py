@@ -864,12 +864,14 @@ def _write_merged(
     def survivors() -> Iterator[str]:
         next_drop = 0
         with ExitStack() as stack:
+            progress = stack.enter_context(run.progress(sum(columns.sizes), "captions", label="merge"))
             streams = []
             for s, uri in enumerate(shards):
                 lines = stack.enter_context(_closing(_lines(uri)))
                 rows = zip(_chunked(columns.get(s, "pos")), _chunked(code_maps[s]), strict=True)
                 streams.append(((p, c, line) for (p, c), line in zip(rows, lines, strict=False)))
             for p, c, line in heapq.merge(*streams, key=lambda item: item[0]):
+                progress.update()
                 row_kind = c & 7
                 if row_kind == _ROW_KEPT:
                     record = Record.model_validate_json(line)
