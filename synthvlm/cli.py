@@ -390,6 +390,8 @@ RUN_RESULTS = {
     "synthvlm": [
         ("LLaVA pretraining JSON", "export/llava_pretrain.json"),
         ("dataset manifest", "export/manifest.jsonl"),
+        ("WebDataset shards", "export/webdataset/"),
+        ("dataset card", "export/README.md"),
         ("report", "report.html"),
     ],
     "stablellava": [
@@ -399,6 +401,7 @@ RUN_RESULTS = {
         ("eval set", "stablellava/export/stablellava_eval.jsonl"),
         ("which file for which trainer", "stablellava/export/README.md"),
         ("dataset manifest", "stablellava/export/manifest.jsonl"),
+        ("WebDataset shards", "stablellava/export/webdataset/"),
         ("report", "stablellava/report.html"),
     ],
     "train": [

@@ -2,7 +2,8 @@
 
 The header carries what the Hub reads (huggingface.co/docs/hub/datasets-cards): license, task categories,
 size category, language, tags and `configs` whose `data_files` point at the WebDataset shards (paths
-relative to the card, which sits beside `webdataset/` in the export's folder). The body says how the data
+relative to the card, which sits beside `webdataset/` in the export's folder: the fingerprint folder it was
+written to and the stable folder the runner publishes card and shards to). The body says how the data
 was made (the recipe and every upstream stage found through the completion markers, with its settings),
 the models and settings as recorded in the records' provenance, counts, the score (CLIPScore)
 distribution as quantiles and a text histogram, and the limitations.
@@ -261,12 +262,13 @@ def render(config: CardConfig, data: CardData, settings_sections: Sequence[str])
             "generated) and `<key>.json`; several images are `<key>.0.jpg`, `<key>.1.jpg`, ... in `<image>`",
             "order. Keys are the ids with `%` and `.` percent-encoded. `manifest_record(s)` is the full",
             "manifest record as a JSON string (its provenance varies in shape, and HF `datasets` needs one",
-            "schema per subset). Paths are relative to the export's fingerprint folder, where the shards",
-            "and this card were written (the folder to upload to the Hub); `webdataset.json` lists every",
-            "shard's full URI.",
+            "schema per subset). Paths are relative to this card's folder (the export folder, the one to",
+            "upload to the Hub); `webdataset.json` lists every shard with its path, samples and bytes.",
             "",
             "```python",
             "from datasets import load_dataset",
+            "# the configs above, from this folder or its Hub repository",
+            f'ds = load_dataset("<folder or repo id>", "{first.name}", split="{first.split}")',
             f'ds = load_dataset("webdataset", data_files={{"{first.split}": "{first.data_files}"}}, '
             f'split="{first.split}")',
             "",

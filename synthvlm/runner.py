@@ -18,6 +18,11 @@ Layout, for `output = <dir>/<relative path>` (`<dir>`: the stage's folder, by de
 - `<dir>/<relative path>` (+ sidecars) and its `.done` marker: the stable path, a copy of the latest complete
   version. Its marker is removed before the copy and written after it, so a reader never takes a
   half-copied file for complete.
+- Glob sidecars (`webdataset/*.tar`: files known only once the stage ran, such as an export's shards):
+  every match in the version is published, by a hard link (local) or a server-side copy (gs://, s3://),
+  so big files cost neither a read nor the disk twice; matches in the stable folder that the version lacks
+  are deleted, so a stale file never passes for the new version's. The stable folder then holds the
+  whole output (an export folder can be uploaded or read as it is).
 
 On a rerun: same fingerprint and a complete version -> skip (one log line); otherwise compute into the
 fingerprint's folder and publish. Temp files of writes a kill interrupted are removed first; long work
@@ -29,6 +34,7 @@ every task).
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -97,13 +103,28 @@ class Stage(Generic[C]):
     # Config fields (dotted paths) left out of the fingerprint -> why they cannot change the output.
     excluded: Mapping[str, str] = field(default_factory=dict)
     # Other files the stage writes, relative to its folder: "{output}" is the output's relative path,
-    # "{name}" its file name (plus run_stage's `names`). Copied to the stable paths when present.
+    # "{name}" its file name (plus run_stage's `names`). Copied to the stable paths when present. A glob
+    # (`*`, `?`, `[...]`) in the file name ("webdataset/*.tar", no placeholders) stands for every matching
+    # file of the version; those are linked rather than copied (write them once, never change them in place).
     sidecars: tuple[str, ...] = ()
     # Bump when the stage's output format or meaning changes: old outputs are then never reused.
     version: int = 1
     # False for outputs too big to copy (a model folder): the stable path then gets a pointer file,
     # `<output>.latest.json`, naming the latest complete version.
     publish_copy: bool = True
+
+    def __post_init__(self) -> None:
+        # Globs are matched in one folder, and take no placeholders (a filled-in name could hold `[`).
+        for pattern in filter(is_glob, self.sidecars):
+            if is_glob(pattern.rpartition("/")[0]) or "{" in pattern:
+                raise ValueError(
+                    f"sidecar {pattern!r}: a glob may only be in the file name, and takes no placeholders"
+                )
+
+
+def is_glob(pattern: str) -> bool:
+    """A sidecar pattern that names files by a glob (matched with fnmatch) rather than one file."""
+    return any(char in pattern for char in "*?[")
 
 
 class NotComplete(FileNotFoundError):
@@ -202,12 +223,20 @@ def read_marker(output: str, marker: bool = True) -> dict[str, Any] | None:
     return json.loads(storage.read_text(uri))
 
 
-def _clean_temp_files(directory: str, names: Sequence[str]) -> None:
-    """Remove temp files a killed write left for these files (relative to `directory`)."""
-    for name in names:
+def _clean_temp_files(directory: str, names: Sequence[str], globs: Sequence[str] = ()) -> None:
+    """Remove temp files a killed write left for these files or glob patterns (relative to `directory`)."""
+    for name, is_pattern in [*((n, False) for n in names), *((g, True) for g in globs)]:
         folder, _, file_name = storage.join(directory, name).rpartition("/")
-        for tmp in storage.remove_interrupted_writes(folder, owned=file_name.__eq__):
+        owned = (lambda n, p=file_name: fnmatch.fnmatchcase(n, p)) if is_pattern else file_name.__eq__
+        for tmp in storage.remove_interrupted_writes(folder, owned=owned):
             log.info("removed %s, left by an interrupted write", tmp)
+
+
+def _matches(directory: str, pattern: str) -> list[str]:
+    """Paths relative to `directory` of the files a glob sidecar pattern matches (its folder only)."""
+    folder, _, name_pattern = pattern.rpartition("/")
+    names = storage.file_names(storage.join(directory, folder) if folder else directory)
+    return [f"{folder}/{n}" if folder else n for n in names if fnmatch.fnmatchcase(n, name_pattern)]
 
 
 def _published_marker(stage: Stage[Any], output: str) -> dict[str, Any] | None:
@@ -225,14 +254,27 @@ def publish(
     marker: Mapping[str, Any],
     *,
     copy: bool = True,
+    globs: Sequence[str] = (),
 ) -> None:
-    """Copy a complete version to the stable paths under `root`: marker off, files, then the marker."""
+    """Copy a complete version to the stable paths under `root`: marker off, files, then the marker.
+
+    `globs`: glob sidecars (relative to the folders); their matches are linked (storage.link_or_copy) and
+    the stable folder's matches that the version lacks are deleted."""
     stable = storage.join(root, relative)
     if not copy:
         body = {**marker, "published_from": storage.join(vdir, relative)}
         storage.write_text(stable + LATEST_SUFFIX, json.dumps(body, indent=2, sort_keys=True) + "\n")
         return
     storage.delete(done_uri(stable))
+    _clean_temp_files(root, [relative, *sidecars], globs)  # left by a publish that was killed
+    for pattern in globs:
+        made = _matches(vdir, pattern)
+        for match in made:
+            storage.link_or_copy(storage.join(vdir, match), storage.join(root, match))
+        for stale in sorted(set(_matches(root, pattern)) - set(made)):
+            storage.delete(storage.join(root, stale))  # an older version's file must not pass for this one's
+    # Copies, not links: a small file at the stable path (a JSON, a card) may be edited in place, which
+    # through a link would change the version that its fingerprint vouches for.
     for rel in sidecars:
         source, target = storage.join(vdir, rel), storage.join(root, rel)
         if storage.exists(source):
@@ -259,7 +301,8 @@ class Plan:
     relative: str  # the main output, relative to root
     dir: str  # the fingerprint folder
     output: str  # the main output inside it
-    sidecars: list[str]
+    sidecars: list[str]  # files, relative to root and dir
+    globs: list[str] = field(default_factory=list)  # glob sidecars, relative to root and dir
 
 
 def plan_stage(
@@ -285,7 +328,9 @@ def plan_stage(
     relative = output[len(root) + 1 :]
     name = relative.rpartition("/")[2]
     vdir = storage.join(root, f"{stage.name}-{fingerprint[:FINGERPRINT_CHARS]}")
-    sidecars = [pattern.format(name=name, output=relative, **(names or {})) for pattern in stage.sidecars]
+    fill = {"name": name, "output": relative, **(names or {})}
+    sidecars = [pattern.format(**fill) for pattern in stage.sidecars if not is_glob(pattern)]
+    globs = [pattern for pattern in stage.sidecars if is_glob(pattern)]
     return Plan(
         fingerprint,
         settings,
@@ -296,6 +341,7 @@ def plan_stage(
         vdir,
         storage.join(vdir, relative),
         sidecars,
+        globs,
     )
 
 
@@ -324,13 +370,14 @@ def run_stage(
     plan = plan_stage(stage, config, inputs, output, params=params, names=names, root=root)
     params, settings, input_fps, fingerprint = plan.params, plan.settings, plan.inputs, plan.fingerprint
     root, relative, vdir, versioned, sidecars = plan.root, plan.relative, plan.dir, plan.output, plan.sidecars
+    globs = plan.globs
     short = fingerprint[:FINGERPRINT_CHARS]
 
     done = read_marker(versioned)
     if done is not None and done.get("fingerprint") == fingerprint:
         stable = _published_marker(stage, output)
         if stable is None or stable.get("fingerprint") != fingerprint:
-            publish(vdir, root, relative, sidecars, done, copy=stage.publish_copy)
+            publish(vdir, root, relative, sidecars, done, copy=stage.publish_copy, globs=globs)
         log.info("%s: unchanged (fingerprint %s), skipping: %s", stage.name, short, versioned)
         return versioned
 
@@ -346,7 +393,7 @@ def run_stage(
         )
     else:
         log.info("%s: computing (fingerprint %s) -> %s", stage.name, short, versioned)
-    _clean_temp_files(vdir, [relative, *sidecars])
+    _clean_temp_files(vdir, [relative, *sidecars], globs)
     if data_root is None:
         data_root = root
     run = StageRun(
@@ -373,7 +420,7 @@ def run_stage(
         "seconds": round(time.monotonic() - started, 3),
     }
     storage.write_text(done_uri(versioned), json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    publish(vdir, root, relative, sidecars, marker, copy=stage.publish_copy)
+    publish(vdir, root, relative, sidecars, marker, copy=stage.publish_copy, globs=globs)
     rejects = ", ".join(f"{k}: {v}" for k, v in sorted(stats.rejects.items()))
     log.info(
         "%s: done in %.1f s, %d in, %d out%s -> %s",

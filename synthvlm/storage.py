@@ -4,7 +4,9 @@ gs:// goes through google-cloud-storage (its retry policy and transfer helpers),
 (botocore's standard retry mode, s3transfer for big files); an object upload is atomic by itself: a
 single PUT, or a multipart upload whose object appears only when it is completed (its parts are never
 visible as an object). Local writes go to a temporary file in the same directory and are renamed into
-place, so a reader never sees a half-written file.
+place, so a reader never sees a half-written file. Copies never pass the bytes through Python: server-side
+within a store, the kernel's copy between local paths, or (link_or_copy, for big files written once) a hard
+link.
 
 s3:// takes everything from the standard AWS settings: credentials from the default chain
 (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, IRSA, ...), the endpoint of an S3-compatible
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -281,7 +285,28 @@ def upload_file(local_path: str, uri: str, content_type: str | None = None) -> N
         with _s3_errors(uri):  # multipart for big files (checkpoints): visible only once completed
             _s3_client().upload_file(local_path, bucket, key, ExtraArgs=extra, Config=_s3_transfer_config())
     else:
-        write_bytes(uri, Path(local_path).read_bytes())
+        _copy_local(local_path, uri)
+
+
+def _copy_local(path: str, target: str) -> None:
+    """Copy a local file to a local path atomically (temp file, then rename), the bytes copied by the
+    kernel (shutil.copyfile uses sendfile on Linux), never held in memory."""
+    dest = Path(target)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=_TEMP_SUFFIX)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        os.close(fd)
+        shutil.copyfile(path, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def exists(uri: str) -> bool:
@@ -310,6 +335,31 @@ def delete(uri: str) -> None:
             _s3_client().delete_object(Bucket=bucket, Key=key)
     else:
         Path(uri).unlink(missing_ok=True)
+
+
+def file_names(folder: str) -> list[str]:
+    """Names of the files/objects directly in `folder` (not in its subfolders), sorted; local temp files
+    (dot files) are left out, as in list_uris."""
+    if is_remote(folder):
+        bucket, name = split_remote(folder)
+        name = name.rstrip("/") + "/" if name else ""
+        if is_gcs(folder):  # a delimiter lists one level only: a stage folder's versions are not walked
+            blobs = _gcs_client(folder).list_blobs(bucket, prefix=name, delimiter="/", retry=_retry())
+            keys = [blob.name for blob in blobs]
+        else:
+            keys = []
+            with _s3_errors(folder):
+                pages = (
+                    _s3_client()
+                    .get_paginator("list_objects_v2")
+                    .paginate(Bucket=bucket, Prefix=name, Delimiter="/")
+                )
+                for page in pages:
+                    keys += [obj["Key"] for obj in page.get("Contents", ())]
+        return sorted(key[len(name) :] for key in keys if key[len(name) :])
+    if not Path(folder).is_dir():
+        return []
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
 
 
 def list_uris(prefix: str, suffix: str = "") -> list[str]:
@@ -343,19 +393,63 @@ def is_remote(uri: str) -> bool:
 
 
 def copy(source: str, target: str) -> None:
-    """Copy one file/object atomically (server-side within gs:// and within s3://)."""
+    """Copy one file/object atomically, never holding it in memory: server-side within gs:// and within
+    s3://, by the kernel between local paths, through a local temp file between stores."""
     if is_gcs(source) and is_gcs(target):
-        src_bucket, src_name = split_gcs(source)
-        dst_bucket, dst_name = split_gcs(target)
-        bucket = _client().bucket(src_bucket)
-        bucket.copy_blob(bucket.blob(src_name), _client().bucket(dst_bucket), dst_name, retry=_retry())
+        _gcs_rewrite(source, target)
         return
     if is_s3(source) and is_s3(target):
         src_bucket, src_key = split_s3(source)
         dst_bucket, dst_key = split_s3(target)
-        with _s3_errors(source):  # a multipart copy above 5 GB: visible only once completed, like a PUT
+        # s3transfer's managed copy: CopyObject, or a multipart UploadPartCopy above its threshold (one
+        # CopyObject stops at 5 GB); visible only once completed, like a PUT.
+        with _s3_errors(source):
             _s3_client().copy(
                 {"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key, Config=_s3_transfer_config()
             )
         return
-    write_bytes(target, read_bytes(source))
+    with local_copy(source) as path:
+        if is_remote(target):
+            upload_file(path, target)
+        else:
+            _copy_local(path, target)
+
+
+def _gcs_rewrite(source: str, target: str) -> None:
+    """A server-side copy in gs://. rewrite, not copy_blob: a big object (or one crossing locations or
+    storage classes) takes several calls, each returning a token to continue; the target appears whole
+    when the last call completes."""
+    src, dst = _blob(source), _blob(target)
+    token, _, _ = dst.rewrite(src, retry=_retry())
+    while token is not None:
+        token, _, _ = dst.rewrite(src, token=token, retry=_retry())
+
+
+def link_or_copy(source: str, target: str) -> None:
+    """Put `source`'s bytes at `target` without copying them through this process: a hard link between
+    local paths (a copy where one cannot be made: another device, a file system without links, a file
+    the kernel will not link for this user), a server-side copy within gs:// and within s3://.
+
+    The link is made under a temp name and renamed into place, so `target` is replaced whole. Both paths
+    then share one file: only for files that are replaced, never changed in place (every write here
+    renames a new file into place, which leaves the other path's file as it was)."""
+    if is_remote(source) or is_remote(target):
+        copy(source, target)
+        return
+    src, dest = Path(source), Path(target)
+    if dest.exists() and os.path.samefile(src, dest):
+        return  # already linked (renaming a link onto its own file would do nothing and keep the temp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # storage's temp naming (".{name}.{random}.tmp"): remove_interrupted_writes finds a killed link's.
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
+    try:
+        os.link(src, tmp)
+    except FileNotFoundError:
+        raise
+    except OSError:  # EXDEV, EPERM (fs.protected_hardlinks), EMLINK, no links on this file system
+        _copy_local(source, target)
+        return
+    try:
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -16,6 +16,10 @@ package and HF `datasets`' webdataset loader (`load_dataset("webdataset", data_f
   place (local) or uploaded as one object (gs://, s3://, through synthvlm.storage), so a reader never sees
   half a shard. Members carry fixed metadata (mtime 0, mode 0444, no owner): the same samples give the
   same bytes.
+- The index (`webdataset.json`, beside `webdataset/`) names every shard by its path relative to the index's
+  folder, like the card's `data_files`: the same index is right in the fingerprint folder and in the stable
+  export folder the runner publishes the shards to, and after the folder is copied or uploaded elsewhere
+  (`shard_uris` joins them to where the index is read from).
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ from synthvlm.errors import InputError
 
 log = logging.getLogger(__name__)
 
-SHARD_DIR = "webdataset"  # the shards' folder, inside the export's fingerprint folder
+SHARD_DIR = "webdataset"  # the shards' folder, in the export's folder (fingerprint and stable alike)
+SHARD_GLOB = f"{SHARD_DIR}/*.tar"  # every shard of an export (the runner's glob sidecar)
 INDEX_NAME = "webdataset.json"  # beside the export's main output: every shard, its samples and bytes
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard paths relative to the index's folder (1: full URIs of the fingerprint folder)
 _IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]+$")
 _TAR_HEADER = 512  # bytes per tar header block; members are padded to 512-byte blocks
@@ -147,12 +152,7 @@ class ShardSet:
             "fields": self.fields,
             "pattern": self.pattern,
             "shards": [
-                {
-                    "name": s.name,
-                    "uri": storage.join(self.folder, s.name),
-                    "samples": s.samples,
-                    "bytes": s.bytes,
-                }
+                {"name": s.name, "path": f"{self.relative}/{s.name}", "samples": s.samples, "bytes": s.bytes}
                 for s in self.shards
             ],
         }
@@ -328,7 +328,8 @@ def _finish(shard: _Shard) -> ShardInfo:
 
 
 def write_index(uri: str, sets: dict[str, ShardSet]) -> dict[str, Any]:
-    """`webdataset.json`: every subset's shards (names, URIs, samples, bytes) and its data_files pattern."""
+    """`webdataset.json`: every subset's shards (names, paths relative to the index's folder, samples,
+    bytes) and its data_files pattern."""
     body = {
         "format": "webdataset",
         "version": FORMAT_VERSION,
@@ -337,3 +338,13 @@ def write_index(uri: str, sets: dict[str, ShardSet]) -> dict[str, Any]:
     }
     storage.write_text(uri, json.dumps(body, indent=2, ensure_ascii=False) + "\n", "application/json")
     return body
+
+
+def shard_uris(index_uri: str) -> dict[str, list[str]]:
+    """Subset -> its shards' URIs, for an index read where it lies (`wds.WebDataset(uris["default"])`)."""
+    folder = index_uri.rpartition("/")[0] or "."
+    body = json.loads(storage.read_text(index_uri))
+    return {
+        name: [storage.join(folder, shard["path"]) for shard in subset["shards"]]
+        for name, subset in body["subsets"].items()
+    }

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from synthvlm import runner
+from synthvlm import runner, storage
 from synthvlm.config import StageConfig
 from synthvlm.errors import ConfigError
 from synthvlm.runner import Stage, StageRun, run_stage
@@ -162,3 +162,90 @@ def test_describe_shows_fingerprint_and_settings(tmp_path):
     assert info["stage"] == "double" and info["settings"]["factor"] == 7
     assert Path(versioned).parent.name == f"double-{info['fingerprint'][:16]}"
     assert info["inputs"]["numbers"]["fingerprint"].startswith("sha256:")
+
+
+# --- glob sidecars -----------------------------------------------------------------------------------------
+
+
+def _parts(config: CountConfig, run: StageRun) -> StageStats:
+    """Writes one part file per number (how many: known only once it ran), then the main output."""
+    CALLS.append(run.fingerprint)
+    numbers = [int(x) for x in Path(run.inputs["numbers"]).read_text().split()]
+    for i, n in enumerate(numbers):
+        storage.write_text(run.path(f"parts/part-{i}.txt"), str(n * config.factor))
+    storage.write_text(run.path("parts/notes.md"), "not a part")  # not matched: stays in the version
+    storage.write_text(run.output, str(len(numbers)))
+    return StageStats("parts", count_in=len(numbers), count_out=len(numbers))
+
+
+PARTS = Stage(name="parts", process=_parts, sidecars=("parts/part-*.txt",))
+
+
+def _stable_parts(out: str) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((Path(out).parent / "parts").iterdir())}
+
+
+def test_glob_sidecars_are_linked_and_stale_matches_removed(tmp_path):
+    src, out = _setup(tmp_path, "1 2 3")
+    first = Path(run_stage(PARTS, CountConfig(factor=2), {"numbers": src}, out))
+    assert _stable_parts(out) == {"part-0.txt": "2", "part-1.txt": "4", "part-2.txt": "6"}
+    stable = Path(out).parent / "parts"
+    assert all((stable / name).samefile(first.parent / "parts" / name) for name in _stable_parts(out))
+
+    Path(src).write_text("5 6")  # fewer parts: part-2 of the first version must not pass for the new one's
+    second = Path(run_stage(PARTS, CountConfig(factor=2), {"numbers": src}, out))
+    assert _stable_parts(out) == {"part-0.txt": "10", "part-1.txt": "12"}
+    assert (first.parent / "parts" / "part-2.txt").read_text() == "6"  # the old version is untouched
+    assert (first.parent / "parts" / "part-0.txt").read_text() == "2"  # the link was replaced, not written
+    assert json.loads(Path(done_uri(out)).read_text())["published_from"] == str(second)
+
+    Path(src).write_text("1 2 3")  # back to the first input: the skip republishes the first version
+    assert run_stage(PARTS, CountConfig(factor=2), {"numbers": src}, out) == str(first) and len(CALLS) == 2
+    assert _stable_parts(out) == {"part-0.txt": "2", "part-1.txt": "4", "part-2.txt": "6"}
+
+
+def test_glob_sidecars_are_published_between_the_markers(tmp_path, monkeypatch):
+    """While the parts are linked and the stale ones deleted, the stable path has no marker."""
+    src, out = _setup(tmp_path, "1 2 3")
+    run_stage(PARTS, CountConfig(factor=2), {"numbers": src}, out)
+    seen: list[bool] = []
+    link, delete = storage.link_or_copy, storage.delete
+
+    def spy_link(source: str, target: str) -> None:
+        seen.append(Path(done_uri(out)).exists())
+        link(source, target)
+
+    def spy_delete(uri: str) -> None:
+        if "/parts/" in uri:
+            seen.append(Path(done_uri(out)).exists())
+        delete(uri)
+
+    monkeypatch.setattr(storage, "link_or_copy", spy_link)
+    monkeypatch.setattr(storage, "delete", spy_delete)
+    Path(src).write_text("7 8")
+    run_stage(PARTS, CountConfig(factor=2), {"numbers": src}, out)
+    assert seen == [False, False, False]  # two links, one stale part deleted: none with a marker
+    assert Path(done_uri(out)).exists() and _stable_parts(out) == {"part-0.txt": "14", "part-1.txt": "16"}
+
+
+def test_glob_sidecar_temp_files_of_a_killed_publish_are_removed(tmp_path):
+    src, out = _setup(tmp_path, "1 2")
+    first = Path(run_stage(PARTS, CountConfig(factor=2), {"numbers": src}, out))
+    left = [
+        Path(out).parent / "parts" / ".part-0.txt.abc123.tmp",
+        first.parent / "parts" / ".part-1.txt.x1.tmp",
+    ]
+    for path in left:
+        path.write_text("half")
+    Path(done_uri(str(first))).unlink()  # the version must be redone, and published again
+    run_stage(PARTS, CountConfig(factor=2), {"numbers": src}, out)
+    assert not any(path.exists() for path in left)
+    assert _stable_parts(out) == {"part-0.txt": "2", "part-1.txt": "4"}
+
+
+def test_glob_sidecars_are_matched_in_one_folder_without_placeholders():
+    for pattern in ("*/part.txt", "parts/{name}-*.txt"):
+        with pytest.raises(ValueError, match="glob"):
+            Stage(name="bad", process=_parts, sidecars=(pattern,))
+    plan = runner.plan_stage(PARTS, CountConfig(), {}, "/d/out/n.txt")
+    assert plan.sidecars == [] and plan.globs == ["parts/part-*.txt"]

@@ -1,3 +1,5 @@
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,63 @@ def test_gcs_round_trip_against_emulator(gcs_emulator: str, tmp_path: Path):
     storage.delete(uri)
     assert not storage.exists(uri)
     storage.delete(uri)  # deleting what is gone is not an error
+
+
+def test_local_link_or_copy_shares_the_file_and_a_rewrite_replaces_only_one_path(tmp_path: Path):
+    source, target = tmp_path / "v" / "shard.tar", tmp_path / "stable" / "shard.tar"
+    storage.write_bytes(str(source), b"version 1")
+    storage.write_bytes(str(target), b"an older version's shard")
+    storage.link_or_copy(str(source), str(target))
+    assert target.samefile(source) and target.read_bytes() == b"version 1"  # a hard link: no second copy
+    storage.link_or_copy(str(source), str(target))  # already linked: nothing to do, no temp left
+    assert sorted(p.name for p in target.parent.iterdir()) == ["shard.tar"]
+    # Every write renames a new file into place: the other path keeps its bytes.
+    storage.write_bytes(str(source), b"rewritten")
+    assert target.read_bytes() == b"version 1" and not target.samefile(source)
+    with pytest.raises(FileNotFoundError):
+        storage.link_or_copy(str(tmp_path / "missing.tar"), str(target))
+    assert target.read_bytes() == b"version 1"
+
+
+def test_link_or_copy_copies_where_no_link_can_be_made(tmp_path: Path, monkeypatch):
+    source, target = tmp_path / "a.tar", tmp_path / "out" / "a.tar"
+    source.write_bytes(b"x" * 100_000)
+
+    def cross_device(*_args, **_kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    monkeypatch.setattr(storage, "read_bytes", None)  # the bytes never pass through Python
+    storage.link_or_copy(str(source), str(target))
+    assert target.read_bytes() == source.read_bytes() and not target.samefile(source)
+    assert target.stat().st_mode & 0o777 == storage._FILE_MODE
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.tar"]
+    storage.copy(str(source), str(tmp_path / "copy.tar"))  # copy: the kernel's copy, not a link either
+    assert (tmp_path / "copy.tar").read_bytes() == source.read_bytes()
+    assert not (tmp_path / "copy.tar").samefile(source)
+
+
+def test_file_names_lists_one_folder(tmp_path: Path, gcs_emulator: str):
+    for root in (str(tmp_path), storage.join(gcs_emulator, "names")):
+        for rel in ("d/a.tar", "d/b.tar", "d/sub/c.tar", "d2/x.tar"):
+            storage.write_bytes(storage.join(root, rel), b"x")
+        assert storage.file_names(storage.join(root, "d")) == ["a.tar", "b.tar"]
+        assert storage.file_names(storage.join(root, "d") + "/") == ["a.tar", "b.tar"]
+        assert storage.file_names(storage.join(root, "nothing")) == []
+    (tmp_path / "d" / ".a.tar.abc.tmp").write_bytes(b"half")  # a temp file is no file of the folder
+    assert storage.file_names(str(tmp_path / "d")) == ["a.tar", "b.tar"]
+
+
+def test_gcs_copy_is_server_side(gcs_emulator: str, monkeypatch):
+    source = storage.join(gcs_emulator, "copy", "v", "shard.tar")
+    storage.write_bytes(source, b"tar bytes")
+    monkeypatch.setattr(storage, "read_bytes", None)  # rewritten by the server, never downloaded
+    monkeypatch.setattr(storage, "local_copy", None)
+    storage.link_or_copy(source, storage.join(gcs_emulator, "copy", "shard.tar"))
+    storage.copy(source, storage.join(gcs_emulator, "copy", "b", "shard.tar"))
+    monkeypatch.undo()
+    assert storage.read_bytes(storage.join(gcs_emulator, "copy", "shard.tar")) == b"tar bytes"
+    assert storage.read_bytes(storage.join(gcs_emulator, "copy", "b", "shard.tar")) == b"tar bytes"
 
 
 def test_split_and_join():

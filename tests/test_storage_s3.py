@@ -306,6 +306,64 @@ def test_runner_versions_markers_and_stable_copy(s3: str) -> None:
     assert json.loads(storage.read_text(done_uri(out)))["published_from"] == second
 
 
+def _shards(config: CountConfig, run: StageRun) -> StageStats:
+    """One "shard" per number: how many is known only once the stage ran."""
+    numbers = storage.read_text(run.inputs["numbers"]).split()
+    for i, n in enumerate(numbers):
+        storage.write_bytes(storage.join(run.dir, "webdataset", f"s-{i:06d}.tar"), n.encode() * config.factor)
+    storage.write_text(run.output, str(len(numbers)))
+    return StageStats("shards", count_in=len(numbers), count_out=len(numbers))
+
+
+SHARDS = Stage(name="shards", process=_shards, sidecars=("webdataset/*.tar",))
+
+
+def test_glob_sidecars_are_published_by_server_side_copy(s3: str) -> None:
+    src, out = storage.join(s3, "numbers.txt"), storage.join(s3, "export", "count.txt")
+    storage.write_text(src, "1 2 3")
+    requests: list[tuple[str, str]] = []
+
+    def record(model, params, **_kwargs) -> None:
+        requests.append((model.name, params.get("Key", "")))
+
+    _client().meta.events.register("provide-client-params.s3.*", record)
+    try:
+        first = run_stage(SHARDS, CountConfig(factor=2), {"numbers": src}, out)
+        stable = storage.join(s3, "export", "webdataset")
+        assert storage.list_uris(stable) == [f"{stable}/s-{i:06d}.tar" for i in range(3)]
+        # Copied by the store itself: the shards were written (PUT) and copied, never read back.
+        copied = sorted(key.rpartition("/")[2] for op, key in requests if op == "CopyObject")
+        assert copied == ["count.txt", "s-000000.tar", "s-000001.tar", "s-000002.tar"]
+        assert not [key for op, key in requests if op == "GetObject" and key.endswith(".tar")]
+        assert storage.read_bytes(f"{stable}/s-000002.tar") == b"33"
+
+        storage.write_text(src, "4 5")  # fewer shards: the third one of the first version is deleted
+        second = run_stage(SHARDS, CountConfig(factor=2), {"numbers": src}, out)
+    finally:
+        _client().meta.events.unregister("provide-client-params.s3.*", record)
+    assert storage.list_uris(stable) == [f"{stable}/s-000000.tar", f"{stable}/s-000001.tar"]
+    assert storage.read_bytes(f"{stable}/s-000001.tar") == b"55"
+    assert storage.read_bytes(storage.join(first.rpartition("/")[0], "webdataset", "s-000002.tar")) == b"33"
+    assert json.loads(storage.read_text(done_uri(out)))["published_from"] == second
+
+
+def test_a_big_server_side_copy_is_multipart(s3: str, small_parts) -> None:
+    source, target = storage.join(s3, "v", "big.tar"), storage.join(s3, "big.tar")
+    data = os.urandom(11 * MIB)
+    storage.write_bytes(source, data)
+    parts: list[int] = []
+
+    def count(params, **_kwargs) -> None:
+        parts.append(params["PartNumber"])
+
+    _client().meta.events.register("provide-client-params.s3.UploadPartCopy", count)
+    try:
+        storage.link_or_copy(source, target)
+    finally:
+        _client().meta.events.unregister("provide-client-params.s3.UploadPartCopy", count)
+    assert sorted(parts) == [1, 2, 3] and storage.read_bytes(target) == data
+
+
 # --- commands and pipelines on s3:// ---------------------------------------------------------------
 
 

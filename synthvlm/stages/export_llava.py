@@ -10,8 +10,9 @@ With `webdataset` on (the default), the same samples also go to WebDataset tar s
 (`webdataset/synthvlm-000000.tar`, ...: `{key}.jpg` as generated + `{key}.json` with the caption, the
 LLaVA conversation, seed, scores and the manifest record; synthvlm.webdataset_export), listed in
 `webdataset.json`; with `card` on (the default), a dataset card (`README.md`, HF Hub YAML header;
-synthvlm.dataset_card) describes them. The shards stay in the export's fingerprint folder (too big to
-copy to the stable path); the index and the card are published beside the JSON.
+synthvlm.dataset_card) describes them. Everything is published to the stable export folder, the shards by
+hard link or server-side copy (the runner's glob sidecar), so that folder is the dataset as a whole: the
+card's `data_files` and the index's shard paths are relative to it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from synthvlm.webdataset_export import (
 from synthvlm.webdataset_export import (
     INDEX_NAME,
     SHARD_DIR,
+    SHARD_GLOB,
     Sample,
     ShardSet,
     WebDatasetConfig,
@@ -203,7 +205,11 @@ def _card_data(
             f"| `{MANIFEST_NAME}` | the dataset manifest: id, caption, seed, image URI, scores, provenance "
             "(every image regenerable: `synthvlm regenerate`) |",
             *(
-                [f"| `{INDEX_NAME}` | the WebDataset shards: names, URIs, samples, bytes |"]
+                [
+                    f"| `{SHARD_DIR}/` | the WebDataset shards |",
+                    f"| `{INDEX_NAME}` | the shards: names, paths (relative to this folder), samples, "
+                    "bytes |",
+                ]
                 if shard_set
                 else []
             ),
@@ -248,18 +254,20 @@ def _card_data(
 
 
 # Every setting changes the JSON; the data root is a param (image paths are relative to it).
+# Version 2: the shards are published too, and the index names them by relative paths.
 EXPORT_LLAVA = Stage(
     name="export_llava",
     process=_process,
     excluded={f"webdataset.{key}": why for key, why in WDS_EXCLUDED.items()},
-    sidecars=(MANIFEST_NAME, INDEX_NAME, CARD_NAME),
+    sidecars=(MANIFEST_NAME, INDEX_NAME, CARD_NAME, SHARD_GLOB),
+    version=2,
 )
 
 
 def export_llava(config: ExportConfig, input_manifest: str, data_root: str, output_dir: str) -> str:
     """Write `llava_pretrain.json`, `manifest.jsonl` and (by default) WebDataset shards with their index
-    `webdataset.json` and the dataset card `README.md`; returns the versioned JSON URI (copies of all but
-    the shards are published in `output_dir`)."""
+    `webdataset.json` and the dataset card `README.md`; returns the versioned JSON URI (all of them are
+    published in `output_dir`, the shards under `webdataset/`)."""
     return run_stage(
         EXPORT_LLAVA,
         config,

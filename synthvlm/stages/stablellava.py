@@ -115,6 +115,7 @@ from synthvlm.stage import StageStats
 from synthvlm.webdataset_export import EXCLUDED as WDS_EXCLUDED
 from synthvlm.webdataset_export import INDEX_NAME as WDS_INDEX
 from synthvlm.webdataset_export import SHARD_DIR as WDS_DIR
+from synthvlm.webdataset_export import SHARD_GLOB as WDS_SHARDS
 from synthvlm.webdataset_export import Sample as WdsSample
 from synthvlm.webdataset_export import ShardSet, WebDatasetConfig, write_index, write_shards
 
@@ -1103,6 +1104,7 @@ def _card_data(
 
 
 # Every setting changes the files; the data root is a param (image paths are relative to it).
+# Version 2: the shards are published too, and the index names them by relative paths.
 EXPORT = Stage(
     name="stablellava_export",
     process=_export,
@@ -1118,7 +1120,9 @@ EXPORT = Stage(
         LMMS_YAML,
         LMMS_UTILS,
         WDS_INDEX,
+        WDS_SHARDS,
     ),
+    version=2,
 )
 
 
@@ -1133,8 +1137,8 @@ def export_stablellava(
     JSON (every sample, image lists), the eval JSONL with its lmms-eval task, exports.json + README.md
     (which file fits which trainer; with `card` on, inside the dataset card), the manifest of the records
     used, the export rejects and (with `webdataset` on) WebDataset shards under `webdataset/` with their
-    index `webdataset.json`; returns the versioned LLaVA-1.5 SFT JSON's URI (copies of all but the shards,
-    too big to copy, are published under `output_dir`)."""
+    index `webdataset.json`; returns the versioned LLaVA-1.5 SFT JSON's URI (all of them are published under
+    `output_dir`, the shards by hard link or server-side copy)."""
     return run_stage(
         EXPORT,
         config,

@@ -15,6 +15,7 @@ from synthvlm.llava_format import ImageRoot, brief_instruction, brief_instructio
 from synthvlm.records import Record, read_manifest, write_manifest
 from synthvlm.stage import is_done, read_stats
 from synthvlm.stages.export_llava import ExportConfig, export_llava
+from synthvlm.webdataset_export import shard_uris
 from tests.published import published
 
 
@@ -215,8 +216,13 @@ def test_export_on_gcs(gcs_emulator: str) -> None:
     assert is_done(json_uri)
     index = json.loads(storage.read_text(storage.join(out_dir, "webdataset.json")))
     (shard,) = index["subsets"]["default"]["shards"]
-    assert shard["uri"] == storage.join(json_uri.rpartition("/")[0], "webdataset", "synthvlm-000000.tar")
-    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(shard["uri"]))) as tar:
+    assert shard["path"] == "webdataset/synthvlm-000000.tar"  # relative: right in either folder
+    # The shard is published (a server-side copy) beside the stable index, byte for byte the version's.
+    stable_shard = storage.join(out_dir, shard["path"])
+    assert shard_uris(storage.join(out_dir, "webdataset.json")) == {"default": [stable_shard]}
+    version_shard = storage.join(json_uri.rpartition("/")[0], shard["path"])
+    assert storage.read_bytes(stable_shard) == storage.read_bytes(version_shard)
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(stable_shard))) as tar:
         assert tar.extractfile("g1.jpg").read() == b"jpeg bytes 1"
         assert json.loads(tar.extractfile("g1.json").read())["caption"] == "caption 1"
     assert "configs" in storage.read_text(storage.join(out_dir, "README.md"))
@@ -259,12 +265,18 @@ def test_export_writes_webdataset_shards_and_card(selected, tmp_path: Path) -> N
     json_uri = export_llava(config, manifest, str(data_root), str(out_dir))
     version = Path(json_uri).parent
 
-    shards = sorted((version / "webdataset").glob("*.tar"))
-    assert [p.name for p in shards] == [f"synthvlm-{i:06d}.tar" for i in range(3)]
+    names = [f"synthvlm-{i:06d}.tar" for i in range(3)]
+    assert sorted(p.name for p in (version / "webdataset").glob("*.tar")) == names
+    # The stable folder holds the shards too, as hard links of the version's (no second copy on disk).
+    shards = sorted((out_dir / "webdataset").glob("*.tar"))
+    assert [p.name for p in shards] == names
+    assert all(p.samefile(version / "webdataset" / p.name) for p in shards)
     index = json.loads((out_dir / "webdataset.json").read_text())  # published beside the JSON
-    assert index["samples"] == 7 and [s["uri"] for s in index["subsets"]["default"]["shards"]] == [
-        str(p) for p in shards
+    assert index == json.loads((version / "webdataset.json").read_text())  # relative paths fit both
+    assert index["samples"] == 7 and [s["path"] for s in index["subsets"]["default"]["shards"]] == [
+        f"webdataset/{name}" for name in names
     ]
+    assert shard_uris(str(out_dir / "webdataset.json")) == {"default": [str(p) for p in shards]}
     rows = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
     assert [r["__key__"] for r in rows] == [sample_key(r.id) for r in records]
     llava = {s["id"]: s for s in json.loads(Path(json_uri).read_text())}
@@ -296,15 +308,47 @@ def test_export_writes_webdataset_shards_and_card(selected, tmp_path: Path) -> N
     assert "| 0.2000 |" in card  # the clip scores' minimum in the quantile table
 
     datasets = pytest.importorskip("datasets")
-    ds = datasets.load_dataset(
-        "webdataset",
-        data_files={"train": str(version / head["configs"][0]["data_files"][0]["path"])},
-        split="train",
-        cache_dir=str(tmp_path / "hf-cache"),
+    # The stable folder as the Hub would serve it: load_dataset reads the card's configs, whose data_files
+    # are relative to the folder; and the shard folder alone, as data_dir.
+    by_card = datasets.load_dataset(str(out_dir), "default", split="train", cache_dir=str(tmp_path / "hf-1"))
+    by_dir = datasets.load_dataset(
+        "webdataset", data_dir=str(out_dir / "webdataset"), split="train", cache_dir=str(tmp_path / "hf-2")
     )
-    assert len(ds) == 7 and sorted(ds["__key__"]) == sorted(sample_key(r.id) for r in records)
-    assert {row["json"]["id"] for row in ds} == {r.id for r in records}
-    assert ds[0]["jpg"].size == (8, 8)
+    for ds in (by_card, by_dir):
+        assert len(ds) == 7 and sorted(ds["__key__"]) == sorted(sample_key(r.id) for r in records)
+        assert {row["json"]["id"] for row in ds} == {r.id for r in records}
+        assert ds[0]["jpg"].size == (8, 8)
+        assert all(url.startswith(str(out_dir / "webdataset")) for url in ds["__url__"])
+
+
+def test_a_rerun_with_fewer_shards_removes_the_stale_shard(selected, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    manifest, data_root, records = selected
+    out_dir = tmp_path / "export"
+    first = Path(
+        export_llava(ExportConfig(webdataset={"max_samples": 3}), manifest, str(data_root), str(out_dir))
+    )
+    assert len(list((out_dir / "webdataset").glob("*.tar"))) == 3
+    second = Path(
+        export_llava(ExportConfig(webdataset={"max_samples": 4}), manifest, str(data_root), str(out_dir))
+    )
+
+    # Two shards now: the first version's third shard is gone from the stable folder (it stays in its own).
+    shards = sorted((out_dir / "webdataset").glob("*.tar"))
+    assert [p.name for p in shards] == ["synthvlm-000000.tar", "synthvlm-000001.tar"]
+    assert all(p.samefile(second.parent / "webdataset" / p.name) for p in shards)
+    assert (first.parent / "webdataset" / "synthvlm-000002.tar").is_file()
+    rows = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
+    assert sorted(r["__key__"] for r in rows) == sorted(r.id for r in records)
+    assert shard_uris(str(out_dir / "webdataset.json")) == {"default": [str(p) for p in shards]}
+
+    # Back to the first settings: the skip republishes the first version, its third shard included.
+    assert export_llava(
+        ExportConfig(webdataset={"max_samples": 3}), manifest, str(data_root), str(out_dir)
+    ) == str(first)
+    shards = sorted((out_dir / "webdataset").glob("*.tar"))
+    assert len(shards) == 3 and all(p.samefile(first.parent / "webdataset" / p.name) for p in shards)
 
 
 def test_webdataset_and_card_can_be_switched_off(selected, tmp_path: Path) -> None:
@@ -316,8 +360,9 @@ def test_webdataset_and_card_can_be_switched_off(selected, tmp_path: Path) -> No
         ExportConfig(webdataset=False, card=False), manifest, str(data_root), str(out_dir)
     )
     assert not (Path(json_uri).parent / "webdataset").exists()
-    # The stable folder no longer shows the older version's card and index.
+    # The stable folder no longer shows the older version's card, index and shards.
     assert not (out_dir / "README.md").exists() and not (out_dir / "webdataset.json").exists()
+    assert not list((out_dir / "webdataset").glob("*"))
     # A card without shards says so and has no configs.
     json_uri = export_llava(ExportConfig(webdataset=False), manifest, str(data_root), str(out_dir))
     from synthvlm.dataset_card import parse_header

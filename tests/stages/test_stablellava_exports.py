@@ -18,6 +18,7 @@ from synthvlm.stages.clip_score import score
 from synthvlm.stages.evaluate import EvalConfig, evaluate
 from synthvlm.stages.generate import generate
 from synthvlm.stages.select import select
+from synthvlm.webdataset_export import shard_uris
 
 
 @pytest.fixture(scope="module")
@@ -245,10 +246,14 @@ def test_export_writes_webdataset_subsets_and_card(tmp_path: Path) -> None:
         "stablellava-sft-000000.tar",
         "stablellava-sft_2images-000000.tar",
     ]
+    # Published to the stable folder (hard links), where the index's relative paths lead.
+    assert sorted(p.name for p in (out / "webdataset").glob("*.tar")) == shards
+    assert all((out / "webdataset" / name).samefile(version / "webdataset" / name) for name in shards)
+    assert shard_uris(str(out / "webdataset.json"))["eval"] == [str(out / "webdataset" / shards[0])]
     interleaved = {s["id"]: s for s in json.loads((out / sl.INTERLEAVED_JSON).read_text())}
     by_id = {r.id: r for r in records}
 
-    pairs = list(wds.WebDataset(str(version / "webdataset" / shards[3]), shardshuffle=False))
+    pairs = list(wds.WebDataset(str(out / "webdataset" / shards[3]), shardshuffle=False))
     (pair,) = pairs
     assert pair["__key__"] == sample_key("r4.r5-multi_image") == "r4%2Er5-multi_image"
     assert pair["0.jpg"] == Path(by_id["r4"].image_uri).read_bytes()
@@ -260,7 +265,7 @@ def test_export_writes_webdataset_subsets_and_card(tmp_path: Path) -> None:
     assert meta["model"] == "tiny/sdxl" and meta["relation"] == "difference" and meta["kind"] == "multi_image"
     assert json.loads(meta["dialogue_provenance"])["llm"]["backend"] == "template"
     assert [json.loads(r)["id"] for r in meta["manifest_records"]] == ["r4", "r5"]
-    (eval_row,) = wds.WebDataset(str(version / "webdataset" / shards[0]), shardshuffle=False)
+    (eval_row,) = wds.WebDataset(str(out / "webdataset" / shards[0]), shardshuffle=False)
     eval_meta = json.loads(eval_row["json"])
     assert (
         eval_meta["answers"] == ["navy"] and eval_meta["metric"] == "keyword" and eval_meta["choices"] == []
@@ -280,13 +285,12 @@ def test_export_writes_webdataset_subsets_and_card(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     for name, expected in (("sft", {"r2-qa", "r3-multi_turn"}), ("sft_2images", {"r4.r5-multi_image"})):
         (files,) = configs[name]["data_files"]
+        # The stable folder with the card's configs, as the Hub would serve it.
         ds = datasets.load_dataset(
-            "webdataset",
-            data_files={files["split"]: str(version / files["path"])},
-            split=files["split"],
-            cache_dir=str(tmp_path / "hf" / name),
+            str(out), name, split=files["split"], cache_dir=str(tmp_path / "hf" / name)
         )
         assert {row["json"]["id"] for row in ds} == expected
+        assert all(url.startswith(str(out / "webdataset")) for url in ds["__url__"])
         assert all(row["json"]["conversations"][0]["from"] == "human" for row in ds)
 
 
@@ -300,16 +304,30 @@ def test_card_off_keeps_the_file_guide(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_webdataset_shards_read_back(demo: dict) -> None:
+def test_demo_webdataset_shards_read_back(demo: dict, tmp_path: Path) -> None:
     import webdataset as wds
 
     from synthvlm.dataset_card import parse_header
 
-    index = json.loads((demo["export"] / "webdataset.json").read_text())
+    export = demo["export"]
+    index = json.loads((export / "webdataset.json").read_text())
     assert index["samples"] > 0
-    for subset in index["subsets"].values():
-        rows = list(wds.WebDataset([s["uri"] for s in subset["shards"]], shardshuffle=False))
+    uris = shard_uris(str(export / "webdataset.json"))
+    for name, subset in index["subsets"].items():
+        # Read from the stable export folder, where every shard was published.
+        assert uris[name] and all(uri.startswith(str(export / "webdataset") + "/") for uri in uris[name])
+        rows = list(wds.WebDataset(uris[name], shardshuffle=False))
         assert len(rows) == subset["samples"]
         assert all(json.loads(r["json"])["conversations"] for r in rows)
-    head = parse_header((demo["export"] / sl.README_MD).read_text())
+    head = parse_header((export / sl.README_MD).read_text())
     assert {c["config_name"] for c in head["configs"]} == set(index["subsets"])
+    datasets = pytest.importorskip("datasets")
+    for config in head["configs"]:
+        (files,) = config["data_files"]
+        ds = datasets.load_dataset(
+            str(export),
+            config["config_name"],
+            split=files["split"],
+            cache_dir=str(tmp_path / config["config_name"]),
+        )
+        assert len(ds) == index["subsets"][config["config_name"]]["samples"]
