@@ -172,21 +172,14 @@ def numeric_metrics(stats: dict[str, Any], prefix: str = "") -> dict[str, float]
 def log_stage_metrics(metrics: Any, *output_uris: str) -> dict[str, float]:
     """Log the numeric statistics of each finished output (summed over shards) into a KFP Metrics artifact,
     with its billed time (billed_gpu_seconds / billed_vcpu_seconds: wall seconds x accelerators requested)
-    and cost_usd at the report's default prices (ReportConfig: gpu_hour_usd, cpu_hour_usd, llm_prices)."""
-    from synthvlm.stages.report import ReportConfig, cost_rows, llm_token_costs
+    and cost_usd at the reports' default prices (synthvlm.billing.Prices)."""
+    from synthvlm.billing import billed_metrics
 
-    prices = ReportConfig()
     total: dict[str, float] = {}
     for uri in output_uris:
         stats = stage.read_stats(uri)
-        billed = numeric_metrics(stats)
-        rows = cost_rows([stats], prices)
-        for row in rows:
-            key = f"billed_{row.unit.lower()}_seconds"
-            billed[key] = billed.get(key, 0.0) + row.unit_seconds
-        llm = llm_token_costs([stats], prices.llm_prices)
-        billed["cost_usd"] = sum(row.usd for row in rows) + sum(usd or 0.0 for *_, usd in llm)
-        for name, value in billed.items():
+        values = {**numeric_metrics(stats), **billed_metrics([stats])}
+        for name, value in values.items():
             total[name] = total.get(name, 0.0) + value
     for name, value in sorted(total.items()):
         metrics.log_metric(name, value)

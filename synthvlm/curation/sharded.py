@@ -286,6 +286,7 @@ def _shard_process(config: Any, run: StageRun) -> StageStats:
     stats.extra["steps"] = step_counts
     if backend is not None:
         stats.extra["llm"] = {k: v for k, v in backend.metrics().items() if isinstance(v, int | float)}
+        stats.extra.update({"llm_backend": backend.name, "llm_model": backend.model})
     return stats
 
 
@@ -655,8 +656,15 @@ def _merge_process(config: Any, run: StageRun) -> StageStats:
     steps: dict[str, dict[str, int]] = {}
     rejects: Counter[str] = Counter()
     llm: Counter[str] = Counter()
+    judge: dict[str, Any] = {}
+    pods = []  # what billing needs of the filter and dedup tasks, which no report reads otherwise
+    for uri in pair_files:
+        marker = json.loads(storage.read_text(done_uri(uri)))
+        pods.append({"stage": DEDUP_STAGE, "seconds": marker.get("seconds", 0.0)})
     for uri in shards:
         marker = json.loads(storage.read_text(done_uri(uri)))
+        pods.append({k: marker[k] for k in ("stage", "seconds", "load_seconds") if k in marker})
+        judge = {k: marker.get(k) for k in ("llm_backend", "llm_model")}  # as the one-pod stage records
         stats.count_in += marker["count_in"]
         rejects.update(marker["rejects"])
         llm.update(marker.get("llm", {}))
@@ -810,8 +818,10 @@ def _merge_process(config: Any, run: StageRun) -> StageStats:
             "rejected_by_step": dict(rejected_by_step),
             "shards": len(shards),
             "dedup_partitions": len(pair_files),
+            "pods": sorted(pods, key=lambda pod: pod["stage"], reverse=True),
         }
     )
+    stats.extra.update({k: v for k, v in judge.items() if v is not None})
     if llm:
         stats.extra.update({k: v for k, v in llm.items()})
     return stats

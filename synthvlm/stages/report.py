@@ -2,15 +2,15 @@
 
 Header (pipeline, preset, date, data root, models, selection fingerprint; a banner for random test models),
 the stage table aggregated over shards (per-shard rows folded in <details>), GPU cost with its price (time
-spent on a CPU is named as such, not priced), the billed-time cost table (per stage: wall seconds x
-accelerators requested, split into load, work and idle; training, evaluation and LLM tokens included; the
-prices printed), the score histogram with the selection cut, the best kept
-records next to the lowest-scoring ones selection rejected (each with its reason), the rejects of curation
-and generation with examples from their rejects files, a grid of kept images and the settings that made
-the data. The file has no scripts or external assets (thumbnails are inline base64 JPEG, the histogram
-inline SVG), so it opens from a bucket, a laptop or the KFP UI's HTML artifact viewer alike. Captions are
-user data and are HTML-escaped everywhere. `report_markdown` gives a short summary for a KFP Markdown
-artifact; synthvlm.stages.stablellava_report builds the StableLLaVA report from the same pieces.
+spent on a CPU is named as such, not priced), the billed-time cost table (synthvlm.billing, shared with the
+StableLLaVA report: per stage, wall seconds x accelerators requested, split into load, work and idle;
+training, evaluation and LLM tokens included; the prices printed), the score histogram with the selection cut,
+the best kept records next to the lowest-scoring ones selection rejected (each with its reason), the rejects
+of curation and generation with examples from their rejects files, a grid of kept images and the settings that
+made the data. The file has no scripts or external assets (thumbnails are inline base64 JPEG, the histogram
+inline SVG), so it opens from a bucket, a laptop or the KFP UI's HTML artifact viewer alike. Captions are user
+data and are HTML-escaped everywhere. `report_markdown` gives a short summary for a KFP Markdown artifact;
+synthvlm.stages.stablellava_report builds the StableLLaVA report from the same pieces.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +32,15 @@ from PIL import Image
 from pydantic import Field
 
 from synthvlm import storage
-from synthvlm.config import StageConfig
+from synthvlm.billing import (
+    GPU_STAGE_SECONDS,
+    Prices,
+    cost_line,
+    cost_markdown,
+    cost_table_html,
+    device_kind,
+    md_cell,
+)
 from synthvlm.records import Record, read_manifest
 from synthvlm.runner import RUN_RECORD_KEYS, Stage, StageRun, run_stage
 from synthvlm.stage import StageStats, read_stats, require_done
@@ -46,8 +54,9 @@ _SVG_LEFT, _SVG_RIGHT, _SVG_TOP, _SVG_BOTTOM = 64, 20, 28, 48
 _STATS_COLUMNS = ("stage", "count_in", "count_out", "rejects", "seconds")
 
 
-class ReportConfig(StageConfig):
-    """Settings of the HTML report."""
+class ReportConfig(Prices):
+    """Settings of the HTML report; the prices of its cost (gpu_hour_usd, cpu_hour_usd, llm_prices) come
+    from `Prices`, shared with the StableLLaVA report."""
 
     # our choice: one screenful of thumbnails; also bounds the HTML size (~15 KB per thumbnail).
     max_images: int = Field(default=64, ge=0)
@@ -57,8 +66,6 @@ class ReportConfig(StageConfig):
     histogram_bins: int = Field(default=20, ge=1)
     # key in Record.scores written by the CLIP scoring stage (SynthVLM's CLIPScore filter).
     score_key: str = "clip"
-    # our assumption: roughly the on-demand price of one A100 GPU-hour on public clouds; set your own.
-    gpu_hour_usd: float = Field(default=3.0, ge=0)
     # our choice: kept (highest scores) and rejected (lowest scores) thumbnails shown side by side, per side.
     examples_per_side: int = Field(default=8, ge=0)
     # our choice: examples per (stage, reason) in the table of rejects made before selection.
@@ -67,27 +74,6 @@ class ReportConfig(StageConfig):
     # them, so whoever starts the run fills them in (`synthvlm run` does); None = "not recorded".
     pipeline: str = "synthvlm"
     preset: str | None = None
-    # our assumption: roughly the on-demand price of one vCPU-hour on public clouds; CPU pods are priced at
-    # this times the CPUs their kind requests (the billed-time table); set your own.
-    cpu_hour_usd: float = Field(default=0.05, ge=0)
-    # USD per 1M (input, output) tokens by LLM model name, for the tokens the LLM stages' markers record; a
-    # model not listed is priced at 0 and named as unpriced. Default: OpenAI's price page
-    # (openai.com/api/pricing) as of writing, our choice; set your own.
-    llm_prices: dict[str, tuple[float, float]] = Field(default_factory=lambda: {"gpt-4o-mini": (0.15, 0.60)})
-
-
-# Stages that hold one GPU per pod, and the statistic that measures how long they held it.
-GPU_STAGE_SECONDS = {"generate": "generate_seconds", "clip_score": "seconds"}
-
-
-def device_kind(device: Any) -> str | None:
-    """'GPU' for CUDA devices, 'CPU', 'MPS', ...; None when unknown ('auto' says what was asked, not used)."""
-    name = str(device or "").strip().lower()
-    if not name or name == "auto":
-        return None
-    if name.startswith("cuda") or name == "gpu":
-        return "GPU"
-    return name.split(":", 1)[0].upper()
 
 
 def stage_devices(all_stats: Sequence[dict[str, Any]], records: Sequence[Record] = ()) -> dict[str, str]:
@@ -108,238 +94,6 @@ def stage_devices(all_stats: Sequence[dict[str, Any]], records: Sequence[Record]
         if kind is not None:
             out[name] = kind
     return out
-
-
-def _stage_seconds(stats: dict[str, Any]) -> float:
-    key = GPU_STAGE_SECONDS.get(str(stats.get("stage", "")), "seconds")
-    return float(stats.get(key, stats.get("seconds", 0.0)) or 0.0)
-
-
-def gpu_seconds(all_stats: Sequence[dict[str, Any]], devices: Mapping[str, str] | None = None) -> float:
-    """GPU-seconds of the GPU stages (one GPU per shard pod), summed over shards; a stage that `devices`
-    says ran on something else (a CPU) is not counted."""
-    total = 0.0
-    for stats in all_stats:
-        name = str(stats.get("stage", ""))
-        if name in GPU_STAGE_SECONDS and (devices or {}).get(name, "GPU") == "GPU":
-            total += _stage_seconds(stats)
-    return total
-
-
-def cost_line(
-    all_stats: Sequence[dict[str, Any]], gpu_hour_usd: float, devices: Mapping[str, str] | None = None
-) -> str:
-    """The estimated GPU cost, naming the price it assumes and the seconds it counts."""
-    seconds = gpu_seconds(all_stats, devices)
-    elsewhere: dict[str, float] = {}
-    for stats in all_stats:
-        name = str(stats.get("stage", ""))
-        kind = (devices or {}).get(name, "GPU")
-        if name in GPU_STAGE_SECONDS and kind != "GPU":
-            elsewhere[kind] = elsewhere.get(kind, 0.0) + _stage_seconds(stats)
-    ran_elsewhere = "".join(
-        f"{' and '.join(sorted(n for n, k in (devices or {}).items() if k == kind))} ran on {kind} here: "
-        f"{spent:.1f} {kind}-seconds, not priced as GPU time. "
-        for kind, spent in sorted(elsewhere.items())
-    )
-    return (
-        "Painting and scoring time only (the billed total, with load, idle, CPU stages, training and LLM "
-        "tokens, is under 'Cost: billed time'). "
-        + ran_elsewhere
-        + "Counted: one GPU per shard pod of the GPU stages, generate (its painting time, "
-        "generate_seconds) and CLIP score (its wall seconds); CPU stages, pod start-up and idle GPUs are not "
-        f"counted. Assumed price: gpu_hour_usd = ${gpu_hour_usd:.2f} per GPU-hour (a report setting). "
-        f"{seconds:.1f} GPU-seconds ({seconds / 3600:.3f} GPU-hours); "
-        f"estimated cost ${seconds / 3600 * gpu_hour_usd:.2f} at ${gpu_hour_usd:.2f} per GPU-hour"
-    )
-
-
-# CPUs each kind of pod requests, copied from pipelines/common.py TASK_RESOURCES (keep the two in step; the
-# package does not import the pipelines): stage name prefix -> requested vCPUs. Others run as "records" pods.
-_STAGE_CPUS = {
-    "stablellava_report": 2.0,  # records
-    "stablellava": 1.0,  # llm
-    "generate": 8.0,
-    "clip_score": 4.0,  # score
-    "train": 32.0,
-    "evaluate": 8.0,  # eval
-}
-_DEFAULT_CPUS = 2.0  # records
-# Statistic of the stage's own work (the rest of its wall time is loading and idling); without one, all
-# of the wall time but the load is counted as work.
-_WORK_SECONDS = {"generate": "generate_seconds", "train": "train_seconds"}
-
-
-@dataclass(frozen=True)
-class CostRow:
-    """One stage's billed time, summed over its shard pods: `units` accelerators (GPUs, or vCPUs for a
-    CPU pod) held for `wall` seconds each, split into load, work and idle."""
-
-    stage: str
-    unit: str  # "GPU" or "vCPU"
-    units: float
-    pods: int
-    wall: float
-    load: float
-    work: float
-    idle: float
-    hour_usd: float  # price of one unit-hour
-
-    @property
-    def unit_seconds(self) -> float:
-        return self.wall * self.units
-
-    @property
-    def usd(self) -> float:
-        return self.unit_seconds / 3600 * self.hour_usd
-
-
-def _prefix_lookup(table: Mapping[str, Any], name: str, default: Any) -> Any:
-    for prefix in sorted(table, key=len, reverse=True):
-        if name == prefix or name.startswith(prefix + "_") or name.startswith(prefix + "."):
-            return table[prefix]
-    return default
-
-
-def _billed_units(stats: Mapping[str, Any], devices: Mapping[str, str]) -> tuple[str, float]:
-    """What a cloud bills the stage's pod for: ("GPU", n) or ("vCPU", requested CPUs)."""
-    name = str(stats.get("stage", ""))
-    settings = stats.get("settings") or {}
-    if name.startswith("train"):
-        return "GPU", float(settings.get("gpus_per_node", 1) or 1) * float(settings.get("num_nodes", 1) or 1)
-    if name in GPU_STAGE_SECONDS:
-        if devices.get(name, "GPU") == "GPU":
-            return "GPU", 1.0
-    elif name == "evaluate" and device_kind(settings.get("device")) in (None, "GPU"):
-        return "GPU", 1.0
-    return "vCPU", float(_prefix_lookup(_STAGE_CPUS, name, _DEFAULT_CPUS))
-
-
-def cost_rows(
-    markers: Sequence[dict[str, Any]], config: ReportConfig, devices: Mapping[str, str] | None = None
-) -> list[CostRow]:
-    """Per stage (summed over shards), in order of first appearance: wall seconds x accelerators requested,
-    split into load (`load_seconds`, where the marker records it), work and idle."""
-    rows: dict[str, CostRow] = {}
-    for stats in markers:
-        name = str(stats.get("stage", "?"))
-        unit, units = _billed_units(stats, devices or {})
-        wall = float(stats.get("seconds", 0.0) or 0.0)
-        load = min(float(stats.get("load_seconds", 0.0) or 0.0), wall)
-        work_key = _prefix_lookup(_WORK_SECONDS, name, None)
-        if work_key is not None and stats.get(work_key) is not None:
-            work = min(float(stats[work_key]), wall - load)
-            idle = wall - load - work
-        else:
-            work, idle = wall - load, 0.0
-        price = config.gpu_hour_usd if unit == "GPU" else config.cpu_hour_usd
-        key = f"{name}/{unit}/{units}"
-        old = rows.get(key)
-        if old is None:
-            rows[key] = CostRow(name, unit, units, 1, wall, load, work, idle, price)
-        else:
-            add = {"wall": wall, "load": load, "work": work, "idle": idle}
-            rows[key] = replace(old, pods=old.pods + 1, **{k: getattr(old, k) + v for k, v in add.items()})
-    return list(rows.values())
-
-
-def _llm_model(marker: Mapping[str, Any]) -> str | None:
-    llm = marker.get("llm")
-    if isinstance(llm, Mapping) and llm.get("model"):
-        return str(llm["model"])
-    if marker.get("llm_model"):
-        return str(marker["llm_model"])
-    settings_llm = (marker.get("settings") or {}).get("llm")
-    return (
-        str(settings_llm["model"]) if isinstance(settings_llm, Mapping) and "model" in settings_llm else None
-    )
-
-
-def llm_token_costs(
-    markers: Sequence[dict[str, Any]], prices: Mapping[str, tuple[float, float]]
-) -> list[tuple[str, str, int, int, float | None]]:
-    """(stage, model, input tokens, output tokens, USD or None where the model has no price), per LLM stage
-    (summed over shards) from the tokens its markers record, priced per 1M tokens."""
-    totals: dict[tuple[str, str], list[int]] = {}
-    for marker in markers:
-        if "llm_prompt_tokens" not in marker and "llm_completion_tokens" not in marker:
-            continue
-        key = (str(marker.get("stage", "?")), _llm_model(marker) or "?")
-        counts = totals.setdefault(key, [0, 0])
-        counts[0] += int(marker.get("llm_prompt_tokens", 0) or 0)
-        counts[1] += int(marker.get("llm_completion_tokens", 0) or 0)
-    out = []
-    for (stage_name, model), (n_in, n_out) in totals.items():
-        price = prices.get(model)
-        usd = None if price is None else (n_in * price[0] + n_out * price[1]) / 1e6
-        out.append((stage_name, model, n_in, n_out, usd))
-    return out
-
-
-def cost_assumptions(config: ReportConfig) -> str:
-    llm = "; ".join(f"{m}: ${i:.2f} / ${o:.2f}" for m, (i, o) in sorted(config.llm_prices.items())) or "none"
-    return (
-        "Billed time: each pod's wall seconds x the accelerators it requests (what a cloud bills): one GPU "
-        "per generate / CLIP score shard that ran on a GPU, gpus_per_node x num_nodes for training, one GPU "
-        "for evaluation; CPU pods count the vCPUs their kind requests. Load = model loading (load_seconds "
-        "where the marker records it), work = painting (generate_seconds) or training (train_seconds), else "
-        "the rest of the wall time; idle = wall - load - work. Pod scheduling and image pulls before a stage "
-        "starts are not counted. Assumed prices (report settings): "
-        f"gpu_hour_usd = ${config.gpu_hour_usd:.2f} per GPU-hour, "
-        f"cpu_hour_usd = ${config.cpu_hour_usd:.3f} per vCPU-hour, "
-        f"llm_prices (USD per 1M input / output tokens): {llm}."
-    )
-
-
-def cost_table_html(
-    markers: Sequence[dict[str, Any]], config: ReportConfig, devices: Mapping[str, str]
-) -> str:
-    rows = cost_rows(markers, config, devices)
-    head = (
-        "<table class='stats'><tr><th>stage</th><th>pods</th><th>billed</th><th>wall s</th><th>load s</th>"
-        "<th>work s</th><th>idle s</th><th>unit-seconds</th><th>price / unit-hour</th><th>cost</th></tr>"
-    )
-    body = "".join(
-        f"<tr><td>{html.escape(r.stage)}</td><td>{r.pods}</td><td>{r.units:g} {r.unit}</td>"
-        f"<td>{r.wall:,.1f}</td><td>{r.load:,.1f}</td><td>{r.work:,.1f}</td><td>{r.idle:,.1f}</td>"
-        f"<td>{r.unit_seconds:,.1f}</td><td>${r.hour_usd:.3f}</td><td>${r.usd:,.2f}</td></tr>"
-        for r in rows
-    )
-    llm = llm_token_costs(markers, config.llm_prices)
-    body += "".join(
-        f"<tr><td>{html.escape(s)}</td><td colspan='6'>LLM {html.escape(m)}: {n_in:,} input + {n_out:,} "
-        f"output tokens</td><td></td><td>{'unpriced' if usd is None else 'per 1M tokens'}</td>"
-        f"<td>${usd or 0.0:,.2f}</td></tr>"
-        for s, m, n_in, n_out, usd in llm
-    )
-    total = sum(r.usd for r in rows) + sum(usd or 0.0 for *_, usd in llm)
-    body += f"<tr><th>total</th><td colspan='8'></td><th>${total:,.2f}</th></tr>"
-    return f"<p class='cost'>{html.escape(cost_assumptions(config))}</p>{head}{body}</table>"
-
-
-def cost_markdown(
-    markers: Sequence[dict[str, Any]], config: ReportConfig, devices: Mapping[str, str]
-) -> list[str]:
-    rows = cost_rows(markers, config, devices)
-    llm = llm_token_costs(markers, config.llm_prices)
-    lines = [
-        _md_cell(cost_assumptions(config)),
-        "",
-        "| stage | billed | wall s | load s | work s | idle s | cost |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        cells = [r.stage, f"{r.units:g} {r.unit} x {r.pods} pod(s)", f"{r.wall:.1f}", f"{r.load:.1f}"]
-        cells += [f"{r.work:.1f}", f"{r.idle:.1f}", f"${r.usd:.2f}"]
-        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
-    for s, m, n_in, n_out, usd in llm:
-        cost = "unpriced" if usd is None else f"${usd:.2f}"
-        lines.append(
-            f"| {_md_cell(s)} | LLM {_md_cell(m)}: {n_in} in + {n_out} out tokens | | | | | {cost} |"
-        )
-    total = sum(r.usd for r in rows) + sum(usd or 0.0 for *_, usd in llm)
-    lines.append(f"| total | | | | | | ${total:.2f} |")
-    return lines
 
 
 @dataclass(frozen=True)
@@ -643,22 +397,30 @@ def _generic_numbers(members: Sequence[dict[str, Any]]) -> list[tuple[str, str, 
     return picked[:_MAX_GENERIC_NUMBERS]
 
 
+# Counts of things that went wrong or cost something: noise at 0 (the template LLM's 0 requests, no retries).
+_SHOWN_WHEN_NONZERO = frozenset(
+    {"retried", "near_duplicates", "llm_requests", "llm_cache_hits", "llm_retries", "llm_cost_usd"}
+)
+
+
 def _key_numbers(members: Sequence[dict[str, Any]], specs: Sequence[tuple[str, str, str, str]]) -> list[str]:
     items = []
     for label, key, how, fmt in specs:
         value = _aggregate(members, key, how)
-        if value is not None:
-            items.append(f"{html.escape(label)}: {_format_value(value, fmt)}")
+        if value is None or (key in _SHOWN_WHEN_NONZERO and not value):
+            continue
+        items.append(f"{html.escape(label)}: {_format_value(value, fmt)}")
     return items
 
 
 def _key_numbers_html(
     stage_name: str, members: Sequence[dict[str, Any]], devices: Mapping[str, str] | None = None
 ) -> str:
-    # A known stage whose markers lack its usual statistics falls back to the generic pick.
-    items = _key_numbers(members, _KEY_NUMBERS.get(stage_name, ())) or _key_numbers(
-        members, _generic_numbers(members)
-    )
+    # A known stage whose markers lack its usual statistics falls back to the generic pick (one whose
+    # numbers are all zeros it hides shows none).
+    specs = _KEY_NUMBERS.get(stage_name, ())
+    recorded = any(m.get(key) is not None for _, key, _, _ in specs for m in members)
+    items = _key_numbers(members, specs if recorded else _generic_numbers(members))
     if stage_name == "generate":
         kind = (devices or {}).get("generate")
         if kind is not None:  # painting time is GPU time only where the painting ran on a GPU
@@ -673,12 +435,13 @@ def _key_numbers_html(
 
 def dropped_tokens_items(members: Sequence[dict[str, Any]]) -> list[str]:
     """'records with dropped tokens (<encoder>): n', summed over shards, from the markers of stages whose text
-    encoders truncate (generate: SDXL's, clip_score: the CLIP scorer's; synthvlm.tokens)."""
+    encoders truncate (generate: SDXL's, clip_score: the CLIP scorer's; synthvlm.tokens); encoders that
+    dropped none are left out."""
     totals: dict[str, int] = {}
     for marker in members:
         for encoder, n in (marker.get("records_with_dropped_tokens") or {}).items():
             totals[encoder] = totals.get(encoder, 0) + int(n)
-    return [f"records with dropped tokens ({html.escape(k)}): {n:,}" for k, n in sorted(totals.items())]
+    return [f"records with dropped tokens ({html.escape(k)}): {n:,}" for k, n in sorted(totals.items()) if n]
 
 
 def _group_by_stage(all_stats: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -1081,6 +844,7 @@ body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}
 table.stages{border-collapse:collapse}table.stages td,table.stages th{border:1px solid #ccc;padding:4px 8px;
 text-align:right;vertical-align:top}table.stages td:first-child{text-align:left}
 table.stages th{background:#f3f3f3}table.stages td.key-numbers{text-align:left;font-size:13px}
+table.stages td.text{text-align:left}table.stages tr.total td,table.stages tr.total th{background:#f7f7f7}
 table.settings td{text-align:left;font-size:12px;max-width:60em;word-break:break-all}
 table.header th{text-align:left;padding:2px 12px 2px 0;vertical-align:top;color:#555}
 table.header td{padding:2px 0}
@@ -1088,7 +852,7 @@ table.header td{padding:2px 0}
 font-size:18px}
 details.shards{margin-top:.6em}details.shards summary{cursor:pointer;color:#245}
 table.shard-rows{margin-top:.4em;font-size:13px}
-p.cost{font-size:13px;color:#444;max-width:70em}
+p.cost{font-size:13px;color:#444;max-width:70em}p.prices{font-size:14px;font-weight:bold;max-width:70em}
 .grid{display:flex;flex-wrap:wrap;gap:12px}figure{width:%(size)dpx;margin:0;font-size:12px}
 figure img{max-width:100%%;display:block}.missing{height:%(size)dpx;background:#eee;color:#900;padding:4px}
 .score{font-weight:bold}.id{color:#777}.bar.all{fill:#c8c8c8}.bar.kept{fill:#3b75c4;fill-opacity:.85}
@@ -1279,10 +1043,6 @@ def write_report(
     return run_stage(REPORT, config, inputs, output_uri)
 
 
-def _md_cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def report_markdown(config: ReportConfig, selected_manifest: str, stage_outputs: Sequence[str]) -> str:
     """A short Markdown summary (stage counts + score summary) for a KFP Markdown artifact."""
     selected = read_manifest(selected_manifest)
@@ -1291,9 +1051,9 @@ def report_markdown(config: ReportConfig, selected_manifest: str, stage_outputs:
     lines = [
         f"# {config.pipeline} report",
         "",
-        _md_cell(_summary_line(kept, len(selected), None, config.score_key)),
+        md_cell(_summary_line(kept, len(selected), None, config.score_key)),
         "",
-        _md_cell(cost_line(markers, config.gpu_hour_usd, stage_devices(markers, selected))),
+        md_cell(cost_line(markers, config.gpu_hour_usd, stage_devices(markers, selected))),
         "",
         *cost_markdown(markers, config, stage_devices(markers, selected)),
         "",
@@ -1304,5 +1064,5 @@ def report_markdown(config: ReportConfig, selected_manifest: str, stage_outputs:
         rejects = ", ".join(f"{k}: {v}" for k, v in sorted(stats.get("rejects", {}).items())) or "-"
         cells = [stats.get("stage", "?"), stats.get("count_in", 0), stats.get("count_out", 0), rejects]
         cells.append(stats.get("seconds", "-"))
-        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

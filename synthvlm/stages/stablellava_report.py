@@ -8,6 +8,8 @@ What it shows, read from the stages' outputs, markers and rejects files (nothing
   exported samples, with what each step dropped;
 - the stage table (aggregated over shards, per-shard rows folded away);
 - LLM requests, tokens and cost per stage, and the GPU time of generation and scoring with its price;
+- the billed-time cost table of the SynthVLM report (synthvlm.billing): every stage's pods x the GPUs or
+  vCPUs they request, split into load, work and idle, and the LLM tokens priced per model, prices printed;
 - the CLIP scores with the gamma line;
 - every reject reason with its count and a few examples;
 - exported samples: their image(s) with the SD prompt each was painted from and the dialogue, several
@@ -31,7 +33,7 @@ from typing import Any
 from pydantic import Field
 
 from synthvlm import storage
-from synthvlm.config import StageConfig
+from synthvlm.billing import Prices, cost_line, cost_table_html
 from synthvlm.records import Record, read_manifest
 from synthvlm.runner import Stage, StageRun, run_stage
 from synthvlm.stage import StageStats, require_done
@@ -40,7 +42,6 @@ from synthvlm.stages.report import (
     RejectGroup,
     banner_html,
     compute_histogram,
-    cost_line,
     first_marker,
     generate_rejects_uri,
     header_rows_html,
@@ -67,8 +68,9 @@ _LLM_STAGES = ("stablellava_keywords", "stablellava_prompts", "stablellava_dialo
 _KIND_ORDER = ("interleaved", "multi_image", "multi_turn", "qa", "caption", "eval")
 
 
-class StableLLaVAReportConfig(StageConfig):
-    """Settings of the StableLLaVA HTML report."""
+class StableLLaVAReportConfig(Prices):
+    """Settings of the StableLLaVA HTML report; the prices of its cost (gpu_hour_usd, cpu_hour_usd,
+    llm_prices) come from `Prices`, as in the SynthVLM report."""
 
     # our choice: enough samples to see every ability and dialogue kind; bounds the HTML size.
     max_samples: int = Field(default=24, ge=0)
@@ -76,8 +78,6 @@ class StableLLaVAReportConfig(StageConfig):
     thumbnail_size: int = Field(default=192, ge=16)
     histogram_bins: int = Field(default=20, ge=1)  # our choice, as in the SynthVLM report
     score_key: str = "clip"  # the key the CLIP scoring stage writes (the v2 §4.4 alignment check)
-    # our assumption: roughly the on-demand price of one A100 GPU-hour on public clouds; set your own.
-    gpu_hour_usd: float = Field(default=3.0, ge=0)
     max_reject_examples: int = Field(default=3, ge=0)  # our choice: examples per (stage, reason)
     # Named in the header; markers do not record them, so whoever starts the run fills them in.
     pipeline: str = "stablellava"
@@ -366,7 +366,8 @@ def _llm_name(marker: Mapping[str, Any]) -> str:
 
 
 def llm_table(markers: Sequence[dict[str, Any]]) -> str:
-    """LLM requests, cache hits, retries, tokens and cost per LLM stage, with a total row."""
+    """LLM requests, cache hits, retries, tokens and cost per LLM stage, with a total row; a stage that
+    counted none of them (the offline template backend) has no row, and without rows there is no table."""
     keys = ("llm_requests", "llm_cache_hits", "llm_retries", "llm_prompt_tokens", "llm_completion_tokens")
     rows = [
         "<table class='stages llm'><thead><tr><th>stage</th><th>backend / model</th><th>requests</th>"
@@ -379,6 +380,8 @@ def llm_table(markers: Sequence[dict[str, Any]]) -> str:
         if marker.get("stage") not in _LLM_STAGES and "llm_requests" not in marker:
             continue
         values = [int(marker.get(k, 0) or 0) for k in keys]
+        if not any(values) and not marker.get("llm_cost_usd"):
+            continue
         totals.update(dict(zip(keys, values, strict=True)))
         cost += float(marker.get("llm_cost_usd", 0.0) or 0.0)
         cells = "".join(f"<td>{v:,}</td>" for v in values)
@@ -387,6 +390,8 @@ def llm_table(markers: Sequence[dict[str, Any]]) -> str:
             f"{html.escape(_llm_name(marker))}</td>{cells}"
             f"<td>${float(marker.get('llm_cost_usd', 0.0) or 0.0):,.2f}</td></tr>"
         )
+    if len(rows) == 1:
+        return "<p class='none'>No LLM requests, tokens or cost recorded.</p>"
     cells = "".join(f"<td>{totals[k]:,}</td>" for k in keys)
     rows.append(f"<tr class='total'><td>all</td><td></td>{cells}<td>${cost:,.2f}</td></tr></tbody></table>")
     return "".join(rows)
@@ -396,7 +401,8 @@ _LLM_NOTE = (
     "Requests are calls sent to the endpoint (retries included); cache hits were answered from the response "
     "cache under the data root and cost nothing. Cost is what each stage computed from its "
     "llm.price_per_1k_input and llm.price_per_1k_output settings (0 when unset); prices are left out of the "
-    "fingerprints, so markers hold the cost and the tokens, not the prices."
+    "fingerprints, so markers hold the cost and the tokens, not the prices. The billed-time table below "
+    "prices the same tokens at this report's llm_prices."
 )
 
 
@@ -661,6 +667,9 @@ def render_html(config: StableLLaVAReportConfig, data: RunData) -> tuple[str, in
         sample_html(s, data, abilities, config)
         for s in pick_samples(data.samples, data, abilities, config.max_samples)
     ]
+    llm = llm_table(data.markers)
+    if "<table" in llm:
+        llm += f"<p class='cost'>{html.escape(_LLM_NOTE)}</p>"
     groups = reject_groups(data, abilities, config.max_reject_examples)
     rejects = (
         rejects_table_html(groups) if groups else "<p class='none'>Nothing was rejected at any step.</p>"
@@ -671,11 +680,11 @@ def render_html(config: StableLLaVAReportConfig, data: RunData) -> tuple[str, in
         f"<style>{_STYLE % {'size': config.thumbnail_size}}</style></head><body>"
         f"<h1>{html.escape(config.pipeline)} report</h1>{header_html(data, config)}"
         f"<p class='summary'>{html.escape(_funnel(data, names))}</p>"
+        f"<p class='cost'>{html.escape(cost_line(data.markers, config.gpu_hour_usd, devices))}</p>"
         f"<h2>Per ability, through every step</h2>{table}"
         f"<h2>Stages</h2>{stages_table_html(data.markers, devices)}"
-        f"<h2>LLM requests, tokens and cost</h2>{llm_table(data.markers)}"
-        f"<p class='cost'>{html.escape(_LLM_NOTE)}</p>"
-        f"<p class='cost'>{html.escape(cost_line(data.markers, config.gpu_hour_usd, devices))}</p>"
+        f"<h2>LLM requests, tokens and cost</h2>{llm}"
+        f"<h2>Cost: billed time</h2>{cost_table_html(data.markers, config, devices)}"
         "<h2>CLIP check</h2><p>grey: every scored image, blue: passed; red dashed line: gamma, the "
         f"threshold an image's {html.escape(score_key)} score must pass (v2 §4.4).</p>"
         f"{histogram_svg(hist, score_key, cut, 'gamma')}"

@@ -263,3 +263,14 @@ def test_a_duplicate_id_across_shards_is_an_input_error(tmp_path: Path, first_ca
         curate_sharded(config(sample_size=None, scale={"records_per_shard": 4}), str(source), out, shards=1)
     with pytest.raises(InputError, match="duplicate id 'r0004'"):
         curate(config(sample_size=None), str(source), str(tmp_path / "one" / "curated.jsonl"))
+
+
+def test_merge_marker_lists_the_tasks_that_made_it_and_the_judge_model(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    write_manifest(str(source), pool(40, seed=8))
+    out = curate_sharded(config(), str(source), str(tmp_path / "s" / "curated.jsonl"), shards=3)
+    stats = read_stats(out)
+    assert sorted(p["stage"] for p in stats["pods"]) == ["curate_dedup"] * 3 + ["curate_shard"] * 3
+    assert all(p["seconds"] > 0 for p in stats["pods"])
+    single = read_stats(curate(config(), str(source), str(tmp_path / "one" / "curated.jsonl")))
+    assert (stats["llm_backend"], stats["llm_model"]) == (single["llm_backend"], single["llm_model"])

@@ -228,22 +228,6 @@ def test_report_markdown(run) -> None:
     assert "| select | 400 | 10 | below_top_k: 390 |" in md
 
 
-def test_gpu_seconds_and_cost_estimate():
-    from synthvlm.stages.report import cost_line, gpu_seconds
-
-    stats = [
-        {"stage": "captions", "seconds": 100.0},  # CPU stage: not counted
-        {"stage": "generate", "seconds": 0.5, "generate_seconds": 1800.0},  # shard 0
-        {"stage": "generate", "seconds": 0.5, "generate_seconds": 1800.0},  # shard 1
-        {"stage": "clip_score", "seconds": 360.0},
-    ]
-    assert gpu_seconds(stats) == 3960.0
-    # 3960 s = 1.1 GPU-hours; at $3.00 per GPU-hour that is $3.30
-    line = cost_line(stats, 3.0)
-    assert line.endswith("(1.100 GPU-hours); estimated cost $3.30 at $3.00 per GPU-hour")
-    assert "gpu_hour_usd = $3.00" in line and "generate_seconds" in line and "not counted" in line
-
-
 def test_settings_table_shows_each_fingerprint_once_with_its_settings() -> None:
     shard = {"stage": "generate", "fingerprint": "a" * 64, "settings": {"steps": 60}, "params": {}}
     stats = [
@@ -422,7 +406,8 @@ def _done_output(tmp_path: Path, name: str, marker: dict) -> str:
 
 
 def test_report_cost_includes_load_time_training_and_llm_tokens(run, tmp_path: Path) -> None:
-    from synthvlm.stages.report import cost_rows, read_markers
+    from synthvlm.billing import cost_rows
+    from synthvlm.stages.report import read_markers
 
     selected, _, _ = run
     outputs = [
@@ -490,20 +475,3 @@ def test_report_cost_includes_load_time_training_and_llm_tokens(run, tmp_path: P
     md = report_markdown(config, selected, outputs)
     assert "| train_finetune | 16 GPU x 1 pod(s) | 3600.0 | 300.0 | 3000.0 | 300.0 | $32.00 |" in md
     assert f"| total | | | | | | ${total:.2f} |" in md
-
-
-def test_llm_token_cost_of_an_unpriced_model_is_named() -> None:
-    from synthvlm.stages.report import llm_token_costs
-
-    prompts = {"stage": "stablellava_prompts", "llm": {"model": "m1"}}
-    tokens = {"llm_prompt_tokens": 10, "llm_completion_tokens": 5}
-    markers = [
-        {**prompts, **tokens},  # shard 0
-        {**prompts, **tokens},  # shard 1
-        {"stage": "curate", "llm_model": "other", "llm_prompt_tokens": 1, "llm_completion_tokens": 1},
-    ]
-    costs = llm_token_costs(markers, {"m1": (1.0, 2.0)})
-    assert costs == [
-        ("stablellava_prompts", "m1", 20, 10, pytest.approx(40 / 1e6)),
-        ("curate", "other", 1, 1, None),
-    ]
