@@ -128,9 +128,18 @@ def plan(input_manifest: str, config_json: str) -> list[dict[str, Any]]:
     from synthvlm.stages.curate import CurateConfig
 
     config = CurateConfig.model_validate_json(config_json)
-    shards = num_shards(
-        count_records(input_manifest), config.scale.records_per_shard, config.scale.max_shards
-    )
+    count, scale = count_records(input_manifest), config.scale
+    shards = num_shards(count, scale.records_per_shard, scale.max_shards)
+    if count > shards * scale.records_per_shard:
+        log.warning(
+            "curate: %d captions in %d shards (scale.max_shards) is %d per shard, over "
+            "scale.records_per_shard (%d): the filter tasks take longer and the dedup tasks hold more; raise "
+            "scale.max_shards to keep every task's memory where it is",
+            count,
+            shards,
+            math.ceil(count / shards),
+            scale.records_per_shard,
+        )
     return [
         {"manifest": input_manifest, "shard": i, "num_shards": shards, "config_json": config_json}
         for i in range(shards)

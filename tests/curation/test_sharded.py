@@ -274,3 +274,13 @@ def test_merge_marker_lists_the_tasks_that_made_it_and_the_judge_model(tmp_path:
     assert all(p["seconds"] > 0 for p in stats["pods"])
     single = read_stats(curate(config(), str(source), str(tmp_path / "one" / "curated.jsonl")))
     assert (stats["llm_backend"], stats["llm_model"]) == (single["llm_backend"], single["llm_model"])
+
+
+def test_plan_warns_when_max_shards_makes_shards_larger(tmp_path: Path, caplog) -> None:
+    source = tmp_path / "in.jsonl"
+    write_manifest(str(source), pool(25))
+    cfg = config(scale={"records_per_shard": 5, "max_shards": 2})
+    with caplog.at_level("WARNING"):
+        items = plan(str(source), cfg.model_dump_json())
+    assert [i["num_shards"] for i in items] == [2, 2]
+    assert "25 captions in 2 shards (scale.max_shards) is 13 per shard" in caplog.text
