@@ -11,7 +11,9 @@ a fresh Python process (so that its peak RSS is its own and imports are counted)
   fingerprints included: the shards have no completion markers, so their bytes are hashed);
 - baseline: a plain pyarrow pass: read_json of each shard, one sort by (score descending, id ascending),
   the top k's lines written out; the output is compared byte for byte with select's;
-- export: `synthvlm.stages.export_llava.export_llava` of the selection;
+- export: `synthvlm.stages.export_llava.export_llava` of the selection, with its defaults: LLaVA JSON,
+  manifest, WebDataset shards and dataset card (each selected image is a hard link to one small JPEG, made
+  before the step and not timed: the shards copy image bytes);
 - read_scores: `synthvlm.manifest_table.read_scores` over all shards (what the report reads to draw the
   histogram of all scores);
 - import: `import synthvlm.stages.<stage>` alone, and whether torch got imported.
@@ -169,6 +171,25 @@ def run_step(step: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     elif step == "baseline":
         baseline(shards, args.k, str(fresh / "baseline.jsonl"))
         (work / "baseline.txt").write_text(str(fresh / "baseline.jsonl"))
+    elif step == "images":  # setup for export, not a stage: one small JPEG, hard-linked per selected image
+        import io
+
+        from PIL import Image
+
+        from synthvlm.records import read_manifest
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (120, 80, 40)).save(buffer, "JPEG")
+        one = work / "data" / "one.jpg"
+        one.parent.mkdir(parents=True, exist_ok=True)
+        one.write_bytes(buffer.getvalue())
+        for record in read_manifest((work / "selected.txt").read_text()):
+            image = Path(
+                record.image_uri if record.image_uri.startswith("/") else work / "data" / record.image_uri
+            )
+            image.parent.mkdir(parents=True, exist_ok=True)
+            if not image.exists():
+                os.link(one, image)
     elif step == "export":
         from synthvlm.stages.export_llava import ExportConfig, export_llava
 
@@ -227,6 +248,8 @@ def main() -> None:
         result["cpus"] = os.cpu_count()
         result["repeat"] = args.repeat
         for step in ("select", "baseline", "export", "read_scores"):
+            if step == "export":
+                in_child("images", work, args)  # the export packs image bytes into WebDataset shards
             runs = [in_child(step, work, args) for _ in range(args.repeat)]
             result[step] = min(runs, key=lambda run: run["seconds"])  # the least disturbed run
         result["select_vs_baseline"] = round(result["select"]["seconds"] / result["baseline"]["seconds"], 2)
