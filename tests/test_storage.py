@@ -133,3 +133,19 @@ def test_missing_credentials_say_how_to_provide_them(no_gcp_credentials):
     assert "GOOGLE_APPLICATION_CREDENTIALS" in msg and "Workload Identity" in msg
     with pytest.raises(CredentialsError, match="cannot access gs://some-bucket:"):
         storage.list_uris("gs://some-bucket/runs")
+
+
+def test_iter_lines_streams_remote_objects_in_ranges(tmp_path: Path, gcs_emulator: str, monkeypatch) -> None:
+    text = 'first\n{"caption": "ünïcödé across a chunk"}\n\nx\r\nlast without newline'
+    expected = ["first\n", '{"caption": "ünïcödé across a chunk"}\n', "\n", "x\r\n", "last without newline"]
+    local = tmp_path / "lines.jsonl"
+    local.write_bytes(text.encode())
+    remote = storage.join(gcs_emulator, "lines", "lines.jsonl")
+    storage.write_bytes(remote, text.encode())
+    monkeypatch.setattr(storage, "local_copy", None)  # never downloaded whole
+    monkeypatch.setattr(storage, "read_bytes", None)
+    assert list(storage.iter_lines(str(local))) == expected
+    for chunk in (1, 7, 1 << 20):  # multi-byte characters split between ranges come back whole
+        assert list(storage.iter_lines(remote, chunk_bytes=chunk)) == expected
+    storage.write_bytes(storage.join(gcs_emulator, "lines", "empty.jsonl"), b"")
+    assert list(storage.iter_lines(storage.join(gcs_emulator, "lines", "empty.jsonl"))) == []

@@ -22,7 +22,8 @@ Memory per pod, for a pool of N captions in S shards (= partitions):
   shingles and 1/S of the id keys (the pool-wide unique-id check);
 - the merge is out of core: each shard's index columns, a bit per input position (drops, targets), the
   drops in input order and the duplicates' target ids go to files on the pod's local disk (about 60 bytes
-  per caption that passed the filters), read through memory maps or a slice at a time. It holds one shard's
+  per caption that passed the filters), read through memory maps or a slice at a time; the shards are
+  streamed (a remote one in ranged reads of 1 MiB each, `storage.iter_lines`). It holds one shard's
   columns, the pairs that end in one range of `records_per_shard` positions and the captions tied at a cut;
   the CLIP top fraction and the sample are cuts found by bisection over per-shard sorted keys
   (`kth_smallest`).
@@ -180,8 +181,8 @@ def write_lines(uri: str, lines: Iterable[str]) -> int:
 
 
 def _lines(uri: str) -> Iterator[str]:
-    with storage.local_copy(uri) as path, open(path, encoding="utf-8") as handle:
-        yield from handle
+    """Streamed: the merge reads every shard at once, so a remote shard is read in ranges, not copied."""
+    yield from storage.iter_lines(uri)
 
 
 # ---- 1. the filter shards ----------------------------------------------------------------------------------
