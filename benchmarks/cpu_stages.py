@@ -12,8 +12,8 @@ a fresh Python process (so that its peak RSS is its own and imports are counted)
 - baseline: a plain pyarrow pass: read_json of each shard, one sort by (score descending, id ascending),
   the top k's lines written out; the output is compared byte for byte with select's;
 - export: `synthvlm.stages.export_llava.export_llava` of the selection, with its defaults: LLaVA JSON,
-  manifest, WebDataset shards and dataset card (each selected image is a hard link to one small JPEG, made
-  before the step and not timed: the shards copy image bytes);
+  manifest, WebDataset shards and dataset card (each selected image is one small JPEG, written before
+  the step and not timed: the shards copy image bytes);
 - read_scores: `synthvlm.manifest_table.read_scores` over all shards (what the report reads to draw the
   histogram of all scores);
 - import: `import synthvlm.stages.<stage>` alone, and whether torch got imported.
@@ -171,7 +171,7 @@ def run_step(step: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     elif step == "baseline":
         baseline(shards, args.k, str(fresh / "baseline.jsonl"))
         (work / "baseline.txt").write_text(str(fresh / "baseline.jsonl"))
-    elif step == "images":  # setup for export, not a stage: one small JPEG, hard-linked per selected image
+    elif step == "images":  # setup for export, not a stage: one small JPEG written per selected image
         import io
 
         from PIL import Image
@@ -180,16 +180,13 @@ def run_step(step: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
         buffer = io.BytesIO()
         Image.new("RGB", (64, 64), (120, 80, 40)).save(buffer, "JPEG")
-        one = work / "data" / "one.jpg"
-        one.parent.mkdir(parents=True, exist_ok=True)
-        one.write_bytes(buffer.getvalue())
         for record in read_manifest((work / "selected.txt").read_text()):
             image = Path(
                 record.image_uri if record.image_uri.startswith("/") else work / "data" / record.image_uri
             )
-            image.parent.mkdir(parents=True, exist_ok=True)
             if not image.exists():
-                os.link(one, image)
+                image.parent.mkdir(parents=True, exist_ok=True)
+                image.write_bytes(buffer.getvalue())
     elif step == "export":
         from synthvlm.stages.export_llava import ExportConfig, export_llava
 

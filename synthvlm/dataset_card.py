@@ -154,28 +154,41 @@ def text_histogram(values: Sequence[float], bins: int = 10, width: int = 40) -> 
     return "\n".join(lines)
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    """Leaves by dotted path; a scalar stays itself (tagged by type: 1, 1.0 and true are distinct settings),
+    anything else as its JSON. Each distinct value is written as JSON once, by settings_summary."""
     if isinstance(value, Mapping):
         for key, child in value.items():
             _flatten(f"{prefix}.{key}" if prefix else str(key), child, out)
+    elif value is None or isinstance(value, str | int | float):
+        out[prefix] = (type(value), value)
     else:
-        out[prefix] = json.dumps(value, sort_keys=True, ensure_ascii=False)
+        out[prefix] = (str, json.dumps(value, sort_keys=True, ensure_ascii=False), "json")
+
+
+def _as_json(leaf: tuple[Any, ...]) -> str:
+    return leaf[1] if len(leaf) == 3 else json.dumps(leaf[1], sort_keys=True, ensure_ascii=False)
 
 
 def settings_summary(
     provenance: Iterable[Mapping[str, Any]], sections: Sequence[str]
 ) -> dict[str, Counter[str]]:
-    """Distinct values of every setting under the given provenance keys (a key ending in `*` matches
-    every key with that suffix, e.g. "*_scorer"), counted over the records."""
-    seen: dict[str, Counter[str]] = {}
+    """Distinct values (as JSON) of every setting under the given provenance keys (a key ending in `*`
+    matches every key with that suffix, e.g. "*_scorer"), counted over the records."""
+    seen: dict[str, Counter[Any]] = {}
     for prov in provenance:
-        flat: dict[str, str] = {}
+        flat: dict[str, Any] = {}
         for key, value in prov.items():
             if any(key == s or (s.startswith("*") and key.endswith(s[1:])) for s in sections):
                 _flatten(key, value, flat)
         for key, value in flat.items():
             seen.setdefault(key, Counter())[value] += 1
-    return dict(sorted(seen.items()))
+    out: dict[str, Counter[str]] = {}
+    for key, counts in sorted(seen.items()):
+        out[key] = Counter()
+        for leaf, count in counts.items():
+            out[key][_as_json(leaf)] += count
+    return out
 
 
 def upstream_stages(uris: Iterable[str]) -> list[dict[str, Any]]:
@@ -378,8 +391,12 @@ def _brace(subset: Subset) -> str:
 
 
 def _image_license(data: CardData) -> str:
-    models = settings_summary(data.provenance, ["generation"]).get("generation.model")
-    names = ", ".join(str(json.loads(v)) for v in models) if models else "the generation model"
+    models = dict.fromkeys(
+        str(g["model"])
+        for p in data.provenance
+        if isinstance(g := p.get("generation"), Mapping) and "model" in g
+    )
+    names = ", ".join(models) if models else "the generation model"
     return f"{names}; SDXL: CreativeML Open RAIL++-M, {SDXL_LICENSE_URL}"
 
 
