@@ -20,7 +20,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
@@ -261,22 +261,80 @@ def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
         with _s3_errors(uri):  # one PUT: the object is replaced whole or not at all
             _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
         return
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with AtomicWriter(uri) as out:
+        out.file.write(data)
 
 
 _TEMP_SUFFIX = ".tmp"  # a local write's temp file: ".{name}.{random}.tmp" next to its target
+
+
+def _temp_beside(target: Path) -> tuple[int, str]:
+    """A new temp file next to `target` (found by remove_interrupted_writes), with open()'s mode."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=_TEMP_SUFFIX)
+    os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
+
+
+class AtomicWriter:
+    """A binary file streamed to `uri` that appears complete or not at all: written to a temp file beside a
+    local target and renamed over it, or to a local temp file that is then uploaded (gs://, s3://), so
+    output of any size is never held in memory. `commit()` publishes it, `discard()` drops it; as a context
+    manager it commits unless the block raised."""
+
+    def __init__(self, uri: str, content_type: str | None = None):
+        self.uri, self.content_type = uri, content_type
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        if is_remote(uri):
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="synthvlm-upload-")
+            self.path = os.path.join(self._tmpdir.name, "data" + Path(uri).suffix)
+            self.file = open(self.path, "wb")  # noqa: SIM115 - closed by commit()/discard()
+        else:
+            fd, self.path = _temp_beside(Path(uri))
+            self.file = os.fdopen(fd, "wb")
+
+    def commit(self) -> int:
+        """Publish the file; returns its size in bytes."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            size = os.path.getsize(self.path)
+            if self._tmpdir is not None:
+                upload_file(self.path, self.uri, content_type=self.content_type)
+            else:
+                os.replace(self.path, self.uri)
+            return size
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+        else:
+            Path(self.path).unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def write_lines(uri: str, lines: Iterable[str], content_type: str = "application/jsonl") -> int:
+    """Write text lines (each with its newline) atomically, streamed, never all in memory; returns how
+    many."""
+    count = 0
+    with AtomicWriter(uri, content_type) as out:
+        for line in lines:
+            out.file.write(line.encode("utf-8"))
+            count += 1
+    return count
 
 
 def remove_interrupted_writes(folder: str, owned: Callable[[str], bool] | None = None) -> list[str]:
@@ -333,10 +391,8 @@ def _copy_local(path: str, target: str) -> None:
     """Copy a local file to a local path atomically (temp file, then rename), the bytes copied by the
     kernel (shutil.copyfile uses sendfile on Linux), never held in memory."""
     dest = Path(target)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=_TEMP_SUFFIX)
+    fd, tmp = _temp_beside(dest)
     try:
-        os.fchmod(fd, _FILE_MODE)
         os.close(fd)
         shutil.copyfile(path, tmp)
         fd = os.open(tmp, os.O_RDONLY)

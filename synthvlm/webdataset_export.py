@@ -30,11 +30,9 @@ import logging
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -173,20 +171,8 @@ class _Shard:
     def __init__(self, uri: str):
         self.uri = uri
         self.samples = 0
-        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
-        if storage.is_remote(uri):
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="synthvlm-shard-")
-            self.path = os.path.join(self._tmpdir.name, uri.rsplit("/", 1)[-1])
-            handle = open(self.path, "wb")  # noqa: SIM115 - closed in close()/abort()
-        else:
-            # storage's temp naming (".{name}.{random}.tmp"): storage.remove_interrupted_writes finds it.
-            target = Path(uri)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, self.path = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            os.fchmod(fd, 0o666 & ~_umask())
-            handle = os.fdopen(fd, "wb")
-        self._file = handle
-        self._tar = tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self._out = storage.AtomicWriter(uri, content_type="application/x-tar")
+        self._tar = tarfile.open(fileobj=self._out.file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
 
     def add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -196,32 +182,10 @@ class _Shard:
 
     def close(self) -> int:
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        size = os.path.getsize(self.path)
-        try:
-            if self._tmpdir is not None:
-                storage.upload_file(self.path, self.uri, content_type="application/x-tar")
-            else:
-                os.replace(self.path, self.uri)
-        finally:
-            self.abort()
-        return size
+        return self._out.commit()
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        if self._tmpdir is not None:
-            self._tmpdir.cleanup()
-        else:
-            Path(self.path).unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        self._out.discard()
 
 
 def _read_image(sample: Sample, uri: str, source: str) -> bytes:

@@ -41,9 +41,8 @@ import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,36 +149,6 @@ def plan(input_manifest: str, config_json: str) -> list[dict[str, Any]]:
 # ---- streamed writes -------------------------------------------------------------------------------------
 
 
-def write_lines(uri: str, lines: Iterable[str]) -> int:
-    """Write text lines to `uri` atomically without holding them in memory; returns how many."""
-    count = 0
-    if storage.is_remote(uri):
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "part")
-            with open(local, "w", encoding="utf-8") as handle:
-                for line in lines:
-                    handle.write(line)
-                    count += 1
-            storage.upload_file(local, uri, content_type="application/jsonl")
-        return count
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for line in lines:
-                handle.write(line)
-                count += 1
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count
-
-
 def _lines(uri: str) -> Iterator[str]:
     """Streamed: the merge reads every shard at once, so a remote shard is read in ranges, not copied."""
     yield from storage.iter_lines(uri)
@@ -244,12 +213,13 @@ def _shard_process(config: Any, run: StageRun) -> StageStats:
                         raise InputError(source, message, line=pos + 1, field="id", unit="record")
                     positions[record.id] = pos
                 records = [record for _, record in batch]
-                every_pos.append(np.array([pos for pos, _ in batch], dtype=np.int64))
-                every_id.append(sample_words([r.id for r in records], config.sample_seed))
+                batch_pos = np.array([pos for pos, _ in batch], dtype=np.int64)
+                batch_words = sample_words([r.id for r in records], config.sample_seed)
+                every_pos.append(batch_pos)
+                every_id.append(batch_words)
                 chunk = StageStats(SHARD_STAGE)
                 steps = _Run(chunk)
                 kept = filter_records(records, config, backend, steps, models)
-                del records
                 stats.count_in += len(batch)
                 stats.rejects.update(chunk.rejects)
                 for name, value in chunk.extra.items():
@@ -261,9 +231,12 @@ def _shard_process(config: Any, run: StageRun) -> StageStats:
                 for row in steps.rows:
                     row = {**row, ORDER_KEY: [STEPS.index(row["stage"]), positions[row["id"]]]}
                     spills[row["stage"]].write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-                pos = np.array([positions[r.id] for r in kept], dtype=np.int64)
-                kept_features.append(compute_features([r.caption for r in kept], pos, config.dedup))
-                kept_sample.append(sample_words([r.id for r in kept], config.sample_seed))
+                row_of = {r.id: i for i, r in enumerate(records)}
+                rows = np.array([row_of[r.id] for r in kept], dtype=np.int64)
+                kept_features.append(
+                    compute_features([r.caption for r in kept], batch_pos[rows], config.dedup)
+                )
+                kept_sample.append(batch_words[rows])
                 kept_score.append(
                     np.array([r.scores.get(key, np.nan) if r.image_uri else np.nan for r in kept], np.float64)
                 )
@@ -271,14 +244,14 @@ def _shard_process(config: Any, run: StageRun) -> StageStats:
                     yield record.model_dump_json() + "\n"
                 log.info("curate shard %d/%d: %d records read", rank + 1, world_size, stats.count_in)
 
-        stats.count_out = write_lines(run.output, survivors())
+        stats.count_out = storage.write_lines(run.output, survivors())
 
         def rejects() -> Iterator[str]:
             for step in PER_CAPTION_STEPS:
                 spills[step].seek(0)
                 yield from spills[step]
 
-        write_lines(run.output + REJECTS_SUFFIX, rejects())
+        storage.write_lines(run.output + REJECTS_SUFFIX, rejects())
         for handle in spills.values():
             handle.close()
 
@@ -515,6 +488,19 @@ def kth_smallest(sorted_arrays: Sequence[np.ndarray], k: int) -> int:
     return lo
 
 
+def _below_and_at(sorted_arrays: Sequence[np.ndarray], key: int) -> tuple[int, int]:
+    """How many keys of the ascending arrays are below `key`, and how many equal it."""
+    below = sum(int(np.searchsorted(a, np.uint64(key), side="left")) for a in sorted_arrays)
+    up_to = sum(int(np.searchsorted(a, np.uint64(key), side="right")) for a in sorted_arrays)
+    return below, up_to - below
+
+
+def _spill(path: str, values: np.ndarray) -> np.ndarray:
+    """`values` written to a local .npy file and mapped back: the pages are the kernel's to drop."""
+    np.save(path, values)
+    return np.load(path, mmap_mode="r")
+
+
 class _Cut:
     """Rows of a key up to `key` pass; rows equal to it pass only if their position is in `tied_kept` (None:
     all of them pass)."""
@@ -570,12 +556,9 @@ def _pair_columns(pair_files: Sequence[str], work: str) -> list[dict[str, np.nda
             "near_jaccard": pairs["near_jaccard"][by_later],
         }
         del pairs, near
-        mapped = {}
-        for name, values in columns.items():
-            path = os.path.join(work, f"pairs-{i}-{name}.npy")
-            np.save(path, values)
-            mapped[name] = np.load(path, mmap_mode="r")
-        out.append(mapped)
+        out.append(
+            {name: _spill(os.path.join(work, f"pairs-{i}-{name}.npy"), v) for name, v in columns.items()}
+        )
     return out
 
 
@@ -726,9 +709,9 @@ def _merge_process(config: Any, run: StageRun) -> StageStats:
                 values = score[alive(s) & ~np.isnan(score)]
                 n_scored += len(values)
                 total += float(np.sum(values))
-                path = os.path.join(work, f"clip-keys-{s}.npy")
-                np.save(path, np.sort(~_float_keys(values)))
-                sorted_keys.append(np.load(path, mmap_mode="r"))
+                sorted_keys.append(
+                    _spill(os.path.join(work, f"clip-keys-{s}.npy"), np.sort(~_float_keys(values)))
+                )
             k = fraction_count(n_scored, config.clip.top_fraction)
             min_kept: float | None = None
             if k == 0:
@@ -736,8 +719,7 @@ def _merge_process(config: Any, run: StageRun) -> StageStats:
             elif k < n_scored:
                 cut = kth_smallest(sorted_keys, k)
                 cut_value = _key_float(~cut & _ALL_ONES)
-                above = sum(int(np.searchsorted(a, np.uint64(cut), side="left")) for a in sorted_keys)
-                tied = sum(int(np.searchsorted(a, np.uint64(cut), side="right")) for a in sorted_keys) - above
+                above, tied = _below_and_at(sorted_keys, cut)
                 tied_kept = None
                 if k - above < tied:
                     tied_kept = _tied_by_id(columns, shards, alive, cut_value, k - above)
@@ -761,12 +743,10 @@ def _merge_process(config: Any, run: StageRun) -> StageStats:
         if size is not None and before > size:
             sorted_words = []
             for s in range(len(columns)):
-                path = os.path.join(work, f"sample-words-{s}.npy")
-                np.save(path, np.sort(np.asarray(columns.get(s, "sample")[:, 0])[alive(s, clip_cut)]))
-                sorted_words.append(np.load(path, mmap_mode="r"))
+                words = np.sort(np.asarray(columns.get(s, "sample")[:, 0])[alive(s, clip_cut)])
+                sorted_words.append(_spill(os.path.join(work, f"sample-words-{s}.npy"), words))
             cut = kth_smallest(sorted_words, size)
-            below = sum(int(np.searchsorted(a, np.uint64(cut), side="left")) for a in sorted_words)
-            tied = sum(int(np.searchsorted(a, np.uint64(cut), side="right")) for a in sorted_words) - below
+            below, tied = _below_and_at(sorted_words, cut)
             tied_kept = None
             if size - below < tied:  # equal first words: order by the full 256-bit key
                 found_pos, found_words = [], []
@@ -795,11 +775,7 @@ def _merge_process(config: Any, run: StageRun) -> StageStats:
             code[targets.get(pos)] |= _TARGET
             return code
 
-        code_maps = []
-        for s in range(len(columns)):
-            path = os.path.join(work, f"codes-{s}.npy")
-            np.save(path, codes(s))
-            code_maps.append(np.load(path, mmap_mode="r"))
+        code_maps = [_spill(os.path.join(work, f"codes-{s}.npy"), codes(s)) for s in range(len(columns))]
         n_sampled_out = sum(int(((c & 7) == _ROW_SAMPLE).sum()) for c in code_maps)
         after_sample = sum(int(((c & 7) == _ROW_KEPT).sum()) for c in code_maps)
         steps["sample"] = {"in": after_sample + n_sampled_out, "out": after_sample, "rejected": n_sampled_out}
@@ -920,7 +896,7 @@ def _write_merged(
                     spill_files["sample"].write(reject_row(data, "sample", "not_sampled", details))
 
     try:
-        count = write_lines(run.output, survivors())
+        count = storage.write_lines(run.output, survivors())
 
         def all_rejects() -> Iterator[str]:
             with ExitStack() as stack:
@@ -936,7 +912,7 @@ def _write_merged(
                 handle.seek(0)
                 yield from handle
 
-        write_lines(storage.join(run.dir, run.context["rejects_name"]), all_rejects())
+        storage.write_lines(storage.join(run.dir, run.context["rejects_name"]), all_rejects())
     finally:
         for handle in spill_files.values():
             handle.close()
